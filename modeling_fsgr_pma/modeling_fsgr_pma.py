@@ -1,0 +1,1097 @@
+"""FSGR-PMA: a CLIP captioner with semantically quantised patch features and a prototypical-memory decoder.
+
+The whole forward pass lives in this file and reads top to bottom:
+outputs → building blocks → vision tower → FSGR encoder → prototypical memory attention → decoder → model.
+
+References:
+- FSGR: Gao et al., "Fully Semantic Gap Recovery for End-to-End Image Captioning", IEEE TCSVT 2025.
+  Local contrastive learning (SupCon over patches), semantic quantisation on a frozen CLIP-text concept
+  codebook, fine-grained cross-modal interaction.
+- PMA-Net: Barraco et al., "With a Little Help from your own Past: Prototypical Memory Networks for Image
+  Captioning", ICCV 2023. Decoder self-attention that also attends to K-Means prototypes of past keys/values.
+- MaskCLIP: Zhou et al., "Extract Free Dense Labels from CLIP", ECCV 2022 (dense CLIP-space patch embeddings).
+- SupCon: Khosla et al., "Supervised Contrastive Learning", NeurIPS 2020.
+
+This file is remote code: it imports only public packages and `configuration_fsgr_pma`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from open_clip.model import _build_vision_tower
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput, logging
+
+from .configuration_fsgr_pma import FsgrPmaConfig
+
+try:
+    import faiss
+except ImportError:  # FAISS is optional: K-Means falls back to the torch implementation below.
+    faiss = None
+
+logger = logging.get_logger(__name__)
+
+# CLIP's contrastive temperature (0.07) turns cosine similarities into concept-assignment logits.
+CONCEPT_LOGIT_SCALE = 1.0 / 0.07
+
+
+# ==============================================================================================================
+# Outputs
+# ==============================================================================================================
+@dataclass
+class FsgrPmaEncoderOutput(ModelOutput):
+    """Output of [`FsgrPmaEncoder`].
+
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(B, n_tokens, hidden_size)`):
+            The visual memory Z the decoder cross-attends to (`n_patches`, plus `concept_top_k` concept tokens when
+            `use_concept_tokens`).
+        patch_concepts (`torch.LongTensor` of shape `(B, n_patches)`): codebook row assigned to every patch.
+        selected_concepts (`torch.LongTensor` of shape `(B, concept_top_k)`): the per-image pre-selected concepts.
+        supcon_features (`torch.FloatTensor` of shape `(B, n_patches, supcon_dim)`): L2-normalised SupCon features.
+        patch_labels (`torch.LongTensor` of shape `(B, n_patches)`): SupCon pseudo-labels (frozen-tower argmax).
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    patch_concepts: torch.LongTensor | None = None
+    selected_concepts: torch.LongTensor | None = None
+    supcon_features: torch.FloatTensor | None = None
+    patch_labels: torch.LongTensor | None = None
+
+
+@dataclass
+class FsgrPmaOutput(ModelOutput):
+    """Output of [`FsgrPmaForConditionalGeneration`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`): `xe_loss + supcon_weight * supcon_loss` when `labels` are given.
+        xe_loss, supcon_loss (`torch.FloatTensor` of shape `()`): the two terms of `loss`.
+        logits (`torch.FloatTensor` of shape `(B, T, vocab_size)`): next-token logits.
+        past_key_values (`EncoderDecoderCache`): self- and cross-attention cache; never holds prototypes.
+        decoder_hidden_states (`tuple(torch.FloatTensor)`): per-layer `(B, T, hidden_size)`, with the embeddings.
+        decoder_attentions (`tuple(torch.FloatTensor)`): per-layer `(B, heads, T, S + m)`; the last m columns are
+            the prototypes (m = 0 while the memory is empty or off).
+        cross_attentions (`tuple(torch.FloatTensor)`): per-layer `(B, heads, T, n_tokens)`.
+        encoder_last_hidden_state (`torch.FloatTensor` of shape `(B, n_tokens, hidden_size)`).
+        patch_concepts (`torch.LongTensor` of shape `(B, n_patches)`): codebook row assigned to every patch.
+    """
+
+    loss: torch.FloatTensor | None = None
+    xe_loss: torch.FloatTensor | None = None
+    supcon_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    decoder_attentions: tuple[torch.FloatTensor, ...] | None = None
+    cross_attentions: tuple[torch.FloatTensor, ...] | None = None
+    encoder_last_hidden_state: torch.FloatTensor | None = None
+    patch_concepts: torch.LongTensor | None = None
+
+
+# ==============================================================================================================
+# Building blocks
+# ==============================================================================================================
+def sine_positions_2d(grid_size: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """2-D sine-cosine positions of a square patch grid, `(grid_size**2, dim)` (DETR / MAE style)."""
+    if dim % 4:
+        raise ValueError(f"2-D sine positions need a width divisible by 4, got {dim}")
+    coords = torch.arange(grid_size, device=device, dtype=torch.float32)
+    ys, xs = torch.meshgrid(coords, coords, indexing="ij")  # (g, g) each
+    freqs = 1.0 / 10000 ** (torch.arange(dim // 4, device=device, dtype=torch.float32) / (dim // 4))
+    out_y = ys.reshape(-1, 1) * freqs  # (n, dim/4)
+    out_x = xs.reshape(-1, 1) * freqs  # (n, dim/4)
+    return torch.cat([out_y.sin(), out_y.cos(), out_x.sin(), out_x.cos()], dim=1).to(dtype)  # (n, dim)
+
+
+def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Supervised contrastive loss over all patches of a batch (Khosla et al. 2020, eq. 2, "L_out").
+
+    Patches with the same pseudo-label are positives. Anchors without any positive are left out.
+
+    Args:
+        features: `(N, D)` L2-normalised features.
+        labels: `(N,)` integer labels.
+        temperature: τ.
+    """
+    features = features.float()
+    logits = features @ features.T / temperature  # (N, N)
+    self_mask = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)  # (N, N)
+    positives = (labels[:, None] == labels[None, :]) & ~self_mask  # (N, N)
+    num_positives = positives.sum(1)
+    has_positive = num_positives > 0
+    if not has_positive.any():
+        return features.sum() * 0.0
+    positive_log_prob = log_prob.masked_fill(~positives, 0.0).sum(1)  # (N,)
+    return -(positive_log_prob[has_positive] / num_positives[has_positive]).mean()
+
+
+class FsgrPmaMLP(nn.Module):
+    def __init__(self, config: FsgrPmaConfig):
+        super().__init__()
+        self.fc_in = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc_out = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc_out(F.gelu(self.fc_in(hidden_states))))
+
+
+def attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    dropout: float,
+    output_attentions: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scaled dot-product attention; `(B, h, T, hd)` queries against `(B, h, S, hd)` keys/values.
+
+    `mask` is boolean, `(B, 1, T, S)`, True where attention is allowed. Uses SDPA unless the weights are wanted.
+    """
+    if not output_attentions:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout), None
+    scores = query @ key.transpose(-1, -2) / math.sqrt(query.shape[-1])  # (B, h, T, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    weights = scores.softmax(-1)
+    return F.dropout(weights, p=dropout) @ value, weights  # (B, h, T, hd)
+
+
+class FsgrPmaCrossAttention(nn.Module):
+    """Multi-head cross-attention; keys/values come from a second sequence and can be cached (generation)."""
+
+    def __init__(self, config: FsgrPmaConfig, layer_idx: int | None = None):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.layer_idx = layer_idx
+        self.dropout = config.dropout
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(*x.shape[:2], self.num_heads, self.head_dim).transpose(1, 2)  # (B, h, L, hd)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor | None = None,
+        past_key_values: EncoderDecoderCache | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`hidden_states` `(B, T, d)` attend to `key_states`/`value_states` `(B, S, d)` (values default to keys)."""
+        query = self._split_heads(self.q_proj(hidden_states))  # (B, h, T, hd)
+        cache = past_key_values.cross_attention_cache if past_key_values is not None else None
+        if cache is not None and past_key_values.is_updated.get(self.layer_idx):
+            key, value = cache.layers[self.layer_idx].keys, cache.layers[self.layer_idx].values
+        else:
+            value_states = key_states if value_states is None else value_states
+            key = self._split_heads(self.k_proj(key_states))  # (B, h, S, hd)
+            value = self._split_heads(self.v_proj(value_states))  # (B, h, S, hd)
+            if cache is not None:
+                key, value = cache.update(key, value, self.layer_idx)
+                past_key_values.is_updated[self.layer_idx] = True
+        dropout = self.dropout if self.training else 0.0
+        out, weights = attend(query, key, value, None, dropout, output_attentions)
+        out = out.transpose(1, 2).reshape(*hidden_states.shape)  # (B, T, d)
+        return self.out_proj(out), weights
+
+
+# ==============================================================================================================
+# Vision tower: open_clip ViT with LoRA, deep prompts and MaskCLIP dense embeddings
+# ==============================================================================================================
+class FsgrPmaVisionTower(nn.Module):
+    """The open_clip ViT, run block by block so that the frozen prefix can be cached and prompts inserted.
+
+    The ViT's own modules are used unchanged (`conv1`, `class_embedding`, `positional_embedding`, `ln_pre`,
+    `transformer.resblocks`, `ln_post`, `proj`), so open_clip checkpoints load into `self.visual` as they are.
+    Source: https://github.com/mlfoundations/open_clip/blob/main/src/open_clip/transformer.py (VisionTransformer).
+    """
+
+    def __init__(self, config: FsgrPmaConfig):
+        super().__init__()
+        clip = config.clip_config
+        self.visual = _build_vision_tower(clip["embed_dim"], clip["vision_cfg"], clip.get("quick_gelu", False))
+        if getattr(self.visual, "attn_pool", None) is not None or self.visual.pool_type != "tok":
+            raise ValueError("clip_config.vision_cfg must use the class-token pool ('tok') without attention pooling")
+        self.first_adapted_block = config.lora_first_block
+        self.num_prompt_tokens = config.num_prompt_tokens
+        num_adapted = config.vision_layers - config.lora_first_block
+        self.prompts = (
+            nn.Parameter(torch.zeros(num_adapted, config.num_prompt_tokens, config.vision_width))
+            if config.num_prompt_tokens
+            else None
+        )
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.visual.transformer.resblocks
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Patch embedding + class token + positions + `ln_pre`: `(B, 3, H, W)` → `(B, 1 + n, d_v)`."""
+        visual = self.visual
+        x = visual.conv1(pixel_values.to(visual.conv1.weight.dtype))  # (B, d_v, g, g)
+        x = x.flatten(2).transpose(1, 2)  # (B, n, d_v)
+        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, d_v)
+        x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)  # (B, 1 + n, d_v)
+        return visual.ln_pre(x)
+
+    def frozen_prefix(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Output of the frozen blocks below `lora_first_block`, `(B, 1 + n, d_v)`; what the feature cache stores."""
+        x = self.embed(pixel_values)
+        for block in self.blocks[: self.first_adapted_block]:
+            x = block(x)
+        return x
+
+    def adapted_blocks(self, x: torch.Tensor, with_prompts: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the blocks from `lora_first_block` up.
+
+        Returns the final tokens `(B, 1 + n, d_v)` (prompts removed) and the input of the last block
+        `(B, 1 + P + n, d_v)`, from which the dense embeddings are computed.
+        """
+        n_prompts = self.num_prompt_tokens if (with_prompts and self.prompts is not None) else 0
+        last_input = x
+        for i, block in enumerate(self.blocks[self.first_adapted_block :]):
+            if n_prompts:
+                prompt = self.prompts[i].to(x.dtype).expand(x.shape[0], -1, -1)  # (B, P, d_v)
+                rest = x[:, 1 + n_prompts :] if i else x[:, 1:]  # drop the previous block's prompts
+                x = torch.cat([x[:, :1], prompt, rest], dim=1)  # (B, 1 + P + n, d_v)
+            last_input = x
+            x = block(x)
+        return torch.cat([x[:, :1], x[:, 1 + n_prompts :]], dim=1), last_input
+
+    def dense_embeddings(self, last_input: torch.Tensor, n_patches: int) -> torch.Tensor:
+        """MaskCLIP-style dense CLIP-space patch embeddings, `(B, n, d_clip)`.
+
+        The last block runs with every token attending only to itself (its value path), then `ln_post` and the
+        CLIP projection map each patch into the joint image-text space.
+        """
+        length = last_input.shape[1]
+        self_only = torch.full((length, length), float("-inf"), device=last_input.device, dtype=last_input.dtype)
+        self_only.fill_diagonal_(0.0)  # (L, L) additive mask: attention to self only
+        x = self.blocks[-1](last_input, attn_mask=self_only)
+        return self.visual.ln_post(x[:, -n_patches:]) @ self.visual.proj  # (B, n, d_clip)
+
+    def set_adapters_enabled(self, enabled: bool) -> None:
+        for module in self.visual.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.enable_adapters(enabled)
+
+
+# ==============================================================================================================
+# FSGR encoder: concept codebook, semantic quantisation, SupCon head, cross-modal interaction
+# ==============================================================================================================
+class FsgrPmaConceptCodebook(nn.Module):
+    """Frozen concept codebook C, `(num_concepts, d_clip)`: CLIP text embeddings of the concept vocabulary.
+
+    A persistent buffer (saved in `model.safetensors`, never trained). A fresh model holds random unit vectors
+    until `set_codebook` loads the embeddings made by `scripts/build_codebook.py`.
+    """
+
+    def __init__(self, config: FsgrPmaConfig):
+        super().__init__()
+        self.register_buffer("embeddings", F.normalize(torch.randn(config.num_concepts, config.clip_embed_dim), dim=-1))
+
+
+class FsgrPmaSupConHead(nn.Module):
+    """Per-patch projection head z_i = normalize(LN(Dropout(CELU(W [p_i ; g])))) (FSGR code)."""
+
+    def __init__(self, config: FsgrPmaConfig):
+        super().__init__()
+        self.proj = nn.Linear(2 * config.vision_width, config.supcon_dim)
+        self.dropout = nn.Dropout(config.dropout)
+        self.norm = nn.LayerNorm(config.supcon_dim, eps=config.layer_norm_eps)
+
+    def forward(self, patches: torch.Tensor, global_token: torch.Tensor) -> torch.Tensor:
+        """`(B, n, d_v)` patches and `(B, d_v)` global token → `(B, n, supcon_dim)` unit vectors."""
+        g = global_token[:, None].expand_as(patches)  # (B, n, d_v)
+        z = self.proj(torch.cat([patches, g], dim=-1))  # (B, n, supcon_dim)
+        return F.normalize(self.norm(self.dropout(F.celu(z))), dim=-1)
+
+
+class FsgrPmaInteractionLayer(nn.Module):
+    """FSGR fine-grained cross-modal interaction: visual queries attend to the language-bridged map.
+
+    Pre-LN; 2-D sine positions are added to queries and keys (not values), as in DETR.
+    """
+
+    def __init__(self, config: FsgrPmaConfig):
+        super().__init__()
+        self.norm_query = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.norm_kv = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attn = FsgrPmaCrossAttention(config)
+        self.norm_mlp = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = FsgrPmaMLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, visual: torch.Tensor, language: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """`visual` `(B, n, d)` queries, `language` `(B, n, d)` keys/values, `positions` `(n, d)`."""
+        kv = self.norm_kv(language)
+        attended, _ = self.attn(self.norm_query(visual) + positions, key_states=kv + positions, value_states=kv)
+        visual = visual + self.dropout(attended)
+        return visual + self.mlp(self.norm_mlp(visual))
+
+
+class FsgrPmaEncoder(nn.Module):
+    """The FSGR image encoder: `encode_image` → `quantize` → `cross_attend`.
+
+    `forward` returns an [`FsgrPmaEncoderOutput`]; `last_hidden_state` is the visual memory the decoder reads.
+    """
+
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: FsgrPmaConfig):
+        super().__init__()
+        self.config = config
+        self.tower = FsgrPmaVisionTower(config)
+        self.codebook = FsgrPmaConceptCodebook(config)
+        self.supcon_head = FsgrPmaSupConHead(config) if config.supcon_weight > 0 else None
+        self.visual_proj = nn.Linear(config.vision_width, config.hidden_size)
+        if config.use_fsgr:
+            self.language_proj = nn.Linear(config.clip_embed_dim, config.hidden_size)
+            self.interaction = nn.ModuleList(
+                FsgrPmaInteractionLayer(config) for _ in range(config.num_interaction_layers)
+            )
+        if config.use_concept_tokens:
+            self.concept_proj = nn.Linear(config.clip_embed_dim, config.hidden_size)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    # -- stage 1 ------------------------------------------------------------------------------------------------
+    def frozen_prefix(
+        self, pixel_values: torch.Tensor | None, vision_hidden_states: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Validate the image input and return the frozen blocks' output `(B, 1 + n, d_v)`.
+
+        Args:
+            pixel_values: `(B, 3, image_size, image_size)` images, or
+            vision_hidden_states: `(B, 1 + n, d_v)` cached output of the frozen blocks.
+        """
+        config = self.config
+        if (pixel_values is None) == (vision_hidden_states is None):
+            raise ValueError("Pass exactly one of `pixel_values` or `vision_hidden_states` (cached features)")
+        if vision_hidden_states is not None:
+            expected = (config.num_patches + 1, config.vision_width)
+            if vision_hidden_states.ndim != 3 or tuple(vision_hidden_states.shape[1:]) != expected:
+                raise ValueError(
+                    f"vision_hidden_states must have shape (batch, {expected[0]}, {expected[1]}), "
+                    f"got {tuple(vision_hidden_states.shape)}"
+                )
+            return vision_hidden_states.to(self.tower.visual.conv1.weight.dtype)
+        size = config.image_size
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3 or tuple(pixel_values.shape[2:]) != (size, size):
+            raise ValueError(
+                f"pixel_values must have shape (batch, 3, {size}, {size}), got {tuple(pixel_values.shape)}; "
+                "use the model's processor to resize and normalise images"
+            )
+        with torch.no_grad():  # the prefix is frozen
+            return self.tower.frozen_prefix(pixel_values)
+
+    def encode_image(self, prefix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run the adapted blocks on the frozen prefix `(B, 1 + n, d_v)`.
+
+        Returns:
+            patches `(B, n, d_v)`, global token `(B, d_v)`, global CLIP embedding `(B, d_clip)` and dense CLIP-space
+            patch embeddings `(B, n, d_clip)`.
+        """
+        tokens, last_input = self.tower.adapted_blocks(prefix)
+        tokens = self.tower.visual.ln_post(tokens)  # (B, 1 + n, d_v)
+        global_token, patches = tokens[:, 0], tokens[:, 1:]
+        global_embedding = global_token @ self.tower.visual.proj  # (B, d_clip)
+        dense = self.tower.dense_embeddings(last_input, patches.shape[1])  # (B, n, d_clip)
+        return patches, global_token, global_embedding, dense
+
+    @torch.no_grad()
+    def pseudo_labels(self, prefix: torch.Tensor) -> torch.Tensor:
+        """SupCon pseudo-labels `(B, n)`: argmax over the codebook of the *frozen* tower's dense embeddings."""
+        self.tower.set_adapters_enabled(False)
+        try:
+            tokens, last_input = self.tower.adapted_blocks(prefix, with_prompts=False)
+            dense = self.tower.dense_embeddings(last_input, tokens.shape[1] - 1)  # (B, n, d_clip)
+        finally:
+            self.tower.set_adapters_enabled(True)
+        return (F.normalize(dense.float(), dim=-1) @ self.codebook.embeddings.float().T).argmax(-1)  # (B, n)
+
+    # -- stage 2 ------------------------------------------------------------------------------------------------
+    def quantize(
+        self, dense: torch.Tensor, global_embedding: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """FSGR semantic quantisation onto the frozen codebook.
+
+        Pre-select the top-k concepts per image by similarity with the global embedding; assign every patch to
+        one of them (hard Gumbel-softmax with a straight-through gradient in training, argmax in eval); normalise
+        per concept, Â = A / (ΣA + 1); the language-bridged map is T = Â C_sel.
+
+        Args:
+            dense: `(B, n, d_clip)` dense patch embeddings.
+            global_embedding: `(B, d_clip)`.
+
+        Returns:
+            language map `(B, n, d_clip)`, patch concepts `(B, n)`, selected concepts `(B, k)`, and the selected
+            concept embeddings `(B, k, d_clip)`.
+        """
+        codebook = self.codebook.embeddings.to(dense.dtype)  # (N_c, d_clip)
+        image_scores = F.normalize(global_embedding, dim=-1) @ codebook.T  # (B, N_c)
+        selected = image_scores.topk(self.config.concept_top_k, dim=-1).indices  # (B, k)
+        concepts = codebook[selected]  # (B, k, d_clip)
+        logits = CONCEPT_LOGIT_SCALE * F.normalize(dense, dim=-1) @ concepts.transpose(1, 2)  # (B, n, k)
+        if self.training:
+            assignment = F.gumbel_softmax(logits.float(), tau=self.config.gumbel_temperature, hard=True)
+            assignment = assignment.to(dense.dtype)  # (B, n, k), one-hot forward, soft gradient
+        else:
+            assignment = F.one_hot(logits.argmax(-1), self.config.concept_top_k).to(dense.dtype)  # (B, n, k)
+        normalised = assignment / (assignment.sum(dim=1, keepdim=True) + 1.0)  # (B, n, k)
+        language = normalised @ concepts  # (B, n, d_clip)
+        patch_concepts = selected.gather(1, assignment.argmax(-1))  # (B, n)
+        return language, patch_concepts, selected, concepts
+
+    # -- stage 3 ------------------------------------------------------------------------------------------------
+    def cross_attend(self, patches: torch.Tensor, language: torch.Tensor) -> torch.Tensor:
+        """N_s interaction layers: `(B, n, d_v)` patches query `(B, n, d_clip)` language map → `(B, n, d)`."""
+        visual = self.visual_proj(patches)  # (B, n, d)
+        positions = sine_positions_2d(self.config.grid_size, visual.shape[-1], visual.device, visual.dtype)
+        keys = self.language_proj(language)  # (B, n, d); fixed across layers
+        for layer in self.interaction:
+            visual = layer(visual, keys, positions)
+        return visual
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        vision_hidden_states: torch.Tensor | None = None,
+        patch_labels: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> FsgrPmaEncoderOutput:
+        """Encode images (or cached frozen-prefix features) into the visual memory Z."""
+        prefix = self.frozen_prefix(pixel_values, vision_hidden_states)
+        patches, global_token, global_embedding, dense = self.encode_image(prefix)
+        language, patch_concepts, selected, concepts = self.quantize(dense, global_embedding)
+        if self.config.use_fsgr:
+            memory = self.cross_attend(patches, language)  # (B, n, d)
+        else:
+            positions = sine_positions_2d(self.config.grid_size, self.config.hidden_size, prefix.device, prefix.dtype)
+            memory = self.visual_proj(patches) + positions  # (B, n, d)
+        if self.config.use_concept_tokens:
+            memory = torch.cat([memory, self.concept_proj(concepts)], dim=1)  # (B, n + k, d)
+
+        supcon_features = None
+        if self.supcon_head is not None and self.training:
+            supcon_features = self.supcon_head(patches, global_token)  # (B, n, supcon_dim)
+            if patch_labels is None:
+                patch_labels = self.pseudo_labels(prefix)
+        return FsgrPmaEncoderOutput(
+            last_hidden_state=self.norm(memory),
+            patch_concepts=patch_concepts,
+            selected_concepts=selected,
+            supcon_features=supcon_features,
+            patch_labels=patch_labels,
+        )
+
+
+# ==============================================================================================================
+# Prototypical memory attention (PMA-Net)
+# ==============================================================================================================
+def kmeans(points: torch.Tensor, num_clusters: int, iters: int, seed: int, backend: str = "auto") -> torch.Tensor:
+    """K-Means centroids `(num_clusters, d)` of `points` `(N, d)`, float32, deterministic for a seed.
+
+    Both backends start from the same seeded k-means++ centroids and run Lloyd iterations, so they agree up to
+    floating-point order. `backend` is `"faiss"`, `"torch"` or `"auto"` (FAISS when importable); FAISS uses every
+    point (`max_points_per_centroid = N`, no subsampling) and the GPU when the points are on one and it can.
+    """
+    n_points, dim = points.shape
+    if n_points < num_clusters:
+        raise ValueError(
+            f"K-Means needs at least as many bank entries as prototypes: {n_points} entries < {num_clusters} "
+            "prototypes (train longer before the first refresh, or lower num_prototypes)"
+        )
+    if backend == "auto":
+        backend = "faiss" if faiss is not None else "torch"
+    if backend not in ("faiss", "torch"):
+        raise ValueError(f"Unknown K-Means backend {backend!r}; use 'faiss', 'torch' or 'auto'")
+    points = points.detach().float()
+    centroids = kmeans_plus_plus(points, num_clusters, seed)  # (m, d)
+    if backend == "torch":
+        return _lloyd(points, centroids, iters)
+    if faiss is None:
+        raise ImportError("backend='faiss' needs the faiss package: pip install faiss-cpu (or faiss-gpu-cu12)")
+    use_gpu = points.is_cuda and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+    km = faiss.Kmeans(
+        dim, num_clusters, niter=iters, seed=seed, gpu=use_gpu, max_points_per_centroid=n_points, verbose=False
+    )
+    km.train(points.cpu().numpy(), init_centroids=centroids.cpu().numpy())
+    return torch.from_numpy(km.centroids).to(points.device)
+
+
+def kmeans_plus_plus(points: torch.Tensor, num_clusters: int, seed: int) -> torch.Tensor:
+    """Seeded k-means++ initial centroids `(num_clusters, d)` (Arthur & Vassilvitskii 2007): D² sampling."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    chosen = [int(torch.randint(len(points), (1,), generator=generator))]
+    distances = (points - points[chosen[0]]).pow(2).sum(1)  # (N,)
+    for _ in range(num_clusters - 1):
+        weights = distances.cpu().double()
+        weights = weights if weights.sum() > 0 else torch.ones_like(weights)  # all points identical
+        chosen.append(int(torch.multinomial(weights, 1, generator=generator)))
+        distances = torch.minimum(distances, (points - points[chosen[-1]]).pow(2).sum(1))
+    return points[chosen].clone()
+
+
+def _lloyd(points: torch.Tensor, centroids: torch.Tensor, iters: int) -> torch.Tensor:
+    """Lloyd iterations from `centroids` `(m, d)`; an empty cluster keeps its centroid."""
+    for _ in range(iters):
+        assignment = torch.cdist(points, centroids).argmin(1)  # (N,)
+        sums = torch.zeros_like(centroids).index_add_(0, assignment, points)  # (m, d)
+        counts = torch.bincount(assignment, minlength=len(centroids))  # (m,)
+        filled = counts > 0
+        centroids[filled] = sums[filled] / counts[filled, None]
+    return centroids
+
+
+def nearest_neighbours(points: torch.Tensor, queries: torch.Tensor, k: int, backend: str = "auto") -> torch.Tensor:
+    """Indices `(Q, k)` of the k nearest `points` `(N, d)` (L2) of every query `(Q, d)`."""
+    if backend == "auto":
+        backend = "faiss" if faiss is not None else "torch"
+    if backend == "faiss":
+        index = faiss.IndexFlatL2(points.shape[1])
+        index.add(points.detach().float().cpu().numpy())
+        _, indices = index.search(queries.detach().float().cpu().numpy(), k)
+        return torch.from_numpy(indices).to(points.device)
+    return torch.cdist(queries.float(), points.float()).topk(k, dim=1, largest=False).indices  # (Q, k)
+
+
+class FsgrPmaPrototypeMemoryAttention(nn.Module):
+    """Masked self-attention that also attends to m prototypes of past keys/values (PMA-Net, §3).
+
+    Keys are `[K + s_seq ; M_K + s_mem]` and values `[V ; M_V]`, with learned segment embeddings s. The causal
+    mask covers the sequence columns only; every position sees all prototypes. Prototypes are persistent
+    buffers (saved with the weights) and never enter the KV cache.
+
+    In training mode, a random subsample of every step's non-padding keys/values goes into a ring-buffer bank
+    (`memory_window * memory_tokens_per_step` entries, `prototype_dtype`, no gradient). `refresh_prototypes`
+    clusters the bank: M_K = K-Means(B_K), and M_V[j] = mean of the values whose keys are the k nearest bank
+    keys of centroid j.
+    Source: https://github.com/aimagelab/PMA-Net (paper description; the official code was not released).
+    """
+
+    def __init__(self, config: FsgrPmaConfig, layer_idx: int):
+        super().__init__()
+        d = config.hidden_size
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = d // config.num_attention_heads
+        self.dropout = config.dropout
+        self.qkv_proj = nn.Linear(d, 3 * d)
+        self.out_proj = nn.Linear(d, d)
+        self.memory_enabled = config.use_memory
+        if config.use_memory:
+            dtype = getattr(torch, config.prototype_dtype)
+            self.segment_sequence = nn.Parameter(torch.zeros(d))
+            self.segment_memory = nn.Parameter(torch.zeros(d))
+            self.register_buffer("prototype_keys", torch.zeros(config.num_prototypes, d, dtype=dtype))
+            self.register_buffer("prototype_values", torch.zeros(config.num_prototypes, d, dtype=dtype))
+            self.register_buffer("prototype_ready", torch.zeros(1, dtype=torch.bool))
+        # The bank is training state, not a weight: allocated on first use, saved by the training checkpoint.
+        self.bank_keys: torch.Tensor | None = None
+        self.bank_values: torch.Tensor | None = None
+        self.bank_next = 0
+        self.bank_filled = 0
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(*x.shape[:-1], self.num_heads, self.head_dim).transpose(-3, -2)  # (..., h, L, hd)
+
+    @property
+    def memory_active(self) -> bool:
+        return self.memory_enabled and bool(self.prototype_ready.item())
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+        past_key_values: EncoderDecoderCache | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Self-attention over `(B, T, d)` with a boolean `(B, 1, T, S)` mask (True = attend).
+
+        `token_mask` `(B, T)` marks the non-padding positions whose keys/values may enter the bank.
+        """
+        query, key, value = self.qkv_proj(hidden_states).split(hidden_states.shape[-1], dim=-1)  # (B, T, d) each
+        if self.training and self.memory_enabled:
+            keep = token_mask.bool() if token_mask is not None else torch.ones_like(key[..., 0], dtype=torch.bool)
+            self._pending = (key.detach()[keep], value.detach()[keep])  # (N_valid, d) each; committed after forward
+        if self.memory_enabled:
+            key = key + self.segment_sequence
+        query, key, value = self._split_heads(query), self._split_heads(key), self._split_heads(value)  # (B, h, T, hd)
+        if past_key_values is not None:
+            key, value = past_key_values.self_attention_cache.update(key, value, self.layer_idx)  # (B, h, S, hd)
+        mask = attention_mask
+        if self.memory_active:
+            batch = hidden_states.shape[0]
+            memory_keys = self._split_heads((self.prototype_keys + self.segment_memory).to(key.dtype))  # (h, m, hd)
+            memory_values = self._split_heads(self.prototype_values.to(value.dtype))  # (h, m, hd)
+            key = torch.cat([key, memory_keys.expand(batch, -1, -1, -1)], dim=2)  # (B, h, S + m, hd)
+            value = torch.cat([value, memory_values.expand(batch, -1, -1, -1)], dim=2)  # (B, h, S + m, hd)
+            always = mask.new_ones(*mask.shape[:-1], memory_keys.shape[1])  # (B, 1, T, m)
+            mask = torch.cat([mask, always], dim=-1)  # (B, 1, T, S + m)
+        dropout = self.dropout if self.training else 0.0
+        out, weights = attend(query, key, value, mask, dropout, output_attentions)
+        out = out.transpose(1, 2).reshape(*hidden_states.shape)  # (B, T, d)
+        return self.out_proj(out), weights
+
+    # -- memory bank ----------------------------------------------------------------------------------------------
+    def commit_to_bank(self) -> None:
+        """Push the keys/values recorded by the last training forward into the ring buffer."""
+        if self._pending is None:
+            return
+        keys, values = self._pending
+        self._pending = None
+        config = self.config
+        if self.bank_keys is None or self.bank_keys.device != keys.device:
+            dtype = getattr(torch, config.prototype_dtype)
+            self.bank_keys = torch.zeros(config.memory_bank_size, keys.shape[-1], dtype=dtype, device=keys.device)
+            self.bank_values = torch.zeros_like(self.bank_keys)
+            self.bank_next = self.bank_filled = 0
+        if len(keys) > config.memory_tokens_per_step:
+            keep = torch.randperm(len(keys), device=keys.device)[: config.memory_tokens_per_step]
+            keys, values = keys[keep], values[keep]  # (n_keep, d) each
+        slots = (self.bank_next + torch.arange(len(keys), device=keys.device)) % config.memory_bank_size
+        self.bank_keys[slots] = keys.to(self.bank_keys.dtype)
+        self.bank_values[slots] = values.to(self.bank_values.dtype)
+        self.bank_next = (self.bank_next + len(keys)) % config.memory_bank_size
+        self.bank_filled = min(self.bank_filled + len(keys), config.memory_bank_size)
+
+    def bank_contents(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The filled part of the bank, `(N, d)` keys and values (empty tensors before the first step)."""
+        if self.bank_keys is None:
+            empty = self.prototype_keys.new_zeros(0, self.config.hidden_size)
+            return empty, empty
+        return self.bank_keys[: self.bank_filled], self.bank_values[: self.bank_filled]
+
+    def bank_nbytes(self) -> int:
+        return 0 if self.bank_keys is None else 2 * self.bank_keys.numel() * self.bank_keys.element_size()
+
+    @torch.no_grad()
+    def refresh_prototypes(self, keys: torch.Tensor, values: torch.Tensor, seed: int, backend: str = "auto") -> None:
+        """Cluster `(N, d)` bank keys into m prototype keys; prototype values are kNN means of the bank values."""
+        config = self.config
+        centroids = kmeans(keys.float(), config.num_prototypes, config.memory_kmeans_iters, seed, backend)  # (m, d)
+        neighbours = nearest_neighbours(keys.float(), centroids, min(config.memory_knn, len(keys)), backend)  # (m, k)
+        prototype_values = values.float()[neighbours].mean(dim=1)  # (m, d)
+        self.prototype_keys.copy_(centroids.to(self.prototype_keys))
+        self.prototype_values.copy_(prototype_values.to(self.prototype_values))
+        self.prototype_ready.fill_(True)
+
+
+# ==============================================================================================================
+# Decoder
+# ==============================================================================================================
+class FsgrPmaDecoderLayer(GradientCheckpointingLayer):
+    """Pre-LN GPT-style layer: prototype-memory causal self-attention → cross-attention to Z → MLP."""
+
+    def __init__(self, config: FsgrPmaConfig, layer_idx: int):
+        super().__init__()
+        self.norm_self = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = FsgrPmaPrototypeMemoryAttention(config, layer_idx)
+        self.norm_cross = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.cross_attn = FsgrPmaCrossAttention(config, layer_idx)
+        self.norm_mlp = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = FsgrPmaMLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+        past_key_values: EncoderDecoderCache | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        attended, self_weights = self.self_attn(
+            self.norm_self(hidden_states), attention_mask, token_mask, past_key_values, output_attentions
+        )
+        hidden_states = hidden_states + self.dropout(attended)
+        attended, cross_weights = self.cross_attn(
+            self.norm_cross(hidden_states), encoder_hidden_states, None, past_key_values, output_attentions
+        )
+        hidden_states = hidden_states + self.dropout(attended)
+        hidden_states = hidden_states + self.mlp(self.norm_mlp(hidden_states))
+        return hidden_states, self_weights, cross_weights
+
+
+class FsgrPmaDecoder(nn.Module):
+    """Word + learned position embeddings, N memory-augmented layers, final LayerNorm."""
+
+    def __init__(self, config: FsgrPmaConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(FsgrPmaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: EncoderDecoderCache | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> tuple[torch.Tensor, tuple | None, tuple | None, tuple | None]:
+        """`input_ids` `(B, T)` new tokens; `attention_mask` `(B, past + T)` over the whole sequence (1 = token)."""
+        batch, length = input_ids.shape
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, past + length, dtype=torch.long, device=input_ids.device)
+        if attention_mask.shape != (batch, past + length):
+            raise ValueError(
+                f"decoder attention_mask must have shape (batch, past + new tokens) = {(batch, past + length)}, "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        # Positions count real tokens only, so left-padded prompts get the same positions as unpadded ones.
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
+        if positions.max() >= self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {past + length} exceeds max_position_embeddings "
+                f"({self.config.max_position_embeddings}); lower max_new_tokens"
+            )
+        hidden_states = self.dropout(self.embed_tokens(input_ids) + self.embed_positions(positions))  # (B, T, d)
+        mask = self.causal_mask(attention_mask.bool(), length)
+        token_mask = attention_mask[:, past:]  # (B, T)
+
+        all_hidden = (hidden_states,) if output_hidden_states else None
+        all_self, all_cross = ((), ()) if output_attentions else (None, None)
+        for layer in self.layers:
+            hidden_states, self_weights, cross_weights = layer(
+                hidden_states, encoder_hidden_states, mask, token_mask, past_key_values, output_attentions
+            )
+            if output_hidden_states:
+                all_hidden += (hidden_states,)
+            if output_attentions:
+                all_self += (self_weights,)
+                all_cross += (cross_weights,)
+        return self.norm(hidden_states), all_hidden, all_self, all_cross
+
+    @staticmethod
+    def causal_mask(padding_mask: torch.Tensor, length: int) -> torch.Tensor:
+        """Boolean `(B, 1, T, S)` mask for the last `length` of `S` positions: causal, padding removed.
+
+        Every query may always attend to itself, so rows of padding queries are never empty (no NaN).
+        """
+        total = padding_mask.shape[1]
+        query_pos = torch.arange(total - length, total, device=padding_mask.device)[:, None]  # (T, 1)
+        key_pos = torch.arange(total, device=padding_mask.device)[None, :]  # (1, S)
+        causal = key_pos <= query_pos  # (T, S)
+        mask = causal[None] & padding_mask[:, None, :]  # (B, T, S)
+        return (mask | (key_pos == query_pos)[None])[:, None]  # (B, 1, T, S)
+
+
+# ==============================================================================================================
+# Model
+# ==============================================================================================================
+class FsgrPmaPreTrainedModel(PreTrainedModel):
+    config_class = FsgrPmaConfig
+    config: FsgrPmaConfig
+    base_model_prefix = "model"
+    main_input_name = "pixel_values"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["FsgrPmaDecoderLayer", "FsgrPmaInteractionLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.MultiheadAttention, nn.modules.linear.NonDynamicallyQuantizableLinear)):
+            # open_clip's attention (and its out_proj) initialises itself; re-running that on load would overwrite
+            # weights that PEFT's LoRA wrapper hides from the loader's bookkeeping.
+            return
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, FsgrPmaPrototypeMemoryAttention) and module.memory_enabled:
+            init.normal_(module.segment_sequence, std=std)
+            init.normal_(module.segment_memory, std=std)
+        elif isinstance(module, FsgrPmaVisionTower) and module.prompts is not None:
+            init.normal_(module.prompts, std=std)
+
+
+class FsgrPmaForConditionalGeneration(FsgrPmaPreTrainedModel, GenerationMixin):
+    """FSGR-PMA captioner: FSGR image encoder + PMA-Net decoder with a tied LM head.
+
+    Example:
+        ```python
+        >>> config = FsgrPmaConfig.from_json_file("configuration/model/tiny.json")
+        >>> model = FsgrPmaForConditionalGeneration(config)
+        >>> out = model(pixel_values=px, input_ids=ids, labels=ids)  # out.loss, out.logits
+        >>> captions = model.generate(pixel_values=px, num_beams=3, max_new_tokens=20)
+        ```
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "decoder.embed_tokens.weight"}
+
+    def __init__(self, config: FsgrPmaConfig):
+        super().__init__(config)
+        self.encoder = FsgrPmaEncoder(config)
+        self.decoder = FsgrPmaDecoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+        self.encoder.tower.visual.requires_grad_(False)  # the CLIP tower is frozen; LoRA and prompts train
+        if config.lora_rank > 0 and not config.lora_merged:
+            # Injected after post_init so that the HF initialiser never touches LoRA's zero-initialised B.
+            inject_adapter_in_model(self.encoder_lora_config(), self.encoder.tower.visual)
+
+    # -- HF plumbing --------------------------------------------------------------------------------------------
+    def get_encoder(self) -> FsgrPmaEncoder:
+        return self.encoder
+
+    def get_decoder(self) -> FsgrPmaDecoder:
+        return self.decoder
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.decoder.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.decoder.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, refusing checkpoints that lack the codebook or the prototypes."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        missing = [key for key in info["missing_keys"] if "codebook" in key or "prototype" in key]
+        if missing:
+            raise ValueError(
+                f"The checkpoint lacks {missing[:4]}{'...' if len(missing) > 4 else ''}: the concept codebook and "
+                "the prototype buffers must be saved with the weights (save_pretrained writes them)"
+            )
+        return (model, info) if want_info else model
+
+    # -- model-owned policy ---------------------------------------------------------------------------------------
+    def encoder_lora_config(self) -> LoraConfig:
+        """PEFT `LoraConfig` for the vision blocks from `lora_first_block` up."""
+        config = self.config
+        blocks = "|".join(str(i) for i in range(config.lora_first_block, config.vision_layers))
+        names = "|".join(name.replace(".", r"\.") for name in config.lora_target_modules)
+        return LoraConfig(
+            r=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=rf"transformer\.resblocks\.({blocks})\.({names})",
+        )
+
+    def merge_encoder_lora(self) -> None:
+        """Fold the tower's LoRA deltas into its weights and drop the adapters (`config.lora_merged = True`).
+
+        A published checkpoint then holds plain open_clip weights that a later PEFT fine-tune can adapt again.
+        """
+        visual = self.encoder.tower.visual
+        adapted = [name for name, module in visual.named_modules() if isinstance(module, BaseTunerLayer)]
+        # A LoRA MultiheadAttention wraps a LoRA out_proj of its own; merging the outer layer merges both.
+        outermost = [name for name in adapted if not any(name.startswith(other + ".") for other in adapted)]
+        for name in outermost:
+            module = visual.get_submodule(name)
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(visual.get_submodule(parent_name), child, _unwrap_lora(module))
+        visual.requires_grad_(False)
+        self.config.lora_merged = True
+
+    def set_codebook(self, embeddings: torch.Tensor, concept_names: list[str] | None = None) -> None:
+        """Load the concept codebook `(num_concepts, d_clip)` (rows are L2-normalised here)."""
+        expected = (self.config.num_concepts, self.config.clip_embed_dim)
+        if tuple(embeddings.shape) != expected:
+            raise ValueError(f"codebook must have shape {expected}, got {tuple(embeddings.shape)}")
+        if concept_names is not None:
+            if len(concept_names) != expected[0]:
+                raise ValueError(f"{len(concept_names)} concept names for {expected[0]} codebook rows")
+            self.config.concept_names = list(concept_names)
+        buffer = self.encoder.codebook.embeddings
+        buffer.copy_(F.normalize(embeddings.float(), dim=-1).to(buffer))
+
+    def memory_layers(self) -> list[FsgrPmaPrototypeMemoryAttention]:
+        return [layer.self_attn for layer in self.decoder.layers if layer.self_attn.memory_enabled]
+
+    @torch.no_grad()
+    def refresh_memory(self, seed: int, backend: str = "auto", gather=None) -> None:
+        """Recompute every layer's prototypes from its bank.
+
+        Args:
+            seed: K-Means seed (use the same one on every process).
+            backend: `"faiss"`, `"torch"` or `"auto"`.
+            gather: optional callable mapping a local `(N, d)` tensor to the concatenation over all processes, so
+                that every process clusters the same data (the training script passes an Accelerate gather).
+        """
+        for layer in self.memory_layers():
+            keys, values = layer.bank_contents()
+            if gather is not None:
+                keys, values = gather(keys), gather(values)
+            layer.refresh_prototypes(keys, values, seed=seed + layer.layer_idx, backend=backend)
+
+    def num_parameters_trainable(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Optimiser groups: decay on ≥2-D weights, none on biases, norms, embeddings of positions/segments."""
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            is_matrix = param.ndim >= 2 and "embed_positions" not in name and "prompts" not in name
+            (decay if is_matrix else no_decay).append(param)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    # -- forward --------------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        encoder_outputs: FsgrPmaEncoderOutput | None = None,
+        past_key_values: Cache | None = None,
+        labels: torch.LongTensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        vision_hidden_states: torch.Tensor | None = None,
+        patch_labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> FsgrPmaOutput:
+        """Caption logits and loss.
+
+        Args:
+            pixel_values: `(B, 3, H, W)` images (or `vision_hidden_states`, or precomputed `encoder_outputs`).
+            decoder_input_ids / input_ids: `(B, T)` caption tokens starting with BOS (the model has no text
+                encoder, so `input_ids` is the decoder input, GPT-style).
+            decoder_attention_mask / attention_mask: `(B, past + T)`, 1 for tokens, 0 for padding.
+            labels: `(B, T)` targets aligned with the inputs (usually the inputs themselves); the model shifts
+                them, so logits at t predict label t+1. -100 and padding positions are ignored.
+            vision_hidden_states: `(B, 1 + n, d_v)` cached output of the frozen blocks (`extract_features.py`).
+            patch_labels: `(B, n)` cached SupCon pseudo-labels.
+        """
+        decoder_input_ids = decoder_input_ids if decoder_input_ids is not None else input_ids
+        decoder_attention_mask = decoder_attention_mask if decoder_attention_mask is not None else attention_mask
+        if decoder_input_ids is None and labels is not None:
+            decoder_input_ids = labels.masked_fill(labels == -100, self.config.pad_token_id)
+        if decoder_input_ids is None:
+            raise ValueError("Pass caption tokens as `input_ids` / `decoder_input_ids` (or `labels`)")
+        vocab = self.config.vocab_size
+        if decoder_input_ids.numel() and (decoder_input_ids.min() < 0 or decoder_input_ids.max() >= vocab):
+            bad = decoder_input_ids[(decoder_input_ids < 0) | (decoder_input_ids >= vocab)][0].item()
+            raise ValueError(f"input_ids contain token id {bad}, outside the vocabulary [0, {vocab})")
+        use_cache = use_cache if use_cache is not None else (not self.training and self.config.use_cache)
+        output_attentions = bool(output_attentions)
+
+        if encoder_outputs is None:
+            encoder_outputs = self.encoder(
+                pixel_values=pixel_values, vision_hidden_states=vision_hidden_states, patch_labels=patch_labels
+            )
+        if use_cache and past_key_values is None:
+            past_key_values = EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache(config=self.config))
+        if not use_cache:
+            past_key_values = None
+
+        hidden_states, all_hidden, all_self, all_cross = self.decoder(
+            decoder_input_ids,
+            encoder_outputs.last_hidden_state,
+            decoder_attention_mask,
+            past_key_values,
+            output_attentions,
+            bool(output_hidden_states),
+        )
+        logits = self.lm_head(hidden_states)  # (B, T, V)
+        if self.training:
+            for layer in self.memory_layers():
+                layer.commit_to_bank()
+
+        loss = xe_loss = contrastive = None
+        if labels is not None:
+            xe_loss = self.caption_loss(logits, labels, decoder_attention_mask)
+            loss = xe_loss
+            if encoder_outputs.supcon_features is not None and encoder_outputs.patch_labels is not None:
+                features = encoder_outputs.supcon_features.flatten(0, 1)  # (B * n, supcon_dim)
+                contrastive = supcon_loss(
+                    features, encoder_outputs.patch_labels.flatten(), self.config.supcon_temperature
+                )
+                loss = loss + self.config.supcon_weight * contrastive
+        return FsgrPmaOutput(
+            loss=loss,
+            xe_loss=xe_loss,
+            supcon_loss=contrastive,
+            logits=logits,
+            past_key_values=past_key_values,
+            decoder_hidden_states=all_hidden,
+            decoder_attentions=all_self,
+            cross_attentions=all_cross,
+            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
+            patch_concepts=encoder_outputs.patch_concepts,
+        )
+
+    def caption_loss(
+        self, logits: torch.Tensor, labels: torch.LongTensor, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Next-token cross-entropy: logits at t against label t+1, ignoring -100 and padding."""
+        targets = labels[:, 1:].clone()  # (B, T-1)
+        if attention_mask is not None:
+            targets[attention_mask[:, -labels.shape[1] + 1 :] == 0] = -100
+        return F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(),
+            targets.flatten(),
+            ignore_index=-100,
+            label_smoothing=self.config.label_smoothing,
+        )
+
+
+def _unwrap_lora(module: BaseTunerLayer) -> nn.Module:
+    """The base layer of a merged LoRA layer, with LoRA wrappers nested inside it (MHA's out_proj) removed."""
+    base = module.get_base_layer()
+    for name, child in list(base.named_children()):
+        if isinstance(child, BaseTunerLayer):
+            setattr(base, name, child.get_base_layer())
+    # PEFT's merged MultiheadAttention keeps its merged weights as plain tensors: register them as parameters again.
+    for owner in base.modules():
+        for attr in ("in_proj_weight", "weight"):
+            value = owner.__dict__.get(attr)
+            if isinstance(value, torch.Tensor):
+                del owner.__dict__[attr]
+                owner.register_parameter(attr, nn.Parameter(value.detach(), requires_grad=False))
+    return base
+
+
+FsgrPmaConfig.register_for_auto_class()
+FsgrPmaForConditionalGeneration.register_for_auto_class("AutoModel")
+
+__all__ = [
+    "FsgrPmaConceptCodebook",
+    "FsgrPmaEncoder",
+    "FsgrPmaEncoderOutput",
+    "FsgrPmaForConditionalGeneration",
+    "FsgrPmaOutput",
+    "FsgrPmaPreTrainedModel",
+    "FsgrPmaPrototypeMemoryAttention",
+    "kmeans",
+    "supcon_loss",
+]

@@ -1,0 +1,94 @@
+"""FSGR encoder stages: quantisation (straight-through, argmax), SupCon, LoRA, dense embeddings."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import random_batch, tiny_model
+from modeling_fsgr_pma.modeling_fsgr_pma import supcon_loss
+
+
+def _stage_inputs(model, batch=2):
+    pixel_values, _ = random_batch(model.config, batch=batch)
+    prefix = model.encoder.frozen_prefix(pixel_values, None)
+    return model.encoder.encode_image(prefix)
+
+
+def test_eval_assignment_is_the_argmax_over_selected_concepts():
+    model = tiny_model().eval()
+    _, _, global_embedding, dense = _stage_inputs(model)
+    language, patch_concepts, selected, concepts = model.encoder.quantize(dense, global_embedding)
+    codebook = model.encoder.codebook.embeddings
+    similarity = torch.nn.functional.normalize(dense, dim=-1) @ codebook[selected].transpose(1, 2)  # (B, n, k)
+    assert torch.equal(patch_concepts, selected.gather(1, similarity.argmax(-1)))
+    expected_top = (torch.nn.functional.normalize(global_embedding, dim=-1) @ codebook.T).topk(4).indices
+    assert torch.equal(selected, expected_top)
+    # T = Â C with Â = A / (ΣA + 1): a patch's vector is its concept scaled by 1 / (count + 1).
+    counts = (patch_concepts[:, :, None] == patch_concepts[:, None, :]).sum(-1, keepdim=True)  # (B, n, 1)
+    torch.testing.assert_close(language, codebook[patch_concepts] / (counts + 1))
+
+
+def test_training_assignment_is_one_hot_with_straight_through_gradient():
+    model = tiny_model().train()
+    _, _, global_embedding, dense = _stage_inputs(model)
+    dense = dense.detach().requires_grad_(True)
+    language, patch_concepts, _, _ = model.encoder.quantize(dense, global_embedding.detach())
+    assert patch_concepts.shape == dense.shape[:2]
+    language.sum().backward()
+    assert dense.grad is not None and dense.grad.abs().sum() > 0
+
+
+def test_supcon_loss_prefers_clustered_features():
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    clustered = torch.nn.functional.normalize(torch.eye(3).repeat_interleave(2, 0) + 0.01, dim=-1)
+    mixed = torch.nn.functional.normalize(torch.eye(3).repeat(2, 1) + 0.01, dim=-1)
+    assert supcon_loss(clustered, labels, 0.07) < supcon_loss(mixed, labels, 0.07)
+    # Hand-checked: two orthogonal pairs, each anchor's only positive is identical (cos 1) and the other is cos 0.
+    features = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    tau = 0.5
+    expected = -torch.log(torch.exp(torch.tensor(2.0)) / (torch.exp(torch.tensor(2.0)) + 2))
+    torch.testing.assert_close(supcon_loss(features, torch.tensor([0, 0, 1, 1]), tau), expected)
+
+
+def test_pseudo_labels_ignore_lora():
+    model = tiny_model().eval()
+    pixel_values, _ = random_batch(model.config)
+    prefix = model.encoder.frozen_prefix(pixel_values, None)
+    before = model.encoder.pseudo_labels(prefix)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=1.0)
+    assert torch.equal(before, model.encoder.pseudo_labels(prefix))
+
+
+def test_lora_merge_gives_identical_outputs_and_plain_weights():
+    model = tiny_model().eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05)
+    pixel_values, ids = random_batch(model.config)
+    before = model(pixel_values=pixel_values, input_ids=ids).logits
+    model.merge_encoder_lora()
+    after = model(pixel_values=pixel_values, input_ids=ids).logits
+    torch.testing.assert_close(before, after, rtol=1e-4, atol=1e-5)
+    assert model.config.lora_merged
+    keys = list(model.state_dict())
+    assert not any("lora_" in k or "base_layer" in k for k in keys)
+    assert "encoder.tower.visual.transformer.resblocks.1.attn.in_proj_weight" in keys
+    assert not any(p.requires_grad for p in model.encoder.tower.visual.parameters())
+
+
+def test_dense_embeddings_use_each_patch_alone():
+    """Self-only attention in the last block: a patch's dense embedding ignores every other patch."""
+    model = tiny_model().eval()
+    pixel_values, _ = random_batch(model.config, batch=1)
+    prefix = model.encoder.frozen_prefix(pixel_values, None)
+    *_, last_input = model.encoder.tower.adapted_blocks(prefix)
+    dense = model.encoder.tower.dense_embeddings(last_input, model.config.num_patches)
+    changed = last_input.clone()
+    changed[:, 5] += torch.randn(changed.shape[-1])
+    dense_changed = model.encoder.tower.dense_embeddings(changed, model.config.num_patches)
+    differs = (dense - dense_changed).abs().amax(-1)[0] > 1e-6  # (n,)
+    assert differs.nonzero().flatten().tolist() == [4]  # token 5 is patch 4 (token 0 is the class token)

@@ -1,0 +1,303 @@
+"""Model tests on a tiny config: shapes, loss, gradients, causality, generation invariants, dtype, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import BOS, EOS, PAD, fill_memory, random_batch, tiny_config, tiny_model
+from modeling_fsgr_pma import FsgrPmaForConditionalGeneration
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Shapes, loss, gradients
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"use_memory": False},
+        {"use_fsgr": False},
+        {"use_concept_tokens": True},
+        {"num_prompt_tokens": 3},
+        {"lora_rank": 0, "supcon_weight": 0.0},
+    ],
+    ids=["default", "no-memory", "no-fsgr", "concept-tokens", "deep-prompts", "no-lora-no-supcon"],
+)
+def test_forward_shapes_and_scalar_loss(overrides):
+    model = tiny_model(**overrides).train()
+    config = model.config
+    pixel_values, ids = random_batch(config, batch=3, length=6)
+    out = model(pixel_values=pixel_values, input_ids=ids, labels=ids)
+    assert out.logits.shape == (3, 6, config.vocab_size)
+    n_tokens = config.num_patches + (config.concept_top_k if config.use_concept_tokens else 0)
+    assert out.encoder_last_hidden_state.shape == (3, n_tokens, config.hidden_size)
+    assert out.patch_concepts.shape == (3, config.num_patches)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    if config.supcon_weight > 0:
+        torch.testing.assert_close(out.loss, out.xe_loss + config.supcon_weight * out.supcon_loss)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"num_prompt_tokens": 2}], ids=["default", "deep-prompts"])
+def test_every_trainable_parameter_gets_a_gradient(overrides):
+    model = tiny_model(**overrides)
+    fill_memory(model)
+    # LoRA B starts at zero, which makes A's gradient exactly zero; any step away from init gives both a gradient.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.02)
+    model.train()
+    pixel_values, ids = random_batch(model.config)
+    model(pixel_values=pixel_values, input_ids=ids, labels=ids).loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert not missing, f"no gradient reaches {missing}"
+    nan = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+    assert not nan
+
+
+def test_tower_is_frozen_except_lora_and_prompts():
+    model = tiny_model(num_prompt_tokens=2)
+    trainable = [n for n, p in model.encoder.tower.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or n == "prompts" for n in trainable)
+    first = model.config.lora_first_block
+    assert not any(f"resblocks.{i}." in n for n in trainable for i in range(first))
+
+
+def test_no_gradient_reaches_codebook_or_prototypes(model_with_memory):
+    buffers = dict(model_with_memory.named_buffers())
+    for name in ("encoder.codebook.embeddings", "decoder.layers.0.self_attn.prototype_keys"):
+        assert not buffers[name].requires_grad
+        assert name not in dict(model_with_memory.named_parameters())
+
+
+def test_gradient_checkpointing_gives_same_loss_and_gradients():
+    losses, grads = [], []
+    for checkpointing in (False, True):
+        model = tiny_model()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model.train()
+        pixel_values, ids = random_batch(model.config)
+        torch.manual_seed(1)  # same Gumbel noise
+        loss = model(pixel_values=pixel_values, input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(model.decoder.layers[0].self_attn.qkv_proj.weight.grad.clone())
+    torch.testing.assert_close(losses[0], losses[1])
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_labels_ignore_padding_and_minus_100(model):
+    pixel_values, ids = random_batch(model.config, batch=1, length=6)
+    padded = torch.cat([ids, torch.full((1, 3), PAD)], dim=1)
+    mask = torch.cat([torch.ones(1, 6), torch.zeros(1, 3)], dim=1).long()
+    plain = model(pixel_values=pixel_values, input_ids=ids, labels=ids).loss
+    with_pad = model(pixel_values=pixel_values, input_ids=padded, attention_mask=mask, labels=padded).loss
+    ignored = padded.masked_fill(mask == 0, -100)
+    with_ignore = model(pixel_values=pixel_values, input_ids=padded, attention_mask=mask, labels=ignored).loss
+    torch.testing.assert_close(plain, with_pad)
+    torch.testing.assert_close(plain, with_ignore)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Causality and memory semantics
+@pytest.mark.parametrize("with_memory", [False, True], ids=["empty-memory", "prototypes"])
+def test_changing_token_t_never_changes_earlier_logits(with_memory):
+    model = tiny_model()
+    if with_memory:
+        fill_memory(model)
+        assert all(layer.memory_active for layer in model.memory_layers())
+    model.eval()
+    pixel_values, ids = random_batch(model.config, batch=1, length=8)
+    reference = model(pixel_values=pixel_values, input_ids=ids).logits
+    for t in range(1, 8):
+        changed = ids.clone()
+        changed[0, t] = (changed[0, t] + 1 - 3) % (model.config.vocab_size - 3) + 3
+        logits = model(pixel_values=pixel_values, input_ids=changed).logits
+        torch.testing.assert_close(logits[:, :t], reference[:, :t])
+        assert not torch.allclose(logits[:, t:], reference[:, t:])
+
+
+def test_prototypes_change_the_output(model_with_memory):
+    pixel_values, ids = random_batch(model_with_memory.config)
+    with_memory = model_with_memory(pixel_values=pixel_values, input_ids=ids).logits
+    for layer in model_with_memory.memory_layers():
+        layer.prototype_ready.fill_(False)
+    without = model_with_memory(pixel_values=pixel_values, input_ids=ids).logits
+    assert not torch.allclose(with_memory, without)
+
+
+def test_memory_off_equals_a_plain_decoder():
+    """With use_memory=False the self-attention is exactly softmax(QK^T/sqrt(d) + causal) V."""
+    model = tiny_model(use_memory=False).eval()
+    attention = model.decoder.layers[0].self_attn
+    assert not hasattr(attention, "prototype_keys") and not hasattr(attention, "segment_sequence")
+    x = torch.randn(2, 5, model.config.hidden_size)
+    mask = model.decoder.causal_mask(torch.ones(2, 5, dtype=torch.bool), 5)
+    out, _ = attention(x, mask)
+    q, k, v = attention.qkv_proj(x).split(x.shape[-1], dim=-1)
+    heads = lambda t: t.view(2, 5, 2, -1).transpose(1, 2)  # noqa: E731  (B, h, T, hd)
+    scores = heads(q) @ heads(k).transpose(-1, -2) / heads(q).shape[-1] ** 0.5
+    scores = scores.masked_fill(~torch.ones(5, 5, dtype=torch.bool).tril(), float("-inf"))
+    manual = (scores.softmax(-1) @ heads(v)).transpose(1, 2).reshape(2, 5, -1)
+    torch.testing.assert_close(out, attention.out_proj(manual))
+
+
+def test_banks_fill_only_in_training_mode():
+    model = tiny_model()
+    pixel_values, ids = random_batch(model.config)
+    model.eval()
+    model(pixel_values=pixel_values, input_ids=ids)
+    assert all(layer.bank_filled == 0 for layer in model.memory_layers())
+    model.train()
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0  # padding never enters the bank
+    model(pixel_values=pixel_values, input_ids=ids, attention_mask=mask)
+    assert all(layer.bank_filled == 7 + 4 for layer in model.memory_layers())
+
+
+def test_bank_is_a_bounded_ring_buffer():
+    model = tiny_model()
+    model.train()
+    capacity = model.config.memory_bank_size
+    for step in range(10):
+        pixel_values, ids = random_batch(model.config, batch=4, length=9, seed=step)
+        model(pixel_values=pixel_values, input_ids=ids)
+    layer = model.memory_layers()[0]
+    assert layer.bank_filled == capacity and layer.bank_keys.shape[0] == capacity
+    assert layer.bank_next == (10 * model.config.memory_tokens_per_step) % capacity
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Generation invariants
+def _generate(model, pixel_values, **kwargs):
+    kwargs = {"max_new_tokens": 10, "do_sample": False, "pad_token_id": PAD, **kwargs}
+    return model.generate(pixel_values=pixel_values, **kwargs)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_generate_with_and_without_cache_agree(model_with_memory, num_beams):
+    pixel_values, _ = random_batch(model_with_memory.config, batch=2)
+    cached = _generate(model_with_memory, pixel_values, num_beams=num_beams, use_cache=True)
+    uncached = _generate(model_with_memory, pixel_values, num_beams=num_beams, use_cache=False)
+    assert torch.equal(cached, uncached)
+    assert (cached[:, 0] == BOS).all()
+
+
+def test_batch_of_four_equals_four_single_runs(model_with_memory):
+    pixel_values, _ = random_batch(model_with_memory.config, batch=4, seed=3)
+    batched = _generate(model_with_memory, pixel_values, min_new_tokens=10)
+    for i in range(4):
+        single = _generate(model_with_memory, pixel_values[i : i + 1], min_new_tokens=10)
+        assert torch.equal(batched[i : i + 1], single)
+
+
+def test_beam_search_and_return_sequences(model_with_memory):
+    pixel_values, _ = random_batch(model_with_memory.config, batch=2)
+    out = _generate(model_with_memory, pixel_values, num_beams=4, num_return_sequences=3)
+    assert out.shape[0] == 6
+    sampled = _generate(model_with_memory, pixel_values, do_sample=True, num_return_sequences=2, top_k=5)
+    assert sampled.shape[0] == 4
+
+
+def test_prototypes_never_enter_the_cache(model_with_memory):
+    pixel_values, ids = random_batch(model_with_memory.config, batch=2, length=5)
+    out = model_with_memory(pixel_values=pixel_values, input_ids=ids, use_cache=True)
+    cache = out.past_key_values
+    assert cache.get_seq_length() == 5
+    assert cache.self_attention_cache.layers[0].keys.shape[2] == 5
+    assert cache.cross_attention_cache.layers[0].keys.shape[2] == model_with_memory.config.num_patches
+
+
+def test_generation_stops_at_eos():
+    model = tiny_model().eval()
+    with torch.no_grad():  # make EOS the overwhelming next token everywhere
+        model.lm_head.weight.zero_()
+        model.decoder.norm.weight.zero_()
+        model.decoder.norm.bias.fill_(1.0)
+        model.lm_head.weight[EOS] = 1.0
+    pixel_values, _ = random_batch(model.config)
+    out = _generate(model, pixel_values, eos_token_id=EOS, max_new_tokens=15)
+    assert out.shape[1] == 2 and (out[:, 1] == EOS).all()
+
+
+def test_cross_attention_and_concept_outputs_for_visualisation(model_with_memory):
+    config = model_with_memory.config
+    pixel_values, _ = random_batch(config, batch=1)
+    out = _generate(
+        model_with_memory, pixel_values, output_attentions=True, return_dict_in_generate=True, max_new_tokens=4
+    )
+    step0 = out.cross_attentions[0]
+    assert len(step0) == config.num_hidden_layers
+    assert step0[0].shape[-1] == config.num_patches
+    self_attention = out.decoder_attentions[0][0]
+    assert self_attention.shape[-1] == 1 + config.num_prototypes  # BOS + prototypes
+    encoded = model_with_memory.get_encoder()(pixel_values=pixel_values)
+    assert encoded.patch_concepts.shape == (1, config.num_patches)
+    assert encoded.patch_concepts.max() < config.num_concepts
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# dtype
+def test_bfloat16_forward_and_generate_from_float32_pixels(model_with_memory):
+    model = model_with_memory.to(torch.bfloat16)
+    pixel_values, ids = random_batch(model.config)
+    logits = model(pixel_values=pixel_values.float(), input_ids=ids).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    out = _generate(model, pixel_values.float(), num_beams=2)
+    assert out.shape[0] == 2
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Bad input
+@pytest.mark.parametrize(
+    "shape, match",
+    [((2, 1, 32, 32), r"pixel_values must have shape \(batch, 3, 32, 32\)"), ((2, 3, 48, 48), "processor")],
+)
+def test_wrong_pixel_values_shape_is_a_clear_error(model, shape, match):
+    _, ids = random_batch(model.config)
+    with pytest.raises(ValueError, match=match):
+        model(pixel_values=torch.randn(shape), input_ids=ids)
+
+
+def test_token_ids_outside_the_vocabulary_are_a_clear_error(model):
+    pixel_values, ids = random_batch(model.config)
+    ids[0, 2] = model.config.vocab_size + 5
+    with pytest.raises(ValueError, match=r"token id 45, outside the vocabulary \[0, 40\)"):
+        model(pixel_values=pixel_values, input_ids=ids)
+
+
+def test_too_long_sequence_is_a_clear_error(model):
+    pixel_values, _ = random_batch(model.config)
+    ids = torch.full((2, model.config.max_position_embeddings + 1), 5)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model(pixel_values=pixel_values, input_ids=ids)
+
+
+def test_refresh_with_fewer_entries_than_prototypes_is_a_clear_error():
+    model = tiny_model()
+    model.train()
+    pixel_values, ids = random_batch(model.config, batch=1, length=3)
+    model(pixel_values=pixel_values, input_ids=ids)
+    with pytest.raises(ValueError, match="3 entries < 6 prototypes"):
+        model.refresh_memory(seed=0)
+
+
+def test_codebook_of_wrong_shape_is_a_clear_error(model):
+    with pytest.raises(ValueError, match=r"codebook must have shape \(12, 32\)"):
+        model.set_codebook(torch.randn(5, 32))
+
+
+def test_vision_hidden_states_give_the_same_output_as_pixels(model):
+    pixel_values, ids = random_batch(model.config)
+    cached = model.encoder.tower.frozen_prefix(pixel_values)
+    from_pixels = model(pixel_values=pixel_values, input_ids=ids).logits
+    from_cache = model(vision_hidden_states=cached, input_ids=ids).logits
+    torch.testing.assert_close(from_pixels, from_cache)
+    with pytest.raises(ValueError, match="exactly one of"):
+        model(pixel_values=pixel_values, vision_hidden_states=cached, input_ids=ids)
+
+
+def test_model_class_is_exported():
+    assert FsgrPmaForConditionalGeneration.main_input_name == "pixel_values"
+    assert tiny_config().is_encoder_decoder
