@@ -621,12 +621,12 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         token_mask: torch.Tensor | None = None,
         past_key_values: EncoderDecoderCache | None = None,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Self-attention over `(B, T, d)` with a boolean `(B, 1, T, S)` mask (True = attend).
+        """Self-attention over `(B, T, d)` with a boolean `(B, 1, T, S)` mask (True = attend; None = all).
 
         `token_mask` `(B, T)` marks the non-padding positions whose keys/values may enter the bank.
         """
@@ -639,15 +639,16 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
         query, key, value = self._split_heads(query), self._split_heads(key), self._split_heads(value)  # (B, h, T, hd)
         if past_key_values is not None:
             key, value = past_key_values.self_attention_cache.update(key, value, self.layer_idx)  # (B, h, S, hd)
-        mask = attention_mask
+        mask = attention_mask  # None: every sequence position is visible
         if self.memory_active:
             batch = hidden_states.shape[0]
             memory_keys = self._split_heads((self.prototype_keys + self.segment_memory).to(key.dtype))  # (h, m, hd)
             memory_values = self._split_heads(self.prototype_values.to(value.dtype))  # (h, m, hd)
             key = torch.cat([key, memory_keys.expand(batch, -1, -1, -1)], dim=2)  # (B, h, S + m, hd)
             value = torch.cat([value, memory_values.expand(batch, -1, -1, -1)], dim=2)  # (B, h, S + m, hd)
-            always = mask.new_ones(*mask.shape[:-1], memory_keys.shape[1])  # (B, 1, T, m)
-            mask = torch.cat([mask, always], dim=-1)  # (B, 1, T, S + m)
+            if mask is not None:
+                always = mask.new_ones(*mask.shape[:-1], memory_keys.shape[1])  # (B, 1, T, m)
+                mask = torch.cat([mask, always], dim=-1)  # (B, 1, T, S + m)
         dropout = self.dropout if self.training else 0.0
         out, weights = attend(query, key, value, mask, dropout, output_attentions)
         out = out.transpose(1, 2).reshape(*hidden_states.shape)  # (B, T, d)
@@ -767,14 +768,16 @@ class FsgrPmaDecoder(nn.Module):
                 f"got {tuple(attention_mask.shape)}"
             )
         # Positions count real tokens only, so left-padded prompts get the same positions as unpadded ones.
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
-        if positions.max() >= self.config.max_position_embeddings:
+        if past + length > self.config.max_position_embeddings:
             raise ValueError(
                 f"sequence length {past + length} exceeds max_position_embeddings "
                 f"({self.config.max_position_embeddings}); lower max_new_tokens"
             )
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
         hidden_states = self.dropout(self.embed_tokens(input_ids) + self.embed_positions(positions))  # (B, T, d)
-        mask = self.causal_mask(attention_mask.bool(), length)
+        # A single new token without padding sees every position: no mask at all (the common decoding step).
+        no_padding = bool(attention_mask.all())
+        mask = None if (length == 1 and no_padding) else self.causal_mask(attention_mask.bool(), length)
         token_mask = attention_mask[:, past:]  # (B, T)
 
         all_hidden = (hidden_states,) if output_hidden_states else None
@@ -918,6 +921,21 @@ class FsgrPmaForConditionalGeneration(FsgrPmaPreTrainedModel, GenerationMixin):
         visual.requires_grad_(False)
         self.config.lora_merged = True
 
+    @torch.no_grad()
+    def load_clip_vision_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Copy an open_clip `model.visual.state_dict()` into the tower (LoRA wrappers add `base_layer` to names)."""
+        own = {name.replace(".base_layer", ""): tensor for name, tensor in self.encoder.tower.visual.state_dict(keep_vars=True).items()}
+        own = {name: tensor for name, tensor in own.items() if "lora_" not in name}
+        if set(own) != set(state_dict):
+            missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
+            raise ValueError(
+                f"CLIP vision weights do not match clip_config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        for name, tensor in state_dict.items():
+            if own[name].shape != tensor.shape:
+                raise ValueError(f"CLIP weight {name}: shape {tuple(tensor.shape)}, expected {tuple(own[name].shape)}")
+            own[name].copy_(tensor)
+
     def set_codebook(self, embeddings: torch.Tensor, concept_names: list[str] | None = None) -> None:
         """Load the concept codebook `(num_concepts, d_clip)` (rows are L2-normalised here)."""
         expected = (self.config.num_concepts, self.config.clip_embed_dim)
@@ -999,7 +1017,7 @@ class FsgrPmaForConditionalGeneration(FsgrPmaPreTrainedModel, GenerationMixin):
         if decoder_input_ids is None:
             raise ValueError("Pass caption tokens as `input_ids` / `decoder_input_ids` (or `labels`)")
         vocab = self.config.vocab_size
-        if decoder_input_ids.numel() and (decoder_input_ids.min() < 0 or decoder_input_ids.max() >= vocab):
+        if ((decoder_input_ids < 0) | (decoder_input_ids >= vocab)).any():
             bad = decoder_input_ids[(decoder_input_ids < 0) | (decoder_input_ids >= vocab)][0].item()
             raise ValueError(f"input_ids contain token id {bad}, outside the vocabulary [0, {vocab})")
         use_cache = use_cache if use_cache is not None else (not self.training and self.config.use_cache)

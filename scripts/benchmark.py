@@ -1,0 +1,321 @@
+"""Side-by-side speed and memory benchmarks; every figure is a ratio measured in one run on one machine.
+
+Usage:
+
+    python scripts/benchmark.py --quick --output outputs/benchmark.json
+
+Each timing is the median of `--repeats` runs after a warm-up, and the two sides of a ratio alternate (A B A B)
+so that drift in the machine's speed cancels. Writes JSON (keys below, each a number) and a markdown table next
+to it (`.md`) with the machine and library versions.
+
+- `train_step_memory_ratio[_tiny|_b16]`: training step (forward + backward + AdamW; encoder output given) with
+  prototype memory on ÷ off, for the tiny decoder and one of the vit-b16 preset's width/depth.
+- `refresh_share`: refresh time ÷ (refresh time + `memory_refresh_every` training steps), tiny preset;
+  `kmeans_faiss_s` and `kmeans_torch_s`: one K-Means of that preset's full bank.
+- `generate_memory_ratio_greedy`, `generate_memory_ratio_beam5`: captioning time with memory ÷ without.
+- `generate_vs_ved_ratio_b1`, `generate_vs_ved_ratio_b32`: our captions per second ÷ transformers'
+  `VisionEncoderDecoderModel` (ViT + GPT-2 of the same width, depth, heads, vocabulary and image size, random
+  weights, same batch, beams and length, both with a KV cache).
+- `feature_cache_speedup`: training-epoch time from pixels ÷ from cached frozen-prefix features, LoRA from the
+  middle block.
+- `peak_rss_memory_ratio`: peak resident memory of a training process with memory on ÷ off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from modeling_fsgr_pma import FsgrPmaConfig, FsgrPmaForConditionalGeneration
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (under 3 minutes on 2 cores)")
+    parser.add_argument("--output", type=Path, default=Path("outputs/benchmark.json"))
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per figure (default 5, quick 3)")
+    parser.add_argument("--rss-probe", choices=["on", "off"], help=argparse.SUPPRESS)  # child process mode
+    args = parser.parse_args(argv)
+    args.repeats = args.repeats or (3 if args.quick else 5)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Timing
+def paired_medians(run_a, run_b, repeats: int) -> tuple[float, float]:
+    """Median seconds of two callables, timed alternately after one warm-up each."""
+    run_a(), run_b()
+    times_a, times_b = [], []
+    for _ in range(repeats):
+        for run, times in ((run_a, times_a), (run_b, times_b)):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times_a), statistics.median(times_b)
+
+
+def median_time(run, repeats: int) -> float:
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+def preset(name: str, **overrides) -> FsgrPmaConfig:
+    config = FsgrPmaConfig.from_json_file(ROOT / "configuration" / "model" / f"{name}.json")
+    return FsgrPmaConfig(**{**config.to_dict(), "dropout": 0.0, **overrides})
+
+
+def model_with_prototypes(config: FsgrPmaConfig) -> FsgrPmaForConditionalGeneration:
+    """A model whose prototypes are set (random unit-scale values), so memory attention is active."""
+    torch.manual_seed(0)
+    model = FsgrPmaForConditionalGeneration(config)
+    for layer in model.memory_layers():
+        layer.prototype_keys.normal_()
+        layer.prototype_values.normal_()
+        layer.prototype_ready.fill_(True)
+    return model
+
+
+def decoder_batch(config: FsgrPmaConfig, batch: int, length: int) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, config.vocab_size, (batch, length), generator=generator)
+    ids[:, 0] = config.bos_token_id
+    return {"input_ids": ids, "labels": ids}
+
+
+def train_step_fn(model: FsgrPmaForConditionalGeneration, inputs: dict):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+
+    def step():
+        loss = model(**inputs).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def encoder_given_inputs(model: FsgrPmaForConditionalGeneration, config: FsgrPmaConfig, batch: int, length: int):
+    """Decoder-side training inputs with a fixed encoder output (the encoder's cost is left out)."""
+    pixel_values = torch.randn(batch, 3, config.image_size, config.image_size)
+    with torch.no_grad():
+        encoded = model.eval().get_encoder()(pixel_values=pixel_values)
+    return {"encoder_outputs": encoded, **decoder_batch(config, batch, length)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Benchmarks
+def bench_train_step(config: FsgrPmaConfig, batch: int, length: int, repeats: int) -> float:
+    on = model_with_prototypes(config)
+    off = model_with_prototypes(FsgrPmaConfig(**{**config.to_dict(), "use_memory": False}))
+    off.load_state_dict(on.state_dict(), strict=False)
+    inputs_on = encoder_given_inputs(on, config, batch, length)
+    inputs_off = {**inputs_on}
+    time_on, time_off = paired_medians(train_step_fn(on, inputs_on), train_step_fn(off, inputs_off), repeats)
+    return time_on / time_off
+
+
+def bench_refresh(config: FsgrPmaConfig, repeats: int) -> dict:
+    model = model_with_prototypes(config)
+    layers = model.memory_layers()
+    bank = torch.randn(config.memory_bank_size, config.hidden_size)
+    for layer in layers:
+        layer.bank_keys, layer.bank_values = bank.clone(), bank.clone()
+        layer.bank_filled = config.memory_bank_size
+    result = {}
+    for backend in ("faiss", "torch"):
+        result[f"kmeans_{backend}_s"] = median_time(lambda: model.refresh_memory(seed=0, backend=backend), repeats)
+        result[f"kmeans_{backend}_s"] /= len(layers)
+    step = train_step_fn(model, {**encoder_given_inputs(model, config, 32, 20)})
+    step_time = median_time(step, repeats)
+    refresh_time = result["kmeans_faiss_s"] * len(layers)
+    result["refresh_share"] = refresh_time / (refresh_time + config.memory_refresh_every * step_time)
+    return result
+
+
+def bench_generate_memory(config: FsgrPmaConfig, repeats: int) -> dict:
+    on = model_with_prototypes(config).eval()
+    off = FsgrPmaForConditionalGeneration(FsgrPmaConfig(**{**config.to_dict(), "use_memory": False})).eval()
+    off.load_state_dict(on.state_dict(), strict=False)
+    pixel_values = torch.randn(8, 3, config.image_size, config.image_size)
+    result = {}
+    for name, beams in (("greedy", 1), ("beam5", 5)):
+        kwargs = {"num_beams": beams, "max_new_tokens": 20, "min_new_tokens": 20}
+
+        def run(model, kwargs=kwargs):
+            with torch.inference_mode():
+                model.generate(pixel_values=pixel_values, **kwargs)
+
+        time_on, time_off = paired_medians(lambda: run(on), lambda: run(off), repeats)
+        result[f"generate_memory_ratio_{name}"] = time_on / time_off
+    return result
+
+
+def ved_baseline(config: FsgrPmaConfig):
+    """transformers' VisionEncoderDecoderModel with a ViT and a GPT-2 sized like our tower and decoder."""
+    from transformers import GPT2Config, ViTConfig, VisionEncoderDecoderConfig, VisionEncoderDecoderModel
+
+    vision = config.vision_cfg
+    vit = ViTConfig(
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+        hidden_size=config.vision_width,
+        num_hidden_layers=config.vision_layers,
+        num_attention_heads=config.vision_width // vision.get("head_width", 64),
+        intermediate_size=int(config.vision_width * vision.get("mlp_ratio", 4.0)),
+    )
+    gpt2 = GPT2Config(
+        vocab_size=config.vocab_size,
+        n_embd=config.hidden_size,
+        n_layer=config.num_hidden_layers,
+        n_head=config.num_attention_heads,
+        n_inner=config.intermediate_size,
+        n_positions=config.max_position_embeddings,
+        add_cross_attention=True,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+    )
+    ved_config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(vit, gpt2)
+    ved_config.decoder_start_token_id = config.bos_token_id
+    ved_config.pad_token_id = config.pad_token_id
+    torch.manual_seed(0)
+    return VisionEncoderDecoderModel(config=ved_config).eval()
+
+
+def bench_vs_ved(config: FsgrPmaConfig, repeats: int) -> dict:
+    ours = model_with_prototypes(config).eval()
+    theirs = ved_baseline(config)
+    result = {}
+    for batch in (1, 32):
+        pixel_values = torch.randn(batch, 3, config.image_size, config.image_size)
+        kwargs = {"num_beams": 3, "max_new_tokens": 20, "min_new_tokens": 20, "use_cache": True}
+
+        def run(model, pixel_values=pixel_values, kwargs=kwargs):
+            with torch.inference_mode():
+                model.generate(pixel_values=pixel_values, pad_token_id=config.pad_token_id, **kwargs)
+
+        time_ours, time_theirs = paired_medians(lambda: run(ours), lambda: run(theirs), repeats)
+        result[f"generate_vs_ved_ratio_b{batch}"] = time_theirs / time_ours  # captions/s ours ÷ theirs
+    return result
+
+
+def bench_feature_cache(config: FsgrPmaConfig, repeats: int, batches: int = 4, batch: int = 32) -> float:
+    config = FsgrPmaConfig(**{**config.to_dict(), "lora_first_block": config.vision_layers // 2})
+    model = model_with_prototypes(config)
+    pixels = [torch.randn(batch, 3, config.image_size, config.image_size) for _ in range(batches)]
+    with torch.no_grad():
+        cached = [model.encoder.tower.frozen_prefix(p).half() for p in pixels]
+        labels = [model.encoder.pseudo_labels(c.float()) for c in cached]
+    text = decoder_batch(config, batch, 16)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+
+    def epoch(from_cache: bool):
+        for i in range(batches):
+            image = (
+                {"vision_hidden_states": cached[i].float(), "patch_labels": labels[i]}
+                if from_cache
+                else {"pixel_values": pixels[i]}
+            )
+            model(**image, **text).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    time_pixels, time_cache = paired_medians(lambda: epoch(False), lambda: epoch(True), repeats)
+    return time_pixels / time_cache
+
+
+def rss_probe(memory: str) -> None:
+    """Child-process mode: train a few steps of the tiny preset, print the peak RSS in KiB."""
+    config = preset("tiny", use_memory=memory == "on")
+    model = model_with_prototypes(config)
+    pixel_values = torch.randn(32, 3, config.image_size, config.image_size)
+    step = train_step_fn(model, {"pixel_values": pixel_values, **decoder_batch(config, 32, 20)})
+    for _ in range(config.memory_window + 5):  # long enough to fill the whole bank
+        step()
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def bench_peak_rss(repeats: int) -> float:
+    def peak(memory: str) -> int:
+        command = [sys.executable, __file__, "--rss-probe", memory]
+        return int(subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-1])
+
+    on = [peak("on") for _ in range(max(1, repeats // 2))]
+    off = [peak("off") for _ in range(max(1, repeats // 2))]
+    return statistics.median(on) / statistics.median(off)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.rss_probe:
+        rss_probe(args.rss_probe)
+        return {}
+    torch.manual_seed(0)
+    tiny = preset("tiny")
+    b16_decoder = preset(
+        "tiny", hidden_size=512, num_hidden_layers=3, num_attention_heads=8, intermediate_size=2048,
+        vocab_size=10000, num_prototypes=1024, memory_window=4, memory_tokens_per_step=512,
+    )
+    start = time.perf_counter()
+    results = {"train_step_memory_ratio_tiny": bench_train_step(tiny, 32, 20, args.repeats)}
+    if not args.quick:
+        results["train_step_memory_ratio_b16"] = bench_train_step(b16_decoder, 32, 20, args.repeats)
+    results["train_step_memory_ratio"] = max(v for k, v in results.items() if k.startswith("train_step"))
+    results.update(bench_refresh(tiny, args.repeats))
+    results.update(bench_generate_memory(tiny, args.repeats))
+    results.update(bench_vs_ved(tiny, args.repeats))
+    results["feature_cache_speedup"] = bench_feature_cache(tiny, args.repeats)
+    results["peak_rss_memory_ratio"] = bench_peak_rss(args.repeats)
+    results = {k: round(float(v), 4) for k, v in results.items()}
+    results["seconds"] = round(time.perf_counter() - start, 1)
+    write_report(args.output, results, args.quick)
+    return results
+
+
+GOALS = {
+    "train_step_memory_ratio": "≤ 1.10",
+    "refresh_share": "≤ 0.03",
+    "generate_memory_ratio_greedy": "≤ 1.05",
+    "generate_memory_ratio_beam5": "≤ 1.05",
+    "generate_vs_ved_ratio_b1": "≥ 1.2",
+    "generate_vs_ved_ratio_b32": "≥ 1.2",
+    "feature_cache_speedup": "≥ 2",
+    "peak_rss_memory_ratio": "≤ 1.05",
+}
+
+
+def write_report(path: Path, results: dict, quick: bool) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2))
+    machine = (
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, Python "
+        f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}"
+    )
+    lines = [f"Benchmark ({'quick' if quick else 'full'}) on {machine}", "", "| figure | value | goal |", "|---|---|---|"]
+    lines += [f"| `{key}` | {value} | {GOALS.get(key, '')} |" for key, value in results.items()]
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
