@@ -23,18 +23,22 @@ class FsgrPmaProcessor(ProcessorMixin):
         super().__init__(image_processor, tokenizer, **kwargs)
 
     @classmethod
-    def for_config(cls, config: FsgrPmaConfig, tokenizer, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD):
-        """A processor whose image size matches `config` (CLIP's mean/std by default)."""
-        size = config.image_size
-        image_processor = CLIPImageProcessor(
-            size={"shortest_edge": size},
-            crop_size={"height": size, "width": size},
-            image_mean=list(mean),
-            image_std=list(std),
-        )
-        return cls(image_processor, tokenizer)
+    def for_config(cls, config: FsgrPmaConfig, tokenizer):
+        """A processor whose image size matches `config`, with the given caption tokenizer."""
+        return cls(clip_image_processor(config), tokenizer)
+
+
+def clip_image_processor(config: FsgrPmaConfig, mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD):
+    """Resize the short side to the tower's image size, centre-crop, normalise with CLIP's mean/std."""
+    size = config.image_size
+    return CLIPImageProcessor(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=list(mean),
+        image_std=list(std),
+    )
 
 
 FsgrPmaProcessor.register_for_auto_class("AutoProcessor")
 
-__all__ = ["FsgrPmaProcessor"]
+__all__ = ["FsgrPmaProcessor", "clip_image_processor"]

@@ -1,0 +1,248 @@
+"""Training steps shared by `scripts/train.py` and `scripts/finetune_peft.py` (training-side code).
+
+Batching, the XE and SCST losses, synchronised prototype refresh, caption generation for evaluation, and
+atomic, resumable checkpoints. The remote-code model files never import this module.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import broadcast, gather, pad_across_processes
+from tqdm.auto import tqdm
+
+from .modeling_fsgr_pma import FsgrPmaForConditionalGeneration
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "step_"
+STATE_FILE = "training_state.json"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batching
+@dataclass
+class CaptionCollator:
+    """Turns dataset rows into model inputs.
+
+    Each image contributes one of its reference captions, chosen by a generator seeded with (seed, epoch, row),
+    so the choice never touches the global RNG: a resumed run sees exactly the captions of an uninterrupted one
+    even though the data loader prefetches a batch ahead. With a feature cache, the frozen-prefix features and
+    pseudo-labels replace the pixels.
+    """
+
+    processor: object
+    max_length: int
+    seed: int = 0
+    epoch: int = 0
+    features: dict[str, torch.Tensor] | None = None  # vision_hidden_states, patch_labels, indexed by row
+    with_captions: bool = True
+
+    def __call__(self, rows: list[dict]) -> dict:
+        batch = {"row": torch.tensor([row["row"] for row in rows])}
+        if self.features is not None:
+            batch["vision_hidden_states"] = self.features["vision_hidden_states"][batch["row"]].float()
+            batch["patch_labels"] = self.features["patch_labels"][batch["row"]]
+        else:
+            images = [row["image"] for row in rows]
+            batch["pixel_values"] = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        if self.with_captions:
+            captions = [self.pick_caption(row) for row in rows]
+            tokens = self.processor.tokenizer(
+                captions, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
+            batch["input_ids"], batch["attention_mask"] = tokens["input_ids"], tokens["attention_mask"]
+        return batch
+
+    def pick_caption(self, row: dict) -> str:
+        generator = np.random.default_rng([self.seed, self.epoch, row["row"]])
+        return row["captions"][int(generator.integers(len(row["captions"])))]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prototype memory across processes
+class MemoryBankState:
+    """Checkpointable view of every layer's bank (`accelerator.register_for_checkpointing`).
+
+    Prototypes are buffers saved with the weights; the banks are training state and are saved here.
+    """
+
+    def __init__(self, model: FsgrPmaForConditionalGeneration):
+        self.model = model
+
+    def state_dict(self) -> dict:
+        state = {}
+        for i, layer in enumerate(self.model.memory_layers()):
+            keys, values = layer.bank_contents()
+            state[f"{i}.keys"], state[f"{i}.values"] = keys.cpu(), values.cpu()
+            state[f"{i}.next"], state[f"{i}.filled"] = layer.bank_next, layer.bank_filled
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        for i, layer in enumerate(self.model.memory_layers()):
+            device = layer.prototype_keys.device
+            capacity = layer.config.memory_bank_size
+            keys = torch.zeros(capacity, layer.config.hidden_size, dtype=state[f"{i}.keys"].dtype, device=device)
+            values = torch.zeros_like(keys)
+            filled = state[f"{i}.filled"]
+            keys[:filled], values[:filled] = state[f"{i}.keys"].to(device), state[f"{i}.values"].to(device)
+            layer.bank_keys, layer.bank_values = keys, values
+            layer.bank_next, layer.bank_filled = state[f"{i}.next"], filled
+
+
+def gather_rows(accelerator: Accelerator, tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate a `(N_rank, d)` tensor over processes, where N differs between processes."""
+    if accelerator.num_processes == 1:
+        return tensor
+    counts = gather(torch.tensor([len(tensor)], device=accelerator.device))  # (P,)
+    padded = gather(pad_across_processes(tensor.to(accelerator.device), dim=0))  # (P * N_max, d)
+    n_max = len(padded) // accelerator.num_processes
+    return torch.cat([padded[i * n_max : i * n_max + int(n)] for i, n in enumerate(counts)])
+
+
+@torch.no_grad()
+def refresh_memory(accelerator: Accelerator, model: FsgrPmaForConditionalGeneration, seed: int, backend: str) -> None:
+    """Refresh prototypes from the banks of all processes; every process ends with bitwise-equal prototypes.
+
+    Every process gathers every bank; K-Means runs on the main process and its result is broadcast.
+    """
+    for layer in model.memory_layers():
+        keys, values = layer.bank_contents()
+        keys, values = gather_rows(accelerator, keys), gather_rows(accelerator, values)
+        if accelerator.is_main_process:
+            layer.refresh_prototypes(keys, values, seed=seed + layer.layer_idx, backend=backend)
+        if accelerator.num_processes > 1:
+            for buffer in (layer.prototype_keys, layer.prototype_values, layer.prototype_ready):
+                buffer.copy_(broadcast(buffer.clone(), from_process=0))
+
+
+def bank_report(model: FsgrPmaForConditionalGeneration) -> str:
+    layers = model.memory_layers()
+    total = sum(layer.bank_nbytes() for layer in layers)
+    filled = layers[0].bank_filled if layers else 0
+    return f"{len(layers)} banks, {filled} entries each, {total / 2**20:.2f} MiB"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Losses
+def sequence_log_probs(logits: torch.Tensor, sequences: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of log p(token t+1 | ≤ t) over the unmasked targets: `(B, T, V)` logits → `(B,)`."""
+    log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
+    chosen = log_probs.gather(-1, sequences[:, 1:, None]).squeeze(-1)  # (B, T-1)
+    return (chosen * mask[:, 1:]).sum(1)
+
+
+def caption_mask(sequences: torch.Tensor, eos_token_id: int, pad_token_id: int) -> torch.Tensor:
+    """1 up to and including the first EOS, 0 after it (generation pads finished rows)."""
+    is_eos = sequences == eos_token_id
+    after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
+    return (~after_eos & (sequences != pad_token_id) | is_eos).long()
+
+
+def scst_loss(
+    model,
+    unwrapped: FsgrPmaForConditionalGeneration,
+    batch: dict,
+    tokenizer,
+    image_ids: list[str],
+    reward_fn,
+    num_samples: int,
+    max_new_tokens: int,
+) -> tuple[torch.Tensor, float]:
+    """Self-critical sequence training with the mean-of-samples baseline (Rennie et al. 2017; M² variant).
+
+    Samples `num_samples` captions per image, rewards them with `reward_fn(captions, image_ids)` (CIDEr-D), and
+    returns `-(reward - mean reward of the image's samples) * log p(caption)` averaged, plus the mean reward.
+    """
+    image_inputs = {k: batch[k] for k in ("pixel_values", "vision_hidden_states") if k in batch}
+    unwrapped.eval()
+    with torch.no_grad():
+        sequences = unwrapped.generate(
+            **image_inputs, do_sample=True, num_return_sequences=num_samples, max_new_tokens=max_new_tokens
+        )  # (B * S, L)
+    unwrapped.train()
+    captions = tokenizer.batch_decode(sequences, skip_special_tokens=True)
+    repeated_ids = [image_id for image_id in image_ids for _ in range(num_samples)]
+    rewards = torch.as_tensor(reward_fn(captions, repeated_ids), dtype=torch.float32, device=sequences.device)
+    rewards = rewards.view(-1, num_samples)  # (B, S)
+    advantage = (rewards - rewards.mean(1, keepdim=True)).flatten()  # (B * S,)
+    mask = caption_mask(sequences, unwrapped.config.eos_token_id, unwrapped.config.pad_token_id)
+    repeated = {k: v.repeat_interleave(num_samples, 0) for k, v in image_inputs.items()}
+    logits = model(**repeated, input_ids=sequences, attention_mask=mask).logits
+    log_probs = sequence_log_probs(logits, sequences, mask)  # (B * S,)
+    return -(advantage * log_probs).mean(), rewards.mean().item()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation
+@torch.no_grad()
+def generate_captions(
+    accelerator: Accelerator,
+    model: FsgrPmaForConditionalGeneration,
+    dataloader,
+    tokenizer,
+    image_ids: list[str],
+    **generate_kwargs,
+) -> dict[str, str]:
+    """Caption every image of a prepared dataloader; returns {image_id: caption}, de-duplicated across processes."""
+    was_training = model.training
+    model.eval()
+    captions: dict[str, str] = {}
+    for batch in tqdm(dataloader, desc="captioning", disable=not accelerator.is_local_main_process, leave=False):
+        image_inputs = {k: batch[k] for k in ("pixel_values", "vision_hidden_states") if k in batch}
+        sequences = model.generate(**image_inputs, **generate_kwargs)
+        sequences = accelerator.pad_across_processes(sequences, dim=1, pad_index=model.config.pad_token_id)
+        rows, sequences = accelerator.gather_for_metrics((batch["row"], sequences))
+        for row, text in zip(rows.tolist(), tokenizer.batch_decode(sequences, skip_special_tokens=True)):
+            captions[image_ids[row]] = text.strip()
+    model.train(was_training)
+    return captions
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, state: dict) -> Path:
+    """`save_state` into `step_N.tmp`, then rename to `step_N`: a killed save never looks complete."""
+    final = output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}"
+    partial = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    if accelerator.is_main_process:
+        (partial / STATE_FILE).write_text(json.dumps(state))
+        if final.exists():
+            shutil.rmtree(final)
+        partial.rename(final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def find_checkpoint(output_dir: Path, which: str) -> Path:
+    """Resolve `--resume-from-checkpoint`: a directory, or `latest` (the newest complete `step_N`)."""
+    if which != "latest":
+        path = Path(which)
+        if not (path / STATE_FILE).is_file():
+            raise ValueError(f"{path} is not a complete checkpoint (no {STATE_FILE}); pick another or use 'latest'")
+        return path
+    complete = []
+    for path in sorted((output_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*")):
+        if path.name.endswith(".tmp") or not (path / STATE_FILE).is_file():
+            logger.warning("Skipping half-written checkpoint %s", path)
+            continue
+        complete.append(path)
+    if not complete:
+        raise ValueError(f"No complete checkpoint under {output_dir / 'checkpoints'} to resume from")
+    return max(complete, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+
+
+def load_checkpoint_state(path: Path) -> dict:
+    return json.loads((path / STATE_FILE).read_text())

@@ -1,0 +1,136 @@
+"""The README's main job: the whole pipeline on the bundled synthetic world, on a CPU, in minutes.
+
+Usage:
+
+    python scripts/demo.py [--output-dir outputs/demo] [--num-images 2000] [--seed 0]
+
+Steps: generate the synthetic world → pre-train a tiny CLIP contrastively → build the concept codebook →
+cache the frozen-prefix features → train (XE + SupCon with prototype memory, then SCST) → evaluate on `test`
+and `test_novel` → caption a few images with `AutoModel`/`AutoProcessor`. Results land in `--output-dir`:
+`model/`, `metrics_test.json`, `metrics_test_novel.json`, `data/`, `samples/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+SCRIPTS = Path(__file__).resolve().parent
+ROOT = SCRIPTS.parent
+METRICS = ["Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE", "hallucination_rate"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output-dir", type=Path, default=Path("outputs/demo"))
+    parser.add_argument("--num-images", type=int, default=2000, help="training images of the synthetic world")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-config", type=Path, default=ROOT / "configuration/train/synthetic.yaml")
+    parser.add_argument("--model-config", type=Path, default=ROOT / "configuration/model/tiny.json")
+    parser.add_argument("--xe-steps", type=int, default=None, help="override the training config (quick runs)")
+    parser.add_argument("--scst-steps", type=int, default=None)
+    parser.add_argument("--clip-epochs", type=int, default=None)
+    return parser.parse_args(argv)
+
+
+def run_script(name: str, argv: list[str]):
+    """Import `scripts/NAME.py` and call its `main(argv)`: one process, one set of imports."""
+    spec = importlib.util.spec_from_file_location(f"fsgr_pma_script_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    out = args.output_dir
+    data, clip, codebook, features = out / "data", out / "clip.pt", out / "codebook.safetensors", out / "features"
+    timings = {}
+
+    def timed(step: str, script: str, script_args: list[str]):
+        start = time.perf_counter()
+        result = run_script(script, [str(a) for a in script_args])
+        timings[step] = round(time.perf_counter() - start, 1)
+        return result
+
+    timed("data", "make_synthetic", ["--output-dir", data, "--num-images", args.num_images, "--seed", args.seed])
+    clip_args = ["--data", data, "--model-config", args.model_config, "--output", clip, "--seed", args.seed]
+    if args.clip_epochs is not None:
+        clip_args += ["--epochs", args.clip_epochs]
+    timed("pretrain_clip", "pretrain_clip", clip_args)
+    vocabulary = ROOT / "configuration/concepts/synthetic.txt"
+    timed("codebook", "build_codebook", [
+        "--model-config", args.model_config, "--clip-pretrained", clip, "--vocabulary", vocabulary, "--output", codebook,
+    ])
+    timed("features", "extract_features", [
+        "--model-config", args.model_config, "--clip-pretrained", clip, "--codebook", codebook, "--data", data,
+        "--splits", "train", "validation", "--output-dir", features,
+    ])
+    train_args = [
+        "--config", args.train_config, "--model-config", args.model_config, "--data", data,
+        "--clip-pretrained", clip, "--codebook", codebook, "--feature-cache", features,
+        "--output-dir", out / "train", "--seed", args.seed,
+    ]
+    for flag, value in (("--xe-steps", args.xe_steps), ("--scst-steps", args.scst_steps)):
+        if value is not None:
+            train_args += [flag, value]
+    timed("train", "train", train_args)
+    model_dir = out / "model"
+    shutil.rmtree(model_dir, ignore_errors=True)
+    shutil.move(out / "train" / "model", model_dir)
+
+    results = {}
+    for split in ("test", "test_novel"):
+        results[split] = timed(f"evaluate_{split}", "evaluate", [
+            "--model", model_dir, "--data", data, "--split", split, "--output", out / f"metrics_{split}.json",
+        ])
+    samples = caption_samples(model_dir, data, out / "samples")
+    (out / "timings.json").write_text(json.dumps(timings, indent=2))
+    print_report(results, samples, timings)
+    return results
+
+
+def caption_samples(model_dir: Path, data: Path, samples_dir: Path, count: int = 4) -> list[tuple[str, str, str]]:
+    """Caption a few test images with the plain `AutoModel`/`AutoProcessor` path a user would take."""
+    import torch
+    from transformers import AutoModel, AutoProcessor
+
+    from modeling_fsgr_pma.data import load_caption_split
+
+    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    rows = load_caption_split(data, "test_novel").select(range(count))
+    samples_dir.mkdir(parents=True, exist_ok=True)
+    images = list(rows["image"])
+    with torch.inference_mode():
+        ids = model.generate(**processor(images=images, return_tensors="pt"))
+    captions = processor.batch_decode(ids, skip_special_tokens=True)
+    samples = []
+    for row, image, caption in zip(rows, images, captions):
+        path = samples_dir / f"{row['image_id']}.png"
+        image.save(path)
+        samples.append((str(path), caption.strip(), row["captions"][0]))
+    return samples
+
+
+def print_report(results: dict, samples: list, timings: dict) -> None:
+    header = "| split | " + " | ".join(METRICS) + " |"
+    lines = [header, "|" + "---|" * (len(METRICS) + 1)]
+    for split, result in results.items():
+        cells = [f"{result[m]:.3f}" if isinstance(result.get(m), float) else "skipped" for m in METRICS]
+        lines.append(f"| {split} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines += [f"{path}: {caption!r}   (a reference: {reference!r})" for path, caption, reference in samples]
+    lines.append("")
+    lines.append("seconds: " + ", ".join(f"{k} {v}" for k, v in timings.items()))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

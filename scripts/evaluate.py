@@ -1,0 +1,88 @@
+"""Caption a split with a saved model and score it with the COCO caption metrics (offline).
+
+Usage:
+
+    python scripts/evaluate.py --model outputs/demo/model --data outputs/demo/data --split test \
+        --output outputs/demo/metrics_test.json
+
+Writes pycocoevalcap's metric names (`Bleu_1`..`Bleu_4`, `METEOR`, `ROUGE_L`, `CIDEr`, `SPICE`; a metric whose
+Java part is missing is `null` with its reason under `skipped`), `hallucination_rate` when the data lists the
+objects in each image (the synthetic world), the decoding settings, and every caption under `predictions`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from torch.utils.data import DataLoader
+from transformers import AutoModel, AutoProcessor
+
+from modeling_fsgr_pma.data import load_caption_split
+from modeling_fsgr_pma.metrics import compute_caption_metrics
+from modeling_fsgr_pma.synthetic import hallucination_rate
+from modeling_fsgr_pma.training import CaptionCollator, generate_captions
+
+logger = get_logger(__name__)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="directory (or Hub repo id) written by save_pretrained")
+    parser.add_argument("--revision", default=None, help="Hub revision to load")
+    parser.add_argument("--data", required=True, help="dataset directory (see modeling_fsgr_pma.data)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--image-root", default=None)
+    parser.add_argument("--bad-images", choices=["skip", "error"], default="skip")
+    parser.add_argument("--output", type=Path, required=True, help="JSON file to write")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--num-beams", type=int, default=3)
+    parser.add_argument("--max-new-tokens", type=int, default=20)
+    parser.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    accelerator = Accelerator()
+    model = AutoModel.from_pretrained(args.model, trust_remote_code=True, revision=args.revision)
+    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True, revision=args.revision)
+    data = load_caption_split(args.data, args.split, args.image_root, args.bad_images)
+    if args.max_images is not None:
+        data = data.select(range(min(args.max_images, len(data))))
+    data = data.add_column("row", list(range(len(data))))
+    collator = CaptionCollator(processor, max_length=model.config.max_position_embeddings, with_captions=False)
+    loader = accelerator.prepare(DataLoader(data, batch_size=args.batch_size, collate_fn=collator))
+    model = accelerator.prepare(model)
+
+    image_ids = data["image_id"]
+    predictions = generate_captions(
+        accelerator, accelerator.unwrap_model(model), loader, processor.tokenizer, image_ids,
+        num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
+    )
+    if not accelerator.is_main_process:
+        return {}
+    references = dict(zip(image_ids, data["captions"]))
+    result = compute_caption_metrics(predictions, references)
+    if "objects" in data.column_names:
+        result["hallucination_rate"] = hallucination_rate(predictions, dict(zip(image_ids, data["objects"])))
+    result.update(
+        split=args.split,
+        num_images=len(predictions),
+        num_beams=args.num_beams,
+        max_new_tokens=args.max_new_tokens,
+        model=str(args.model),
+        predictions=predictions,
+    )
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2))
+    scores = {k: v for k, v in result.items() if isinstance(v, float)}
+    logger.info(f"{args.split}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+    return result
+
+
+if __name__ == "__main__":
+    main()
