@@ -32,18 +32,31 @@ ROWS = ("top", "middle", "bottom")
 
 @dataclass(frozen=True)
 class Domain:
-    """Vocabulary and palette of one synthetic domain."""
+    """Vocabulary and palette of one synthetic domain; the generator code is shared by all domains.
+
+    Attributes:
+        name: domain name, the prefix of every image id.
+        shapes: shape words; each needs a drawing in `_draw_shape`.
+        colours: colour word → RGB.
+        textures: background pattern words; each needs a pattern in `_background`.
+        tones: background colour word → RGB.
+    """
 
     name: str
     shapes: tuple[str, ...]
     colours: dict[str, tuple[int, int, int]]
     textures: tuple[str, ...]
-    tones: dict[str, tuple[int, int, int]]  # background colours
+    tones: dict[str, tuple[int, int, int]]
 
     def held_out_pairs(self) -> list[tuple[str, str]]:
-        """One (colour, shape) pair per shape, spread over the colours: about 1/len(colours) of all pairs."""
+        """The (colour, shape) pairs of `test_novel`: shape i with colour i + 1, a diagonal of the pair grid.
+
+        One pair per shape, each with a different colour (as long as there are more colours than shapes), so every
+        shape and every colour still occurs in training: 7 of 56 pairs (12.5 %) in `synthetic`, 5 of 30 (17 %) in
+        `synthetic-b`.
+        """
         colours = list(self.colours)
-        return [(colours[(3 * i + 1) % len(colours)], shape) for i, shape in enumerate(self.shapes)]
+        return [(colours[(i + 1) % len(colours)], shape) for i, shape in enumerate(self.shapes)]
 
 
 DOMAINS = {
@@ -71,9 +84,12 @@ DOMAINS = {
 
 PLURALS = {"cross": "crosses"}
 NUMBERS = {2: "two", 3: "three", 4: "four"}
+TEXTURE_PHRASES = {"gradient": "a gradient"}  # "with stripes", "with checks", ...; others read as the bare word
+DEFAULT_SPLIT_FRACTIONS = {"validation": 0.1, "test": 0.1, "test_novel": 0.1}
 
 
 def domain_spec(domain: str) -> Domain:
+    """The `Domain` named `domain` (`"synthetic"` or `"synthetic-b"`); a `ValueError` for any other name."""
     if domain not in DOMAINS:
         raise ValueError(f"Unknown synthetic domain {domain!r}; choose one of {sorted(DOMAINS)}")
     return DOMAINS[domain]
@@ -88,14 +104,27 @@ def concept_vocabulary(domain: str = "synthetic") -> list[str]:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Scenes
-def sample_scene(spec: Domain, rng: np.random.Generator, must_include: tuple[str, str] | None, exclude: set) -> dict:
-    """Objects in distinct cells of a 3×3 grid, a texture and a tone. Pairs in `exclude` never occur."""
+def sample_scene(
+    spec: Domain, rng: np.random.Generator, must_include: tuple[str, str] | None, exclude: set[tuple[str, str]]
+) -> dict:
+    """1–4 objects in distinct cells of a 3×3 grid, a texture and a tone.
+
+    Args:
+        spec: the domain to draw from.
+        rng: the image's own generator.
+        must_include: a (colour, shape) pair given to one object at a random place in the list, or None.
+        exclude: (colour, shape) pairs that never occur (apart from `must_include`).
+
+    Returns:
+        `{"objects": [{"shape", "colour", "size", "column", "row"}, ...], "texture": str, "tone": str}`.
+    """
     allowed = [(c, s) for c in spec.colours for s in spec.shapes if (c, s) not in exclude]
     count = int(rng.integers(1, 5))
     cells = rng.choice(9, size=count, replace=False)
+    forced = int(rng.integers(count)) if must_include else -1
     objects = []
     for i, cell in enumerate(cells):
-        colour, shape = must_include if (i == 0 and must_include) else allowed[int(rng.integers(len(allowed)))]
+        colour, shape = must_include if i == forced else allowed[int(rng.integers(len(allowed)))]
         size = "large" if rng.random() < 0.5 else "small"
         objects.append({"shape": shape, "colour": colour, "size": size, "column": int(cell % 3), "row": int(cell // 3)})
     return {
@@ -121,6 +150,7 @@ def render_scene(scene: dict, spec: Domain, image_size: int, rng: np.random.Gene
 
 
 def _background(texture: str, tone: tuple[int, int, int], side: int, rng: np.random.Generator) -> np.ndarray:
+    """A `(side, side, 3)` uint8 background: the tone modulated by ±15 % with the texture's pattern."""
     base = np.array(tone, dtype=np.float32)
     y, x = np.mgrid[0:side, 0:side] / side
     period = rng.uniform(0.08, 0.2)
@@ -136,13 +166,18 @@ def _background(texture: str, tone: tuple[int, int, int], side: int, rng: np.ran
         pattern = ((((x / period) % 1 - 0.5) ** 2 + ((y / period) % 1 - 0.5) ** 2) < 0.06).astype(np.float32)
     elif texture == "waves":
         pattern = 0.5 + 0.5 * np.sin(2 * np.pi * (y + 0.05 * np.sin(2 * np.pi * x / period)) / period)
-    else:  # plain
+    elif texture == "plain":
         pattern = np.zeros((side, side), dtype=np.float32)
+    else:
+        raise ValueError(f"No pattern for texture {texture!r}")
     image = base[None, None] * (0.85 + 0.3 * pattern[..., None])
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def _regular_polygon(centre, radius, sides, rotation=-np.pi / 2, inner=None):
+def _regular_polygon(
+    centre: tuple[float, float], radius: float, sides: int, rotation: float = -np.pi / 2, inner: float | None = None
+) -> list[tuple[float, float]]:
+    """Vertices of a regular polygon, or of a star when `inner` (the inner radius as a fraction) is given."""
     points = []
     steps = sides * (2 if inner else 1)
     for k in range(steps):
@@ -152,7 +187,8 @@ def _regular_polygon(centre, radius, sides, rotation=-np.pi / 2, inner=None):
     return points
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, centre, r: float) -> None:
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, centre: tuple[float, float], r: float) -> None:
+    """Draw `shape` with radius `r` into a mask (255 = shape; holes are drawn back with 0)."""
     cx, cy = centre
     box = (cx - r, cy - r, cx + r, cy + r)
     if shape == "circle":
@@ -210,6 +246,15 @@ def _position(obj: dict) -> str:
     return f"in the {row} {column}"
 
 
+def _relation(first: dict, second: dict) -> str:
+    """Where `first` is relative to `second` (they are in different cells)."""
+    if first["row"] == second["row"] and abs(first["column"] - second["column"]) == 1:
+        return "next to"
+    if first["column"] != second["column"]:
+        return "to the left of" if first["column"] < second["column"] else "to the right of"
+    return "above" if first["row"] < second["row"] else "below"
+
+
 def _groups(objects: list[dict]) -> list[tuple[str, str, int]]:
     """(colour, shape, count) in order of first appearance."""
     counts: dict[tuple[str, str], int] = {}
@@ -228,84 +273,125 @@ def _join(phrases: list[str]) -> str:
     return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
 
+def _background_phrase(texture: str, tone: str) -> str:
+    if texture == "plain":
+        return f"a plain {tone} background"
+    return f"{_article(tone)} {tone} background with {TEXTURE_PHRASES.get(texture, texture)}"
+
+
 def make_captions(scene: dict, rng: np.random.Generator) -> list[str]:
-    """Five differently worded captions that mention every object's colour and shape."""
-    objects, texture, tone = scene["objects"], scene["texture"], scene["tone"]
-    groups = _groups(objects)
-    listing = _join([_phrase(*g) for g in groups])
+    """Six differently worded lowercase captions (no final period), each naming every object's colour and shape.
+
+    Wordings: a plain listing with counts ("two blue squares"), "there is ... on a grey background", positions
+    ("a red circle on the left"), sizes ("an image showing a large red circle"), the background texture, and a
+    relation between the first two objects ("to the left of", "above", "next to") or, for a single object,
+    "a circle that is red". The order is shuffled with `rng`.
+    """
+    objects = scene["objects"]
+    listing = _join([_phrase(*group) for group in _groups(objects)])
     first = objects[0]
     sized = [f"{_article(o['size'])} {o['size']} {o['colour']} {o['shape']}" for o in objects]
     located = [f"{_phrase(o['colour'], o['shape'], 1)} {_position(o)}" for o in objects]
+    if len(objects) == 1:
+        related = f"{_article(first['shape'])} {first['shape']} that is {first['colour']} {_position(first)}"
+    else:
+        second = objects[1]
+        rest = [_phrase(*group) for group in _groups(objects[2:])]
+        tail = f" with {_join(rest)}" if rest else ""
+        pair = f"{_phrase(first['colour'], first['shape'], 1)} {_relation(first, second)}"
+        related = f"{pair} {_phrase(second['colour'], second['shape'], 1)}{tail}"
     captions = [
         listing,
-        f"there is {listing} on {_article(tone)} {tone} background",
+        f"there is {listing} on {_article(scene['tone'])} {scene['tone']} background",
         _join(located),
         f"an image showing {_join(sized)}",
-        f"{listing} on {_article(texture)} {texture} {tone} background",
+        f"{listing} on {_background_phrase(scene['texture'], scene['tone'])}",
+        related,
     ]
-    if len(objects) >= 2:
-        second = objects[1]
-        if first["column"] != second["column"]:
-            relation = "to the left of" if first["column"] < second["column"] else "to the right of"
-        else:
-            relation = "above" if first["row"] < second["row"] else "below"
-        rest = [_phrase(*g) for g in _groups(objects[2:])]
-        tail = f" with {_join(rest)}" if rest else ""
-        captions[2] = f"{_phrase(first['colour'], first['shape'], 1)} {relation} {_phrase(second['colour'], second['shape'], 1)}{tail}"
-    else:
-        captions[3] = f"{_article(first['shape'])} {first['shape']} that is {first['colour']} {_position(first)}"
-    order = rng.permutation(len(captions))
-    return [captions[i] for i in order]
+    return [captions[i] for i in rng.permutation(len(captions))]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The world on disk
-def split_sizes(num_images: int) -> dict[str, int]:
-    """`num_images` training images; validation, test and test_novel get a tenth each (at least one)."""
-    held = max(1, num_images // 10)
-    return {"train": num_images, "validation": held, "test": held, "test_novel": held}
+FEATURES = Features(
+    {
+        "image_id": Value("string"),
+        "image": Image(),
+        "captions": Sequence(Value("string")),
+        "objects": [{"shape": Value("string"), "colour": Value("string"), "size": Value("string")}],
+    }
+)
+
+
+def split_sizes(num_images: int, split_fractions: dict[str, float] | None = None) -> dict[str, int]:
+    """Images per split: `num_images` for `train`, and `round(fraction × num_images)` (at least 1) for the others.
+
+    Args:
+        num_images: training images.
+        split_fractions: fraction of `num_images` for each of `validation`, `test` and `test_novel`; defaults to
+            0.1 each (`DEFAULT_SPLIT_FRACTIONS`).
+    """
+    fractions = DEFAULT_SPLIT_FRACTIONS if split_fractions is None else split_fractions
+    if set(fractions) != set(SPLITS[1:]) or any(f <= 0 for f in fractions.values()):
+        raise ValueError(f"split_fractions needs a positive fraction for each of {SPLITS[1:]}, got {fractions}")
+    return {"train": num_images} | {split: max(1, round(fractions[split] * num_images)) for split in SPLITS[1:]}
 
 
 def generate_split(split: str, count: int, seed: int, image_size: int, spec: Domain) -> Dataset:
-    held_out = set(spec.held_out_pairs())
+    """Render `count` images of `split`; image i draws from its own generator seeded by (seed, split, i).
+
+    `test_novel` images each contain one held-out pair (and may contain more); the other splits never do.
+    """
+    held_out = spec.held_out_pairs()
     records = {"image_id": [], "image": [], "captions": [], "objects": []}
     split_index = SPLITS.index(split)
     for i in tqdm(range(count), desc=f"rendering {split}", disable=count < 500, leave=False):
         rng = np.random.default_rng([seed, split_index, i])
-        must = spec.held_out_pairs()[int(rng.integers(len(held_out)))] if split == "test_novel" else None
-        scene = sample_scene(spec, rng, must_include=must, exclude=set() if split == "test_novel" else held_out)
-        image = render_scene(scene, spec, image_size, rng)
+        if split == "test_novel":
+            scene = sample_scene(spec, rng, must_include=held_out[int(rng.integers(len(held_out)))], exclude=set())
+        else:
+            scene = sample_scene(spec, rng, must_include=None, exclude=set(held_out))
         buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
+        render_scene(scene, spec, image_size, rng).save(buffer, format="PNG")
         records["image_id"].append(f"{spec.name}-{split}-{seed}-{i:06d}")
         records["image"].append({"bytes": buffer.getvalue(), "path": None})
         records["captions"].append(make_captions(scene, rng))
         records["objects"].append([{k: o[k] for k in ("shape", "colour", "size")} for o in scene["objects"]])
-    features = Features(
-        {
-            "image_id": Value("string"),
-            "image": Image(),
-            "captions": Sequence(Value("string")),
-            "objects": [{"shape": Value("string"), "colour": Value("string"), "size": Value("string")}],
-        }
-    )
-    return Dataset.from_dict(records, features=features)
+    return Dataset.from_dict(records, features=FEATURES)
 
 
 def generate_world(
-    output_dir: str | Path, num_images: int, seed: int, image_size: int = 64, domain: str = "synthetic"
+    output_dir: str | Path,
+    num_images: int,
+    seed: int,
+    image_size: int = 64,
+    domain: str = "synthetic",
+    split_fractions: dict[str, float] | None = None,
 ) -> dict:
-    """Write `output_dir/data/{split}-00000-of-00001.parquet` for every split and `output_dir/world.json`."""
+    """Write one synthetic world: `output_dir/data/{split}-00000-of-00001.parquet` per split and `world.json`.
+
+    Args:
+        output_dir: created if missing; existing split files are overwritten.
+        num_images: training images; see `split_sizes` for the other splits.
+        seed: the same seed (and arguments) gives the same files.
+        image_size: side of the square images in pixels.
+        domain: `"synthetic"` or `"synthetic-b"`.
+        split_fractions: see `split_sizes`.
+
+    Returns:
+        The content of `world.json`: domain, seed, image size, counts per split, the vocabulary (shapes, colours,
+        sizes, textures, tones) and the held-out (colour, shape) pairs.
+    """
     if num_images < 1:
         raise ValueError(f"num_images must be positive, got {num_images}")
     spec = domain_spec(domain)
     output_dir = Path(output_dir)
     (output_dir / "data").mkdir(parents=True, exist_ok=True)
-    counts = split_sizes(num_images)
+    counts = split_sizes(num_images, split_fractions)
     for split, count in counts.items():
-        dataset = generate_split(split, count, seed, image_size, spec)
-        dataset.to_parquet(str(output_dir / "data" / f"{split}-00000-of-00001.parquet"))
-        logger.info("wrote %d %s images", count, split)
+        path = output_dir / "data" / f"{split}-00000-of-00001.parquet"
+        generate_split(split, count, seed, image_size, spec).to_parquet(str(path))
+        logger.info("wrote %d %s images to %s", count, split, path)
     world = {
         "domain": domain,
         "seed": seed,
@@ -316,7 +402,7 @@ def generate_world(
         "sizes": list(SIZES),
         "textures": list(spec.textures),
         "tones": list(spec.tones),
-        "held_out_pairs": [list(p) for p in spec.held_out_pairs()],
+        "held_out_pairs": [list(pair) for pair in spec.held_out_pairs()],
     }
     (output_dir / "world.json").write_text(json.dumps(world, indent=2))
     return world
@@ -324,38 +410,56 @@ def generate_world(
 
 # ----------------------------------------------------------------------------------------------------------------
 # Hallucination (CHAIR-style)
-def mentioned_objects(caption: str, domain: str | None = None) -> list[tuple[str | None, str]]:
-    """(colour or None, shape) for every shape word of a caption, over every domain's vocabulary by default.
+def mentioned_objects(caption: str, domain: str | None = None) -> set[tuple[str | None, str]]:
+    """The objects a caption mentions: (colour or None, shape) for its shape words, singular or plural.
 
-    A colour belongs to a shape when it stands in the two words before it ("a red circle", "two large red
-    circles") or right after "that is" ("a circle that is red").
+    A colour belongs to a shape when it is one of the two words before it ("a red circle", "two large red
+    circles") or follows "that is" ("a circle that is red"); otherwise the colour is None.
+
+    Args:
+        caption: any text; matched on lowercase words.
+        domain: whose vocabulary to use; None uses every domain's.
     """
     specs = [domain_spec(domain)] if domain else list(DOMAINS.values())
-    shapes = {s: s for spec in specs for s in spec.shapes} | {_plural(s): s for spec in specs for s in spec.shapes}
-    colours = {c for spec in specs for c in spec.colours}
+    shapes = {word: shape for spec in specs for shape in spec.shapes for word in (shape, _plural(shape))}
+    colours = {colour for spec in specs for colour in spec.colours}
     words = re.findall(r"[a-z]+", caption.lower())
-    mentions = []
+    mentions = set()
     for i, word in enumerate(words):
         if word not in shapes:
             continue
         before = [w for w in words[max(0, i - 2) : i] if w in colours]
         after = words[i + 1 : i + 4]
-        colour = before[-1] if before else (after[2] if after[:2] == ["that", "is"] and after[2:] and after[2] in colours else None)
-        mentions.append((colour, shapes[word]))
+        if before:
+            colour = before[-1]
+        elif after[:2] == ["that", "is"] and len(after) == 3 and after[2] in colours:
+            colour = after[2]
+        else:
+            colour = None
+        mentions.add((colour, shapes[word]))
     return mentions
 
 
-def hallucination_rate(predictions: dict[str, str], objects: dict[str, list[dict]], domain: str | None = None) -> float:
-    """Share of mentioned objects that are not in the image.
+def hallucination_rate(
+    predictions: dict[str, str], objects: dict[str, list[dict]], domain: str | None = None
+) -> float:
+    """CHAIR_i-style share of mentioned objects that are not in the image.
 
-    A mention is hallucinated when its shape is absent, or when it names a colour and no object of that colour
-    and shape is present. The rate is hallucinated mentions ÷ all mentions over the predictions (0 if none).
+    For each caption, take its distinct mentions from `mentioned_objects`. A mention is hallucinated when no object
+    of the image has its shape, or when it names a colour and no object of the image has that colour *and* that
+    shape ("a red square" with only a blue square and a red circle is hallucinated). The rate is hallucinated
+    mentions ÷ all mentions, summed over the predictions; 0.0 when nothing is mentioned.
+
+    Args:
+        predictions: image id → predicted caption.
+        objects: image id → ground-truth objects (`{"shape", "colour", ...}` dicts); must cover every prediction.
+        domain: vocabulary used to parse the captions (None: every domain's).
     """
     total = hallucinated = 0
     for image_id, caption in predictions.items():
         present = {(o["colour"], o["shape"]) for o in objects[image_id]}
-        shapes = {shape for _, shape in present}
+        present_shapes = {shape for _, shape in present}
         for colour, shape in mentioned_objects(caption, domain):
             total += 1
-            hallucinated += shape not in shapes or (colour is not None and (colour, shape) not in present)
+            hallucinated += shape not in present_shapes or (colour is not None and (colour, shape) not in present)
     return hallucinated / total if total else 0.0

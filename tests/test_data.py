@@ -1,0 +1,273 @@
+"""The caption loader: three layouts through one code path, and every kind of bad image."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from modeling_fsgr_pma.data import BadImageError, decode_image, load_caption_split, to_rgb
+from modeling_fsgr_pma.synthetic import generate_world
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **params) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def rgb(size: int = 24, colour: tuple[int, int, int] = (200, 30, 30)) -> Image.Image:
+    return Image.new("RGB", (size, size), colour)
+
+
+def png_with_size(width: int, height: int) -> bytes:
+    """A 1×1 PNG whose header claims `width × height`: PIL's size check fires before any pixel is read."""
+    data = b"IHDR" + struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    header = struct.pack(">I", 13) + data + struct.pack(">I", zlib.crc32(data))
+    small = encode(rgb(1))
+    return small[:8] + header + small[33:]
+
+
+def corrupt_png() -> bytes:
+    data = bytearray(encode(Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 24, 3), dtype=np.uint8))))
+    data[60:90] = bytes(30)
+    return bytes(data)
+
+
+# Image kinds that are converted to RGB: (file name, bytes, mode PIL opens).
+CONVERTED = {
+    "grayscale": ("gray.png", lambda: encode(rgb().convert("L")), "L"),
+    "gray_alpha": ("la.png", lambda: encode(rgb().convert("LA")), "LA"),
+    "rgba": ("rgba.png", lambda: encode(rgb().convert("RGBA")), "RGBA"),
+    "palette": ("palette.png", lambda: encode(rgb().convert("P")), "P"),
+    "palette_transparent": ("ptrans.png", lambda: encode(rgb().convert("P"), transparency=0), "P"),
+    "16bit": ("deep.png", lambda: encode(Image.fromarray(np.full((24, 24), 40000, dtype=np.uint16))), "I;16"),
+    "cmyk": ("cmyk.jpg", lambda: encode(rgb().convert("CMYK"), "JPEG"), "CMYK"),
+    "bilevel": ("bilevel.png", lambda: encode(rgb().convert("1")), "1"),
+}
+# Image kinds that are skipped: (file name, bytes, reason in the message, max_pixels).
+SKIPPED = {
+    "zero_byte": ("empty.png", lambda: b"", "zero-byte", None),
+    "not_an_image": ("notes.jpg", lambda: b"these are not pixels\n" * 20, "not an image", None),
+    "truncated": ("truncated.png", lambda: encode(rgb(64))[:60], "truncated", None),
+    "truncated_jpeg": ("truncated.jpg", lambda: encode(rgb(64), "JPEG")[:200], "truncated", None),
+    "corrupt": ("corrupt.png", corrupt_png, "truncated or corrupt", None),
+    "decompression_bomb": ("bomb.png", lambda: png_with_size(20_000, 20_000), "too large", None),
+    "bomb_warning_zone": ("big.png", lambda: png_with_size(12_000, 12_000), "too large", None),
+    "over_max_pixels": ("wide.png", lambda: encode(rgb(100)), "exceeds the limit", 5_000),
+}
+
+
+def write_folder(directory: Path, files: dict[str, bytes], captions: dict | list | None = None) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (directory / name).write_bytes(data)
+    if captions is None:
+        captions = {name: [f"a picture called {name}", "a square"] for name in files}
+    (directory / "captions.json").write_text(json.dumps(captions))
+    return directory
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Layouts
+def test_synthetic_parquet_layout(tmp_path):
+    generate_world(tmp_path, 4, seed=0)
+    data = load_caption_split(tmp_path, "train")
+    assert data.column_names == ["image_id", "image", "captions", "objects"]
+    assert len(data) == 4
+    row = data[0]
+    assert row["image"].mode == "RGB" and row["image"].size == (64, 64)
+    assert row["image_id"].startswith("synthetic-train-") and len(row["captions"]) >= 5
+    assert {"shape", "colour", "size"} <= set(row["objects"][0])
+    assert len(load_caption_split(tmp_path, "test_novel")) == 1
+
+
+def test_hub_parquet_without_ids_gets_ids_and_drops_extra_columns(tmp_path):
+    table = pa.table(
+        {
+            "image": [{"bytes": encode(rgb()), "path": None}, {"bytes": encode(rgb().convert("L")), "path": None}],
+            "captions": [["a red square"], ["a grey square"]],
+            "license": ["cc", "cc"],
+        }
+    )
+    pq.write_table(table, tmp_path / "validation-00000-of-00001.parquet")
+    data = load_caption_split(tmp_path, "validation")
+    assert data.column_names == ["image_id", "image", "captions"]
+    assert data["image_id"][:] == ["validation-0", "validation-1"]
+    assert [image.mode for image in data["image"]] == ["RGB", "RGB"]
+
+
+def write_karpathy(tmp_path: Path, bad: bytes | None = None) -> tuple[Path, Path]:
+    """Two val2014 images (the second one `bad` when given) and a `val` Parquet file in the Hub's layout."""
+    root = tmp_path / "coco"
+    (root / "val2014").mkdir(parents=True)
+    names = ["COCO_val2014_000000000042.jpg", "COCO_val2014_000000000073.jpg"]
+    (root / "val2014" / names[0]).write_bytes(encode(rgb(32), "JPEG"))
+    (root / "val2014" / names[1]).write_bytes(bad if bad is not None else encode(rgb(40), "JPEG"))
+    table = pa.table(
+        {
+            "filepath": ["val2014", "val2014"],
+            "filename": names,
+            "cocoid": [42, 73],
+            "sentences": [["a man riding a horse", "a horse and a rider"], ["a cat on a sofa"]],
+            "url": ["http://a", "http://b"],
+        }
+    )
+    dataset_dir = tmp_path / "karpathy"
+    (dataset_dir / "data").mkdir(parents=True)
+    pq.write_table(table, dataset_dir / "data" / "val-00000-of-00001.parquet")
+    return dataset_dir, root
+
+
+def test_karpathy_layout(tmp_path):
+    dataset_dir, root = write_karpathy(tmp_path)
+    data = load_caption_split(dataset_dir, "validation", image_root=root)
+    assert data["image_id"][:] == ["42", "73"]
+    assert data["captions"][0] == ["a man riding a horse", "a horse and a rider"]
+    assert data[1]["image"].size == (40, 40) and data[1]["image"].mode == "RGB"
+    with pytest.raises(ValueError, match="image_root"):
+        load_caption_split(dataset_dir, "validation")
+    with pytest.raises(ValueError, match="No split 'test'"):
+        load_caption_split(dataset_dir, "test", image_root=root)
+
+
+def test_karpathy_bad_image_names_the_file(tmp_path):
+    dataset_dir, root = write_karpathy(tmp_path, bad=b"")
+    with pytest.raises(BadImageError, match=r"COCO_val2014_000000000073\.jpg.*row 73.*zero-byte"):
+        load_caption_split(dataset_dir, "validation", image_root=root, bad_images="error")
+    assert load_caption_split(dataset_dir, "validation", image_root=root)["image_id"][:] == ["42"]
+
+
+def test_folder_without_splits_is_the_requested_split(tmp_path):
+    folder = write_folder(tmp_path, {"a.jpg": encode(rgb(), "JPEG"), "b.png": encode(rgb())})
+    for split in ("train", "test"):
+        data = load_caption_split(folder, split)
+        assert sorted(data["image_id"]) == ["a", "b"]
+        assert data[0]["captions"][1] == "a square"
+
+
+def test_folder_records_with_splits(tmp_path):
+    records = [
+        {"file_name": "a.png", "captions": ["one"], "split": "train"},
+        {"image": "b.png", "captions": ["two"], "split": "val", "image_id": "bee"},
+        {"file_name": "c.png", "captions": ["three"], "split": "train"},
+    ]
+    folder = write_folder(tmp_path, {name: encode(rgb()) for name in ("a.png", "b.png", "c.png")}, records)
+    assert load_caption_split(folder, "train")["image_id"][:] == ["a", "c"]
+    assert load_caption_split(folder, "validation")["image_id"][:] == ["bee"]
+    with pytest.raises(ValueError, match="empty"):
+        load_caption_split(folder, "test")
+
+
+def test_folder_mixing_records_with_and_without_split_is_an_error(tmp_path):
+    records = [
+        {"file_name": "a.png", "captions": ["one"], "split": "train"},
+        {"file_name": "b.png", "captions": ["two"]},
+    ]
+    folder = write_folder(tmp_path, {"a.png": encode(rgb()), "b.png": encode(rgb())}, records)
+    with pytest.raises(ValueError, match="1 of 2 records name a split"):
+        load_caption_split(folder, "train")
+
+
+def test_unknown_layout_and_arguments(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_caption_split(tmp_path / "nowhere", "train")
+    with pytest.raises(ValueError, match="No split"):
+        load_caption_split(tmp_path, "train")
+    with pytest.raises(ValueError, match="bad_images"):
+        load_caption_split(tmp_path, "train", bad_images="ignore")
+    pq.write_table(pa.table({"text": ["x"]}), tmp_path / "train-00000-of-00001.parquet")
+    with pytest.raises(ValueError, match="Unrecognised Parquet columns"):
+        load_caption_split(tmp_path, "train")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Captions
+@pytest.mark.parametrize("captions", [[], [""], ["a square", "   "]], ids=["none", "empty", "blank"])
+@pytest.mark.parametrize("bad_images", ["skip", "error"])
+def test_missing_or_empty_captions_name_the_row(tmp_path, captions, bad_images):
+    records = [
+        {"file_name": "good.png", "captions": ["a square"]},
+        {"file_name": "bad.png", "captions": captions, "image_id": "row-17"},
+    ]
+    folder = write_folder(tmp_path, {"good.png": encode(rgb()), "bad.png": encode(rgb())}, records)
+    with pytest.raises(ValueError, match="row-17"):
+        load_caption_split(folder, "train", bad_images=bad_images)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad images
+@pytest.mark.parametrize("kind", sorted(CONVERTED))
+def test_odd_modes_are_converted_to_rgb(tmp_path, kind, caplog):
+    name, make, mode = CONVERTED[kind]
+    data = make()
+    assert Image.open(io.BytesIO(data)).mode == mode
+    assert decode_image(data).mode == "RGB"
+    folder = write_folder(tmp_path, {"good.png": encode(rgb()), name: data})
+    caplog.set_level(logging.INFO, logger="modeling_fsgr_pma.data")
+    loaded = load_caption_split(folder, "train", bad_images="error")
+    assert len(loaded) == 2
+    assert all(image.mode == "RGB" and image.size == (24, 24) for image in loaded["image"])
+    assert "converted 1 of 2 images to RGB" in caplog.text
+
+
+@pytest.mark.parametrize("kind", sorted(SKIPPED))
+def test_bad_images_are_skipped_and_counted(tmp_path, kind, caplog):
+    name, make, reason, max_pixels = SKIPPED[kind]
+    folder = write_folder(tmp_path, {"good.png": encode(rgb()), name: make()})
+    caplog.set_level(logging.INFO, logger="modeling_fsgr_pma.data")
+    loaded = load_caption_split(folder, "train", max_pixels=max_pixels)
+    assert loaded["image_id"][:] == ["good"]
+    assert name in caplog.text and reason in caplog.text
+    assert "skipped 1 of 2 images" in caplog.text
+
+
+@pytest.mark.parametrize("kind", sorted(SKIPPED))
+def test_bad_images_raise_with_error(tmp_path, kind):
+    name, make, reason, max_pixels = SKIPPED[kind]
+    folder = write_folder(tmp_path, {"good.png": encode(rgb()), name: make()})
+    with pytest.raises(BadImageError, match=reason) as error:
+        load_caption_split(folder, "train", bad_images="error", max_pixels=max_pixels)
+    assert name in str(error.value)
+    with pytest.raises(BadImageError, match=reason):
+        decode_image(folder / name, name=name, max_pixels=max_pixels)
+
+
+def test_missing_file_and_embedded_bad_image_name_the_row(tmp_path, caplog):
+    folder = write_folder(tmp_path / "folder", {"good.png": encode(rgb())}, {"good.png": ["a"], "gone.png": ["b"]})
+    with pytest.raises(BadImageError, match="gone.png.*file not found"):
+        load_caption_split(folder, "train", bad_images="error")
+    table = pa.table(
+        {
+            "image_id": ["ok", "broken"],
+            "image": [{"bytes": encode(rgb()), "path": None}, {"bytes": b"\x89PNG nonsense", "path": None}],
+            "captions": [["a"], ["b"]],
+        }
+    )
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    pq.write_table(table, tmp_path / "hub" / "data" / "train-00000-of-00001.parquet")
+    with pytest.raises(BadImageError, match=r"row broken\): not an image"):
+        load_caption_split(tmp_path / "hub", "train", bad_images="error")
+    caplog.set_level(logging.WARNING, logger="modeling_fsgr_pma.data")
+    assert load_caption_split(tmp_path / "hub", "train")["image_id"][:] == ["ok"]
+    assert "skipped 1 of 2 images" in caplog.text
+
+
+def test_to_rgb_conversions():
+    deep = Image.fromarray(np.array([[0, 65535]], dtype=np.uint16))
+    assert np.asarray(to_rgb(deep))[0, :, 0].tolist() == [0, 255]
+    transparent = Image.new("RGBA", (2, 2), (0, 0, 0, 0))
+    assert np.asarray(to_rgb(transparent)).min() == 255  # composited on white, not black
+    image = rgb()
+    assert to_rgb(image) is image
+    with pytest.raises(BadImageError, match="x: no image data"):
+        decode_image({"bytes": None, "path": None}, name="x")

@@ -1,0 +1,162 @@
+"""The synthetic world: determinism, splits, held-out pairs, captions, the second domain, the hallucination metric."""
+
+from __future__ import annotations
+
+import json
+import sys
+from io import BytesIO
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from modeling_fsgr_pma.synthetic import (
+    DOMAINS,
+    SPLITS,
+    concept_vocabulary,
+    domain_spec,
+    generate_world,
+    hallucination_rate,
+    mentioned_objects,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import make_synthetic  # noqa: E402
+
+NUM_IMAGES = 30
+
+
+def read_split(world_dir: Path, split: str) -> list[dict]:
+    return pq.read_table(world_dir / "data" / f"{split}-00000-of-00001.parquet").to_pylist()
+
+
+@pytest.fixture(scope="module", params=sorted(DOMAINS))
+def world(request, tmp_path_factory) -> tuple[str, Path]:
+    """A small world per domain: 30 training images, 3 in each other split."""
+    directory = tmp_path_factory.mktemp(request.param)
+    generate_world(directory, NUM_IMAGES, seed=0, domain=request.param)
+    return request.param, directory
+
+
+def test_files_and_world_json(world):
+    domain, directory = world
+    info = json.loads((directory / "world.json").read_text())
+    assert info["domain"] == domain and info["seed"] == 0
+    assert info["counts"] == {"train": NUM_IMAGES, "validation": 3, "test": 3, "test_novel": 3}
+    assert info["held_out_pairs"] == [list(pair) for pair in domain_spec(domain).held_out_pairs()]
+    for split, count in info["counts"].items():
+        rows = read_split(directory, split)
+        assert len(rows) == count
+        assert set(rows[0]) == {"image_id", "image", "captions", "objects"}
+
+
+def test_same_seed_same_files_other_seed_other_images(world, tmp_path):
+    domain, directory = world
+    generate_world(tmp_path / "again", NUM_IMAGES, seed=0, domain=domain)
+    generate_world(tmp_path / "other", NUM_IMAGES, seed=1, domain=domain)
+    for split in SPLITS:
+        assert read_split(tmp_path / "again", split) == read_split(directory, split)
+        original = [row["image"]["bytes"] for row in read_split(directory, split)]
+        other = [row["image"]["bytes"] for row in read_split(tmp_path / "other", split)]
+        assert not set(original) & set(other)
+
+
+def test_splits_are_disjoint(world):
+    _, directory = world
+    ids, images = set(), set()
+    for split in SPLITS:
+        rows = read_split(directory, split)
+        ids |= {row["image_id"] for row in rows}
+        images |= {row["image"]["bytes"] for row in rows}
+    total = sum(len(read_split(directory, split)) for split in SPLITS)
+    assert len(ids) == total and len(images) == total
+
+
+def test_held_out_pairs_only_in_test_novel(world):
+    domain, directory = world
+    held_out = set(domain_spec(domain).held_out_pairs())
+    for split in SPLITS:
+        for row in read_split(directory, split):
+            pairs = {(o["colour"], o["shape"]) for o in row["objects"]}
+            if split == "test_novel":
+                assert pairs & held_out, row["image_id"]
+            else:
+                assert not pairs & held_out, row["image_id"]
+
+
+def test_captions_mention_every_object(world):
+    domain, directory = world
+    for row in read_split(directory, "train"):
+        assert 1 <= len(row["objects"]) <= 4
+        assert len(set(row["captions"])) >= 5
+        present = {(o["colour"], o["shape"]) for o in row["objects"]}
+        for caption in row["captions"]:
+            assert caption == caption.lower().strip() and not caption.endswith(".")
+            assert {m for m in mentioned_objects(caption, domain) if m[0]} == present, caption
+
+
+def test_images_are_rgb_at_the_requested_size(tmp_path):
+    generate_world(tmp_path, 2, seed=0, image_size=32)
+    image = Image.open(BytesIO(read_split(tmp_path, "train")[0]["image"]["bytes"]))
+    assert image.mode == "RGB" and image.size == (32, 32)
+
+
+def test_split_fractions(tmp_path):
+    fractions = {"validation": 0.5, "test": 0.2, "test_novel": 0.01}
+    world = generate_world(tmp_path, 10, seed=0, split_fractions=fractions)
+    assert world["counts"] == {"train": 10, "validation": 5, "test": 2, "test_novel": 1}
+    with pytest.raises(ValueError, match="split_fractions"):
+        generate_world(tmp_path, 10, seed=0, split_fractions={"validation": 0.5})
+
+
+def test_domains_have_disjoint_vocabularies():
+    a, b = DOMAINS["synthetic"], DOMAINS["synthetic-b"]
+    assert not set(a.shapes) & set(b.shapes)
+    assert not set(a.colours) & set(b.colours)
+    assert not set(a.textures) & set(b.textures)
+    assert set(b.shapes) <= set(concept_vocabulary("synthetic-b"))
+    assert not set(b.shapes) & set(concept_vocabulary("synthetic"))
+    with pytest.raises(ValueError, match="Unknown synthetic domain"):
+        domain_spec("synthetic-c")
+
+
+@pytest.mark.parametrize(
+    "caption, expected",
+    [
+        ("a red circle and a blue square", 0.0),
+        ("two red circles next to a square that is blue", 0.0),
+        ("a green triangle", 1.0),
+        ("a red circle and a green square", 0.5),  # the square exists, not in green
+        ("a red circle, a star and a blue square", 1 / 3),
+        ("a red circle, a red circle and a yellow star", 0.5),  # distinct mentions per caption
+        ("an empty picture", 0.0),
+    ],
+)
+def test_hallucination_rate(caption, expected):
+    red_circle = {"shape": "circle", "colour": "red", "size": "small"}
+    blue_square = {"shape": "square", "colour": "blue", "size": "large"}
+    objects = {"img": [red_circle, blue_square]}
+    assert hallucination_rate({"img": caption}, objects, "synthetic") == pytest.approx(expected)
+
+
+def test_hallucination_rate_pools_images_and_works_for_the_second_domain():
+    objects = {
+        "a": [{"shape": "heart", "colour": "pink", "size": "small"}],
+        "b": [{"shape": "moon", "colour": "teal", "size": "large"}],
+    }
+    predictions = {"a": "a pink heart", "b": "a cyan moon and a grey arrow"}
+    assert hallucination_rate(predictions, objects, "synthetic-b") == pytest.approx(2 / 3)
+    assert hallucination_rate(predictions, objects) == pytest.approx(2 / 3)  # every domain's vocabulary
+    assert mentioned_objects("two large grey arrows", "synthetic-b") == {("grey", "arrow")}
+
+
+def test_make_synthetic_script(tmp_path):
+    argv = ["--output-dir", str(tmp_path), "--num-images", "3", "--seed", "2", "--domain", "synthetic-b"]
+    world = make_synthetic.main(argv)
+    assert world["domain"] == "synthetic-b"
+    written = sorted(path.name for path in (tmp_path / "data").iterdir())
+    assert written == sorted(f"{split}-00000-of-00001.parquet" for split in SPLITS)
+    assert json.loads((tmp_path / "world.json").read_text())["counts"]["train"] == 3
+    with pytest.raises(SystemExit):
+        make_synthetic.parse_args(["--output-dir", str(tmp_path), "--num-images", "0"])
