@@ -52,7 +52,7 @@ class CaptionCollator:
             batch["vision_hidden_states"] = self.features["vision_hidden_states"][batch["row"]].float()
             batch["patch_labels"] = self.features["patch_labels"][batch["row"]]
         else:
-            images = [row["image"] for row in rows]
+            images = [row["image"] for row in rows]  # the loader yields RGB images only
             batch["pixel_values"] = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
         if self.with_captions:
             captions = [self.pick_caption(row) for row in rows]
@@ -65,6 +65,11 @@ class CaptionCollator:
     def pick_caption(self, row: dict) -> str:
         generator = np.random.default_rng([self.seed, self.epoch, row["row"]])
         return row["captions"][int(generator.integers(len(row["captions"])))]
+
+
+def image_inputs_of(batch: dict) -> dict:
+    """The image part of a batch: pixels, or cached frozen-prefix features (their pseudo-labels are not needed)."""
+    return {k: batch[k] for k in ("pixel_values", "vision_hidden_states") if k in batch}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -162,11 +167,15 @@ def scst_loss(
     Samples `num_samples` captions per image, rewards them with `reward_fn(captions, image_ids)` (CIDEr-D), and
     returns `-(reward - mean reward of the image's samples) * log p(caption)` averaged, plus the mean reward.
     """
-    image_inputs = {k: batch[k] for k in ("pixel_values", "vision_hidden_states") if k in batch}
+    image_inputs = image_inputs_of(batch)
     unwrapped.eval()
     with torch.no_grad():
         sequences = unwrapped.generate(
-            **image_inputs, do_sample=True, num_return_sequences=num_samples, max_new_tokens=max_new_tokens
+            encoder_outputs=unwrapped.get_encoder()(**image_inputs),
+            do_sample=True,
+            num_beams=1,
+            num_return_sequences=num_samples,
+            max_new_tokens=max_new_tokens,
         )  # (B * S, L)
     unwrapped.train()
     captions = tokenizer.batch_decode(sequences, skip_special_tokens=True)
@@ -197,8 +206,8 @@ def generate_captions(
     model.eval()
     captions: dict[str, str] = {}
     for batch in tqdm(dataloader, desc="captioning", disable=not accelerator.is_local_main_process, leave=False):
-        image_inputs = {k: batch[k] for k in ("pixel_values", "vision_hidden_states") if k in batch}
-        sequences = model.generate(**image_inputs, **generate_kwargs)
+        encoder_outputs = model.get_encoder()(**image_inputs_of(batch))
+        sequences = model.generate(encoder_outputs=encoder_outputs, **generate_kwargs)
         sequences = accelerator.pad_across_processes(sequences, dim=1, pad_index=model.config.pad_token_id)
         rows, sequences = accelerator.gather_for_metrics((batch["row"], sequences))
         for row, text in zip(rows.tolist(), tokenizer.batch_decode(sequences, skip_special_tokens=True)):

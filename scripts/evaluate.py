@@ -58,17 +58,17 @@ def main(argv: list[str] | None = None) -> dict:
     loader = accelerator.prepare(DataLoader(data, batch_size=args.batch_size, collate_fn=collator))
     model = accelerator.prepare(model)
 
-    image_ids = data["image_id"]
+    image_ids = list(data["image_id"])
     predictions = generate_captions(
         accelerator, accelerator.unwrap_model(model), loader, processor.tokenizer, image_ids,
         num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
     )
     if not accelerator.is_main_process:
         return {}
-    references = dict(zip(image_ids, data["captions"]))
+    references = dict(zip(image_ids, list(data["captions"])))
     result = compute_caption_metrics(predictions, references)
     if "objects" in data.column_names:
-        result["hallucination_rate"] = hallucination_rate(predictions, dict(zip(image_ids, data["objects"])))
+        result["hallucination_rate"] = hallucination_rate(predictions, dict(zip(image_ids, list(data["objects"]))))
     result.update(
         split=args.split,
         num_images=len(predictions),

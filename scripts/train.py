@@ -35,7 +35,7 @@ from modeling_fsgr_pma import FsgrPmaConfig, FsgrPmaForConditionalGeneration
 from modeling_fsgr_pma.clip_backbone import load_codebook, load_pretrained_clip
 from modeling_fsgr_pma.data import load_caption_split
 from modeling_fsgr_pma.feature_cache import check_cache_matches, load_feature_cache
-from modeling_fsgr_pma.metrics import CiderD
+from modeling_fsgr_pma.metrics import CiderD, simple_tokenize
 from modeling_fsgr_pma.processing_fsgr_pma import FsgrPmaProcessor
 from modeling_fsgr_pma.tokenization import train_caption_tokenizer
 from modeling_fsgr_pma.training import (
@@ -204,8 +204,8 @@ def main(argv: list[str] | None = None) -> dict:
     train_features = eval_features = None
     if args.feature_cache is not None:
         check_cache_matches(args.feature_cache, config)
-        train_features = _cached_features(args.feature_cache, args.train_split, train_data["image_id"])
-        eval_features = _cached_features(args.feature_cache, args.eval_split, eval_data["image_id"])
+        train_features = _cached_features(args.feature_cache, args.train_split, list(train_data["image_id"]))
+        eval_features = _cached_features(args.feature_cache, args.eval_split, list(eval_data["image_id"]))
     collator = CaptionCollator(processor, args.max_caption_length, seed=args.seed, features=train_features)
     eval_collator = CaptionCollator(processor, args.max_caption_length, features=eval_features, with_captions=False)
     train_loader = DataLoader(train_data, batch_size=args.batch_size, shuffle=True, collate_fn=collator, drop_last=True)
@@ -227,11 +227,9 @@ def main(argv: list[str] | None = None) -> dict:
     if accelerator.is_main_process:
         accelerator.init_trackers("fsgr_pma", config={k: str(v) for k, v in vars(args).items()})
 
-    train_ids, eval_ids = train_data["image_id"], eval_data["image_id"]
-    references = dict(zip(train_ids, train_data["captions"]))
-    eval_references = dict(zip(eval_ids, eval_data["captions"]))
-    reward = CiderD(references)
-    eval_cider = CiderD(eval_references)
+    train_ids, eval_ids = list(train_data["image_id"]), list(eval_data["image_id"])
+    reward = TokenizedCiderD(dict(zip(train_ids, list(train_data["captions"]))))
+    eval_cider = TokenizedCiderD(dict(zip(eval_ids, list(eval_data["captions"]))))
 
     # Resume
     global_step, best_cider, history = 0, -1.0, []
@@ -320,6 +318,16 @@ def main(argv: list[str] | None = None) -> dict:
     if accelerator.is_main_process:
         (args.output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+class TokenizedCiderD(CiderD):
+    """CIDEr-D on raw captions: references and candidates pass through the same `simple_tokenize`."""
+
+    def __init__(self, references: dict[str, list[str]]):
+        super().__init__({i: [simple_tokenize(c) for c in refs] for i, refs in references.items()})
+
+    def score(self, candidates: list[str], image_ids: list[str]):
+        return super().score([simple_tokenize(c) for c in candidates], image_ids)
 
 
 def _is_refresh_step(step: int, args: argparse.Namespace, config: FsgrPmaConfig) -> bool:
