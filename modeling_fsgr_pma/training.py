@@ -149,7 +149,7 @@ def caption_mask(sequences: torch.Tensor, eos_token_id: int, pad_token_id: int) 
     """1 up to and including the first EOS, 0 after it (generation pads finished rows)."""
     is_eos = sequences == eos_token_id
     after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
-    return (~after_eos & (sequences != pad_token_id) | is_eos).long()
+    return (~after_eos & ((sequences != pad_token_id) | is_eos)).long()
 
 
 def scst_loss(

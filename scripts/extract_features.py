@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from modeling_fsgr_pma import FsgrPmaConfig, FsgrPmaForConditionalGeneration
 from modeling_fsgr_pma.clip_backbone import load_codebook, load_pretrained_clip
 from modeling_fsgr_pma.data import load_caption_split, to_rgb
-from modeling_fsgr_pma.feature_cache import save_feature_cache, write_manifest
+from modeling_fsgr_pma.feature_cache import MANIFEST, save_feature_cache, write_manifest
 from modeling_fsgr_pma.processing_fsgr_pma import clip_image_processor
 
 logger = logging.getLogger(__name__)
@@ -40,11 +40,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lora-first-block", type=int, default=None, help="override the config's")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.model_config.is_file():
+        parser.error(f"--model-config {args.model_config} does not exist")
+    if not args.codebook.is_file():
+        parser.error(f"--codebook {args.codebook} does not exist: build it with scripts/build_codebook.py")
+    if not Path(args.data).exists():
+        parser.error(f"--data {args.data} does not exist")
+    if args.batch_size < 1:
+        parser.error("--batch-size must be positive")
+    if len(set(args.splits)) != len(args.splits):
+        parser.error(f"--splits lists a split twice: {args.splits}")
+    return args
 
 
 def cache_config(args: argparse.Namespace, names: list[str]) -> FsgrPmaConfig:
-    """The model config as training will build it (same codebook, CLIP weights and first LoRA block)."""
+    """The model config as training will build it (same codebook, CLIP weights and first LoRA block).
+
+    Raises `ValueError` (from the config's validation) for a `--lora-first-block` outside the tower.
+    """
     config = FsgrPmaConfig.from_json_file(args.model_config)
     overrides = {
         "num_concepts": len(names),
@@ -77,9 +91,10 @@ def main(argv: list[str] | None = None) -> None:
             prefix = model.encoder.tower.frozen_prefix(pixels)  # (B, 1 + n, d_v)
             hidden.append(prefix.half())
             labels.append(model.encoder.pseudo_labels(prefix.half().float()))  # labels from what training sees
-        save_feature_cache(args.output_dir, split, data["image_id"], torch.cat(hidden), torch.cat(labels))
+        save_feature_cache(args.output_dir, split, list(data["image_id"]), torch.cat(hidden), torch.cat(labels))
         logger.info("cached %d %s images in %s", len(data), split, args.output_dir)
-    write_manifest(args.output_dir, config)
+    write_manifest(args.output_dir, config, codebook, args.codebook)
+    logger.info("wrote %s", args.output_dir / MANIFEST)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,11 @@ Usage (the README demo's training step; any key of the YAML can be overridden on
         --data outputs/demo/data --clip-pretrained outputs/demo/clip.pt \
         --codebook outputs/demo/codebook.safetensors --output-dir outputs/demo/train
 
-Two processes on a machine without a GPU: `accelerate launch --multi_gpu --num_processes 2 scripts/train.py ...`
-(gloo). Resume a killed run exactly: add `--resume-from-checkpoint latest`.
+Two processes on a machine without a GPU (a gloo group; `--cpu` alone would start one process):
+`ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 scripts/train.py ...`. Resume a killed run exactly: add `--resume-from-checkpoint latest`.
+
+Without `--tokenizer`, a BPE tokenizer is trained on the training captions into `OUTPUT_DIR/tokenizer` and reused on
+resume; BPE training breaks ties randomly, so pass `--tokenizer` for two fresh runs to be bitwise comparable.
 
 Stages: `--xe-steps` optimiser steps of XE + β·SupCon (prototypes refreshed every `memory_refresh_every` steps
 after `--memory-warmup-steps`), then `--scst-steps` of SCST with a CIDEr-D reward. Every `--eval-every` steps the
@@ -26,7 +29,7 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerFast, get_scheduler
@@ -129,6 +132,22 @@ def _read_config(path: Path, parser: argparse.ArgumentParser) -> dict:
     return defaults
 
 
+def prepare_tokenizer(accelerator: Accelerator, args: argparse.Namespace, train_data) -> PreTrainedTokenizerFast:
+    """`--tokenizer`, else one trained once per run into `OUTPUT_DIR/tokenizer` and loaded by every process.
+
+    BPE training breaks ties in a random order, so a tokenizer trained again (on another rank, or on resume)
+    could differ: the saved one is reused whenever it exists.
+    """
+    if args.tokenizer is not None:
+        return PreTrainedTokenizerFast.from_pretrained(args.tokenizer)
+    directory = args.output_dir / "tokenizer"
+    if accelerator.is_main_process and not (directory / "tokenizer.json").is_file():
+        captions = (caption for captions in train_data["captions"] for caption in captions)
+        train_caption_tokenizer(captions, args.vocab_size).save_pretrained(directory)
+    accelerator.wait_for_everyone()
+    return PreTrainedTokenizerFast.from_pretrained(directory)
+
+
 def build_config(args: argparse.Namespace, vocab_size: int, concept_names: list[str] | None) -> FsgrPmaConfig:
     config = FsgrPmaConfig.from_json_file(args.model_config)
     overrides = {"vocab_size": vocab_size}
@@ -158,6 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
         log_with=None if args.report_to == "none" else args.report_to,
         project_dir=str(args.output_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # Stage-dependent unused parameters: memory segments before the first refresh, the SupCon head in SCST.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     set_seed(args.seed)
     logger.info(accelerator.state, main_process_only=False)
@@ -172,12 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
     logger.info(f"{len(train_data)} training images, {len(eval_data)} evaluation images")
 
     # Tokenizer, config, model
-    if args.tokenizer is not None:
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(args.tokenizer)
-    else:
-        tokenizer = train_caption_tokenizer(
-            (caption for captions in train_data["captions"] for caption in captions), args.vocab_size
-        )
+    tokenizer = prepare_tokenizer(accelerator, args, train_data)
     codebook, concept_names = load_codebook(args.codebook) if args.codebook is not None else (None, None)
     config = build_config(args, len(tokenizer), concept_names)
     model = FsgrPmaForConditionalGeneration(config)
@@ -203,13 +219,21 @@ def main(argv: list[str] | None = None) -> dict:
     # Batches: cached frozen-prefix features replace the pixels when given
     train_features = eval_features = None
     if args.feature_cache is not None:
-        check_cache_matches(args.feature_cache, config)
+        check_cache_matches(args.feature_cache, config, codebook)
         train_features = _cached_features(args.feature_cache, args.train_split, list(train_data["image_id"]))
         eval_features = _cached_features(args.feature_cache, args.eval_split, list(eval_data["image_id"]))
     collator = CaptionCollator(processor, args.max_caption_length, seed=args.seed, features=train_features)
     eval_collator = CaptionCollator(processor, args.max_caption_length, features=eval_features, with_captions=False)
-    train_loader = DataLoader(train_data, batch_size=args.batch_size, shuffle=True, collate_fn=collator, drop_last=True)
-    eval_loader = DataLoader(eval_data, batch_size=args.eval_batch_size, collate_fn=eval_collator)
+    # Loaders own their generators: creating an iterator (which a resumed run does mid-epoch) would otherwise
+    # draw from the global RNG and shift dropout and Gumbel noise away from the uninterrupted run.
+    train_loader = DataLoader(
+        train_data, batch_size=args.batch_size, shuffle=True, collate_fn=collator, drop_last=True,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    eval_loader = DataLoader(
+        eval_data, batch_size=args.eval_batch_size, collate_fn=eval_collator,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
 
     # Optimisation
     optimizer = torch.optim.AdamW(model.param_groups(args.weight_decay), lr=args.learning_rate)

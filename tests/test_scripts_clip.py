@@ -1,0 +1,140 @@
+"""Smoke tests of the CLIP-side scripts (open_clip's `test_training_simple.py` style): pre-train a tiny CLIP on a
+tiny synthetic world, build its concept codebook, cache the frozen-prefix features, and check that the cache gives
+the captioner the same logits as the pixels."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+
+from modeling_fsgr_pma import FsgrPmaConfig, FsgrPmaForConditionalGeneration
+from modeling_fsgr_pma.clip_backbone import build_clip, load_codebook, load_pretrained_clip
+from modeling_fsgr_pma.data import load_caption_split, to_rgb
+from modeling_fsgr_pma.feature_cache import check_cache_matches, load_feature_cache
+from modeling_fsgr_pma.processing_fsgr_pma import clip_image_processor
+from modeling_fsgr_pma.synthetic import generate_world
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+VOCABULARY = Path(__file__).resolve().parents[1] / "configuration" / "concepts" / "synthetic.txt"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"scripts_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> dict[str, Path]:
+    """A 48-image world at 32 px, the default tiny tower's model config, and the outputs of the three scripts."""
+    root = tmp_path_factory.mktemp("clip_scripts")
+    generate_world(root / "world", num_images=48, seed=0, image_size=32)
+    model_config = root / "model.json"
+    # The bare default config: a 32 px, 2-block tower of width 32 (the smallest preset).
+    FsgrPmaConfig(lora_first_block=1, concept_top_k=4, dropout=0.0).to_json_file(model_config)
+    paths = {
+        "data": root / "world" / "data",
+        "model_config": model_config,
+        "clip": root / "clip.pt",
+        "codebook": root / "codebook.safetensors",
+        "features": root / "features",
+    }
+    load_script("pretrain_clip").main(
+        ["--data", str(paths["data"]), "--model-config", str(model_config), "--output", str(paths["clip"]),
+         "--epochs", "1", "--batch-size", "16", "--seed", "0"]
+    )  # fmt: skip
+    load_script("build_codebook").main(
+        ["--model-config", str(model_config), "--clip-pretrained", str(paths["clip"]),
+         "--vocabulary", str(VOCABULARY), "--output", str(paths["codebook"])]
+    )  # fmt: skip
+    load_script("extract_features").main(
+        ["--model-config", str(model_config), "--clip-pretrained", str(paths["clip"]),
+         "--codebook", str(paths["codebook"]), "--data", str(paths["data"]),
+         "--splits", "train", "validation", "--output-dir", str(paths["features"]), "--batch-size", "16"]
+    )  # fmt: skip
+    return paths
+
+
+def test_pretrain_checkpoint_loads_with_open_clip(workspace):
+    checkpoint = torch.load(workspace["clip"], map_location="cpu", weights_only=True)
+    assert set(checkpoint) >= {"state_dict", "epoch"} and checkpoint["epoch"] == 1
+    config = FsgrPmaConfig.from_json_file(workspace["model_config"])
+    clip = build_clip(config.clip_config)
+    open_clip.load_checkpoint(clip, str(workspace["clip"]))
+    for name, tensor in clip.state_dict().items():
+        torch.testing.assert_close(tensor, checkpoint["state_dict"][name])
+
+
+def test_codebook_shape_unit_rows_and_names(workspace):
+    codebook, names = load_codebook(workspace["codebook"])
+    expected_names = [line.strip() for line in VOCABULARY.read_text().splitlines() if line.strip()]
+    config = FsgrPmaConfig.from_json_file(workspace["model_config"])
+    assert names == expected_names
+    assert codebook.shape == (len(expected_names), config.clip_embed_dim)
+    torch.testing.assert_close(codebook.norm(dim=-1), torch.ones(len(names)))
+    assert not torch.allclose(codebook[0], codebook[1])
+
+
+def test_pretrained_tag_errors_are_clear():
+    config = FsgrPmaConfig()
+    with pytest.raises(ValueError, match="clip_model_name"):
+        load_pretrained_clip(config.clip_config, None, "openai")
+    with pytest.raises(ValueError, match="neither a checkpoint file nor an open_clip tag"):
+        load_pretrained_clip(config.clip_config, "ViT-B-16", "no-such-tag")
+    with pytest.raises(ValueError, match="does not exist"):
+        load_pretrained_clip(config.clip_config, None, "missing/clip.pt")
+
+
+def _cached_model(workspace) -> tuple[FsgrPmaForConditionalGeneration, FsgrPmaConfig]:
+    """The captioner exactly as extract_features.py builds it."""
+    codebook, names = load_codebook(workspace["codebook"])
+    args = load_script("extract_features").parse_args(
+        ["--model-config", str(workspace["model_config"]), "--clip-pretrained", str(workspace["clip"]),
+         "--codebook", str(workspace["codebook"]), "--data", str(workspace["data"]), "--output-dir", "unused"]
+    )  # fmt: skip
+    config = load_script("extract_features").cache_config(args, names)
+    model = FsgrPmaForConditionalGeneration(config).eval()
+    clip = load_pretrained_clip(config.clip_config, config.clip_model_name, str(workspace["clip"]))
+    model.load_clip_vision_weights(clip.visual.state_dict())
+    model.set_codebook(codebook, names)
+    return model, config
+
+
+@torch.no_grad()
+def test_cached_features_give_the_same_logits(workspace):
+    model, config = _cached_model(workspace)
+    data = load_caption_split(workspace["data"], "validation")
+    image_ids, hidden, labels = load_feature_cache(workspace["features"], "validation")
+    assert image_ids == list(data["image_id"])
+    assert hidden.dtype == torch.float16 and hidden.shape == (len(data), 1 + config.num_patches, config.vision_width)
+    assert labels.dtype == torch.int64 and labels.shape == (len(data), config.num_patches)
+    assert int(labels.min()) >= 0 and int(labels.max()) < config.num_concepts
+
+    pixels = clip_image_processor(config)([to_rgb(im) for im in data["image"]], return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(hidden.float(), model.encoder.tower.frozen_prefix(pixels), atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(labels, model.encoder.pseudo_labels(hidden.float()))
+    input_ids = torch.randint(3, config.vocab_size, (len(data), 7))
+    input_ids[:, 0] = config.bos_token_id
+    from_pixels = model(pixel_values=pixels, input_ids=input_ids).logits
+    from_cache = model(vision_hidden_states=hidden, input_ids=input_ids).logits
+    torch.testing.assert_close(from_cache, from_pixels, atol=2e-2, rtol=2e-2)
+
+
+def test_cache_manifest_mismatch_raises(workspace):
+    _, config = _cached_model(workspace)
+    manifest = json.loads((workspace["features"] / "cache.json").read_text())
+    assert manifest["lora_first_block"] == 1 and manifest["image_size"] == config.image_size
+    assert manifest["codebook_path"] == str(workspace["codebook"].resolve())
+    codebook, _ = load_codebook(workspace["codebook"])
+    check_cache_matches(workspace["features"], config, codebook)
+    changed = FsgrPmaConfig(**{**config.to_dict(), "lora_first_block": 0})
+    with pytest.raises(ValueError, match="lora_first_block"):
+        check_cache_matches(workspace["features"], changed)
+    with pytest.raises(ValueError, match="codebook_sha256"):
+        check_cache_matches(workspace["features"], config, codebook.flip(0))

@@ -1,0 +1,140 @@
+"""Training end to end on a tiny world: smoke run, save/resume/reload, SIGKILL + exact resume, 2-process refresh."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_config
+from modeling_fsgr_pma.data import load_caption_split
+from modeling_fsgr_pma.synthetic import generate_world
+from modeling_fsgr_pma.tokenization import train_caption_tokenizer
+from modeling_fsgr_pma.training import caption_mask, find_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("world")
+    generate_world(directory, num_images=48, seed=0, image_size=32)
+    config = tiny_config(memory_refresh_every=3, vocab_size=64, num_prototypes=4, memory_tokens_per_step=8)
+    config.to_json_file(directory / "model.json")
+    captions = [c for caps in load_caption_split(directory, "train")["captions"] for c in caps]
+    # BPE training breaks ties randomly: independent runs share one tokenizer to be comparable.
+    train_caption_tokenizer(captions, 64).save_pretrained(directory / "tokenizer")
+    return directory
+
+
+def _train_args(world: Path, output: Path, *extra) -> list[str]:
+    return [
+        "--data", str(world), "--model-config", str(world / "model.json"), "--output-dir", str(output),
+        "--batch-size", "8", "--eval-batch-size", "16", "--eval-max-images", "8", "--vocab-size", "64",
+        "--warmup-steps", "1", "--memory-warmup-steps", "2", "--kmeans-backend", "torch", "--report-to", "none",
+        "--max-new-tokens", "6", "--num-beams", "1", *extra,
+    ]
+
+
+def test_smoke_train_saves_resumes_and_reloads(world, tmp_path):
+    train = _load_script("train")
+    output = tmp_path / "run"
+    summary = train.main(_train_args(world, output, "--xe-steps", "4", "--scst-steps", "2", "--scst-samples", "2",
+                                     "--eval-every", "3", "--checkpoint-every", "2"))
+    assert summary["steps"] == 6 and len(summary["history"]) == 2
+    assert find_checkpoint(output, "latest").name == "step_6"
+    resumed = train.main(_train_args(world, output, "--xe-steps", "6", "--scst-steps", "2", "--scst-samples", "2",
+                                     "--eval-every", "3", "--checkpoint-every", "2", "--resume-from-checkpoint",
+                                     "latest"))
+    assert resumed["steps"] == 8
+
+    from transformers import AutoModel, AutoProcessor
+
+    model = AutoModel.from_pretrained(output / "model", trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(output / "model", trust_remote_code=True)
+    assert model.config.lora_merged and any(layer.memory_active for layer in model.memory_layers())
+    ids = model.generate(pixel_values=torch.randn(1, 3, 32, 32), max_new_tokens=4)
+    assert isinstance(processor.batch_decode(ids, skip_special_tokens=True)[0], str)
+
+
+def test_unknown_config_key_and_missing_data_are_clear_errors(world, tmp_path):
+    train = _load_script("train")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rat: 0.1\n")
+    with pytest.raises(SystemExit):
+        train.parse_args(["--config", str(bad), "--data", str(world), "--output-dir", str(tmp_path)])
+
+
+def test_half_written_checkpoint_is_skipped(tmp_path, caplog):
+    (tmp_path / "checkpoints" / "step_4").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step_4" / "training_state.json").write_text("{}")
+    (tmp_path / "checkpoints" / "step_6.tmp").mkdir()
+    (tmp_path / "checkpoints" / "step_8").mkdir()  # no state file: killed before the rename
+    assert find_checkpoint(tmp_path, "latest").name == "step_4"
+    assert "half-written" in caplog.text
+
+
+def test_caption_mask_stops_after_first_eos():
+    sequences = torch.tensor([[1, 5, 6, 2, 0, 0], [1, 5, 2, 7, 2, 0]])
+    assert caption_mask(sequences, eos_token_id=2, pad_token_id=0).tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]]
+
+
+def _launch(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train.py"), *args], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_killed_run_resumes_to_identical_weights(world, tmp_path):
+    common = ["--xe-steps", "24", "--eval-every", "1000", "--checkpoint-every", "2", "--tokenizer", str(world / "tokenizer")]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    first = _launch(_train_args(world, straight, *common))
+    second = _launch(_train_args(world, killed, *common))
+    deadline = time.time() + 240
+    while not (killed / "checkpoints" / "step_4").exists():
+        assert second.poll() is None, second.stderr.read()
+        assert time.time() < deadline
+        time.sleep(0.02)
+    second.send_signal(signal.SIGKILL)
+    second.wait()
+    assert second.returncode == -signal.SIGKILL
+    assert first.wait(timeout=300) == 0, first.stderr.read()
+    shutil.rmtree(killed / "model", ignore_errors=True)
+    resumed = _launch(_train_args(world, killed, *common, "--resume-from-checkpoint", "latest"))
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    final_straight = load_file(straight / "checkpoints" / "step_24" / "model.safetensors")
+    final_resumed = load_file(killed / "checkpoints" / "step_24" / "model.safetensors")
+    assert final_straight.keys() == final_resumed.keys()
+    for key, value in final_straight.items():
+        assert torch.equal(value, final_resumed[key]), key
+
+
+def test_two_processes_refresh_to_identical_prototypes(tmp_path):
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(ROOT / "tests" / "workers" / "ddp_refresh.py"), str(tmp_path),
+    ]
+    # On a machine without a GPU, --multi_gpu spawns the processes and ACCELERATE_USE_CPU makes them a gloo group.
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert not torch.equal(rank0["bank"], rank1["bank"])  # each rank saw different data
+    assert torch.equal(rank0["keys"], rank1["keys"]) and torch.equal(rank0["values"], rank1["values"])

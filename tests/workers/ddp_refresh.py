@@ -1,0 +1,38 @@
+"""Run under `accelerate launch --multi_gpu --num_processes 2` (gloo on CPU): train a few steps with different
+data on each rank, refresh the prototypes, and save what each rank holds."""
+
+import sys
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1]))
+from conftest import random_batch, tiny_model  # noqa: E402
+
+from modeling_fsgr_pma.training import refresh_memory  # noqa: E402
+
+output = sys.argv[1]
+accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+assert accelerator.num_processes == 2, "launch with two processes (see tests/test_training.py)"
+model = tiny_model(seed=0)
+optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+model, optimizer = accelerator.prepare(model, optimizer)
+unwrapped = accelerator.unwrap_model(model)
+model.train()
+for step in range(3):
+    pixel_values, ids = random_batch(unwrapped.config, batch=4, length=9, seed=100 * accelerator.process_index + step)
+    loss = model(pixel_values=pixel_values, input_ids=ids, labels=ids).loss
+    accelerator.backward(loss)
+    optimizer.step()
+    optimizer.zero_grad()
+refresh_memory(accelerator, unwrapped, seed=7, backend="auto")
+layer = unwrapped.memory_layers()[0]
+torch.save(
+    {
+        "keys": layer.prototype_keys.clone(),
+        "values": layer.prototype_values.clone(),
+        "bank": layer.bank_contents()[0].clone(),
+    },
+    f"{output}/rank{accelerator.process_index}.pt",
+)
