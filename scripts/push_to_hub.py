@@ -1,0 +1,145 @@
+"""Publish a trained model to the Hugging Face Hub: weights with prototypes and codebook, code, processor, card.
+
+Usage:
+
+    python scripts/push_to_hub.py --model outputs/demo/model --repo-id USER/fsgr-pma-synthetic \
+        --metrics outputs/demo/metrics_test.json outputs/demo/metrics_test_novel.json
+
+`--dry-run DIR` writes exactly the folder that would be uploaded and touches no network. The folder holds
+`model.safetensors` (LoRA merged into plain tower weights), `config.json` with `auto_map`, the remote-code files,
+the processor and tokenizer files, `generation_config.json` and `README.md`, a model card built with
+huggingface_hub's `ModelCard` from `model_cards/fsgr_pma.md`, with a `model-index` from the `evaluate.py` JSON.
+The upload uses `HfApi.upload_folder` and the token from the usual huggingface_hub sources (never printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from transformers import AutoModel, AutoProcessor
+
+logger = logging.getLogger(__name__)
+TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "fsgr_pma.md"
+CARD_METRICS = {"CIDEr": "cider", "Bleu_4": "bleu", "METEOR": "meteor", "ROUGE_L": "rouge", "SPICE": "spice"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="directory written by train.py (save_pretrained)")
+    parser.add_argument("--repo-id", required=True, help="USER/NAME on the Hub")
+    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--revision", default=None, help="branch to upload to (created if missing)")
+    parser.add_argument("--dry-run", type=Path, default=None, help="write the upload folder here; no network")
+    parser.add_argument("--metrics", type=Path, nargs="*", default=[], help="evaluate.py JSON files")
+    parser.add_argument("--dataset-name", default="synthetic-shapes", help="dataset named in the model-index")
+    parser.add_argument("--license", default="apache-2.0")
+    parser.add_argument("--training-command", default="python scripts/demo.py")
+    args = parser.parse_args(argv)
+    if "/" not in args.repo_id:
+        parser.error(f"--repo-id must look like USER/NAME, got {args.repo_id!r}")
+    for path in args.metrics:
+        if not path.is_file():
+            parser.error(f"--metrics {path} does not exist (write it with scripts/evaluate.py)")
+    return args
+
+
+def eval_results(metric_files: list[Path], dataset_name: str) -> tuple[list[EvalResult], str, dict]:
+    """model-index entries, a markdown table, and the decoding settings of the evaluate.py files."""
+    results, rows, decoding = [], [], {}
+    for path in metric_files:
+        metrics = json.loads(path.read_text())
+        decoding = {"num_beams": metrics["num_beams"], "max_new_tokens": metrics["max_new_tokens"]}
+        for name, card_name in CARD_METRICS.items():
+            if isinstance(metrics.get(name), float):
+                results.append(EvalResult(
+                    task_type="image-to-text", dataset_type=dataset_name, dataset_name=dataset_name,
+                    dataset_split=metrics["split"], metric_type=card_name, metric_name=name,
+                    metric_value=round(metrics[name], 4),
+                ))
+        cells = [f"{metrics[n]:.3f}" if isinstance(metrics.get(n), float) else "skipped" for n in CARD_METRICS]
+        hallucination = metrics.get("hallucination_rate")
+        cells.append(f"{hallucination:.3f}" if isinstance(hallucination, float) else "n/a")
+        rows.append(f"| {metrics['split']} ({metrics['num_images']} images) | " + " | ".join(cells) + " |")
+    header = "| split | " + " | ".join(CARD_METRICS) + " | hallucination rate |"
+    table = "\n".join([header, "|" + "---|" * (len(CARD_METRICS) + 2), *rows]) if rows else "Not evaluated."
+    return results, table, decoding
+
+
+def build_card(model, args: argparse.Namespace) -> ModelCard:
+    config = model.config
+    results, table, decoding = eval_results(args.metrics, args.dataset_name)
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-to-text",
+        base_model=f"open_clip/{config.clip_model_name}" if config.clip_model_name else None,
+        datasets=[args.dataset_name],
+        license=args.license,
+        tags=["image-captioning", "fsgr-pma", "custom_code"],
+        model_name=args.repo_id.split("/")[-1],
+        eval_results=results or None,
+    )
+    generation = model.generation_config
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE),
+        model_name=args.repo_id.split("/")[-1],
+        repo_id=args.repo_id,
+        revision=args.revision or "main",
+        num_beams=decoding.get("num_beams", generation.num_beams),
+        max_new_tokens=decoding.get("max_new_tokens", generation.max_new_tokens),
+        clip_model_name=config.clip_model_name or "custom open_clip ViT",
+        image_size=config.image_size,
+        num_concepts=config.num_concepts,
+        concept_top_k=config.concept_top_k,
+        num_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        num_prototypes=config.num_prototypes if config.use_memory else 0,
+        num_parameters=f"{model.num_parameters():,}",
+        evaluation=table,
+        training_command=args.training_command,
+        limitations=(
+            "Trained and evaluated on the data named above only; captions of images far from it are unreliable. "
+            "The prototypes summarise the training captions and can carry their biases into new captions."
+        ),
+    )
+
+
+def write_folder(model, processor, card: ModelCard, folder: Path) -> None:
+    if not model.config.lora_merged and model.config.lora_rank > 0:
+        model.merge_encoder_lora()  # publish plain tower weights that a later PEFT fine-tune can adapt again
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    card.save(folder / "README.md")
+
+
+def main(argv: list[str] | None = None) -> Path | str:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model = AutoModel.from_pretrained(args.model, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    card = build_card(model, args)
+    if args.dry_run is not None:
+        write_folder(model, processor, card, args.dry_run)
+        logger.info("dry run: wrote the upload folder to %s", args.dry_run)
+        return args.dry_run
+    api = HfApi()
+    api.create_repo(args.repo_id, private=args.private, exist_ok=True)
+    if args.revision:
+        api.create_branch(args.repo_id, branch=args.revision, exist_ok=True)
+    with tempfile.TemporaryDirectory() as staging:
+        write_folder(model, processor, card, Path(staging))
+        commit = api.upload_folder(
+            repo_id=args.repo_id, folder_path=staging, revision=args.revision,
+            commit_message="Upload FSGR-PMA model",
+        )
+    logger.info("uploaded to %s", commit.commit_url)
+    return commit.commit_url
+
+
+if __name__ == "__main__":
+    main()
