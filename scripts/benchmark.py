@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (under 3 minutes on 2 cores)")
     parser.add_argument("--output", type=Path, default=Path("outputs/benchmark.json"))
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per figure (default 5, quick 3)")
+    parser.add_argument("--model-config", type=Path, default=ROOT / "configuration/model/tiny.json",
+                        help="preset measured (the tests pass a smaller one)")
     parser.add_argument("--rss-probe", choices=["on", "off"], help=argparse.SUPPRESS)  # child process mode
     args = parser.parse_args(argv)
     args.repeats = args.repeats or (3 if args.quick else 5)
@@ -78,8 +80,8 @@ def median_time(run, repeats: int) -> float:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Models
-def preset(name: str, **overrides) -> FsgrPmaConfig:
-    config = FsgrPmaConfig.from_json_file(ROOT / "configuration" / "model" / f"{name}.json")
+def preset(path: Path, **overrides) -> FsgrPmaConfig:
+    config = FsgrPmaConfig.from_json_file(path)
     return FsgrPmaConfig(**{**config.to_dict(), "dropout": 0.0, **overrides})
 
 
@@ -244,9 +246,9 @@ def bench_feature_cache(config: FsgrPmaConfig, repeats: int, batches: int = 4, b
     return time_pixels / time_cache
 
 
-def rss_probe(memory: str) -> None:
-    """Child-process mode: train a few steps of the tiny preset, print the peak RSS in KiB."""
-    config = preset("tiny", use_memory=memory == "on")
+def rss_probe(memory: str, model_config: Path) -> None:
+    """Child-process mode: train a few steps of the preset, print the peak RSS in KiB."""
+    config = preset(model_config, use_memory=memory == "on")
     model = model_with_prototypes(config)
     pixel_values = torch.randn(32, 3, config.image_size, config.image_size)
     step = train_step_fn(model, {"pixel_values": pixel_values, **decoder_batch(config, 32, 20)})
@@ -255,9 +257,9 @@ def rss_probe(memory: str) -> None:
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
-def bench_peak_rss(repeats: int) -> float:
+def bench_peak_rss(repeats: int, model_config: Path) -> float:
     def peak(memory: str) -> int:
-        command = [sys.executable, __file__, "--rss-probe", memory]
+        command = [sys.executable, __file__, "--rss-probe", memory, "--model-config", str(model_config)]
         return int(subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-1])
 
     on = [peak("on") for _ in range(max(1, repeats // 2))]
@@ -269,12 +271,12 @@ def bench_peak_rss(repeats: int) -> float:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.rss_probe:
-        rss_probe(args.rss_probe)
+        rss_probe(args.rss_probe, args.model_config)
         return {}
     torch.manual_seed(0)
-    tiny = preset("tiny")
+    tiny = preset(args.model_config)
     b16_decoder = preset(
-        "tiny", hidden_size=512, num_hidden_layers=3, num_attention_heads=8, intermediate_size=2048,
+        args.model_config, hidden_size=512, num_hidden_layers=3, num_attention_heads=8, intermediate_size=2048,
         vocab_size=10000, num_prototypes=1024, memory_window=4, memory_tokens_per_step=512,
     )
     start = time.perf_counter()
@@ -286,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
     results.update(bench_generate_memory(tiny, args.repeats))
     results.update(bench_vs_ved(tiny, args.repeats))
     results["feature_cache_speedup"] = bench_feature_cache(tiny, args.repeats)
-    results["peak_rss_memory_ratio"] = bench_peak_rss(args.repeats)
+    results["peak_rss_memory_ratio"] = bench_peak_rss(args.repeats, args.model_config)
     results = {k: round(float(v), 4) for k, v in results.items()}
     results["seconds"] = round(time.perf_counter() - start, 1)
     write_report(args.output, results, args.quick)

@@ -39,8 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bad-images", choices=["skip", "error"], default="skip")
     parser.add_argument("--output", type=Path, required=True, help="JSON file to write")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--num-beams", type=int, default=3)
-    parser.add_argument("--max-new-tokens", type=int, default=20)
+    parser.add_argument("--num-beams", type=int, default=None, help="default: the model's generation config")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the model's generation config")
     parser.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images")
     return parser.parse_args(argv)
 
@@ -59,9 +59,12 @@ def main(argv: list[str] | None = None) -> dict:
     model = accelerator.prepare(model)
 
     image_ids = list(data["image_id"])
+    generation_config = accelerator.unwrap_model(model).generation_config
+    num_beams = args.num_beams or generation_config.num_beams
+    max_new_tokens = args.max_new_tokens or generation_config.max_new_tokens
     predictions = generate_captions(
         accelerator, accelerator.unwrap_model(model), loader, processor.tokenizer, image_ids,
-        num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
+        num_beams=num_beams, max_new_tokens=max_new_tokens,
     )
     if not accelerator.is_main_process:
         return {}
@@ -72,8 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
     result.update(
         split=args.split,
         num_images=len(predictions),
-        num_beams=args.num_beams,
-        max_new_tokens=args.max_new_tokens,
+        num_beams=num_beams,
+        max_new_tokens=max_new_tokens,
         model=str(args.model),
         predictions=predictions,
     )

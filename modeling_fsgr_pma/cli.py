@@ -1,0 +1,263 @@
+"""Command-line interface for FSGR-PMA (the `fsgr-pma` console script).
+
+Usage:
+    fsgr-pma caption --model DIR_OR_REPO [--revision REV] [--batch-size 16] [--num-beams 3]
+                     [--max-new-tokens 20] [--json] [--device cpu|cuda] [--max-pixels N]
+                     IMAGE_OR_DIR [IMAGE_OR_DIR ...]
+
+    python -m modeling_fsgr_pma.cli caption ...   (same thing without the installed script)
+
+`caption` loads the model with `AutoModel.from_pretrained(model, revision=..., trust_remote_code=True)` and the
+processor with `AutoProcessor` (same arguments), expands directories (sorted, non-recursive; extensions .png .jpg
+.jpeg .bmp .gif .webp .tif .tiff), applies EXIF orientation, converts every image to RGB and captions the good ones
+in batches.
+
+Output (stdout), one line per input file, in input order:
+    PATH<TAB>CAPTION                    a captioned image
+    PATH<TAB>ERROR: reason              a file that could not be used (missing, zero bytes, truncated, not an
+                                        image, too large, ...)
+  or with --json, one JSON object per line: {"file": PATH, "caption": ...} / {"file": PATH, "error": ...}.
+
+Exit status: 0 every file was captioned; 1 at least one file failed (the others are still captioned); 2 usage
+error, or the model/processor could not be loaded (a one-line message on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+logger = logging.getLogger("fsgr_pma.cli")
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+PROCESSOR_FILES = ("tokenizer.json", "processor_config.json")
+EXIT_OK, EXIT_FAILED_FILES, EXIT_USAGE = 0, 1, 2
+_EXIF_ORIENTATION = 0x0112
+
+
+class CliError(Exception):
+    """A usage or model-loading problem: reported as one line on stderr, exit status 2."""
+
+
+@dataclass
+class Result:
+    file: str
+    caption: str | None = None
+    error: str | None = None
+
+    def line(self, as_json: bool) -> str:
+        if as_json:
+            record = {"file": self.file}
+            record.update({"error": self.error} if self.error is not None else {"caption": self.caption})
+            return json.dumps(record, ensure_ascii=False)
+        return f"{self.file}\tERROR: {self.error}" if self.error is not None else f"{self.file}\t{self.caption}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Argument parsing
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fsgr-pma", description="FSGR-PMA image captioning.", formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    caption = subparsers.add_parser(
+        "caption",
+        help="caption images",
+        description="Caption image files and directories of images; one output line per file, in input order.",
+    )
+    caption.add_argument("--model", required=True, metavar="DIR_OR_REPO", help="a saved model directory or Hub id")
+    caption.add_argument("--revision", default=None, metavar="REV", help="Hub revision (branch, tag or commit)")
+    caption.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or directories")
+    caption.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="images per batch (16)")
+    caption.add_argument("--num-beams", type=_positive_int, default=3, metavar="N", help="beam width (3)")
+    caption.add_argument("--max-new-tokens", type=_positive_int, default=20, metavar="N", help="caption limit (20)")
+    caption.add_argument("--json", action="store_true", help="print one JSON object per line")
+    caption.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="(cpu)")
+    caption.add_argument("--max-pixels", type=_positive_int, default=None, metavar="N", help="refuse larger images")
+    caption.add_argument("-v", "--verbose", action="store_true", help="log progress details on stderr")
+    caption.set_defaults(handler=caption_command)
+    return parser
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs
+def expand_inputs(inputs: Sequence[str]) -> list[str]:
+    """Files as given; directories replaced by their image files (sorted by name, not recursive)."""
+    files: list[str] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(
+                child for child in path.iterdir() if child.is_file() and child.suffix.lower() in IMAGE_EXTENSIONS
+            )
+            if not found:
+                logger.warning("%s: directory has no image files (%s)", item, " ".join(IMAGE_EXTENSIONS))
+            files.extend(str(child) for child in found)
+        else:
+            files.append(item)  # missing files are reported per file by load_image
+    return files
+
+
+def load_image(path: str, max_pixels: int | None):
+    """Validate and decode with `decode_image`, then apply EXIF orientation (decode_image does not)."""
+    from PIL import Image, ImageOps
+
+    from .data import BadImageError, decode_image
+
+    image = decode_image(path, name=path, max_pixels=max_pixels)  # raises BadImageError naming the file
+    try:
+        with Image.open(path) as raw:  # header only, unless the image must be rotated
+            if raw.getexif().get(_EXIF_ORIENTATION, 1) not in (1, None):
+                image = decode_image(ImageOps.exif_transpose(raw), name=path)
+    except (OSError, SyntaxError, ValueError) as error:
+        if isinstance(error, BadImageError):
+            raise
+        logger.warning("%s: ignoring unreadable EXIF data (%s)", path, error)
+    return image
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
+def _looks_like_path(model: str) -> bool:
+    """A local path rather than a Hub id (`owner/name`): it exists, is absolute or relative-looking, or has >1 '/'."""
+    return os.path.exists(model) or os.path.isabs(model) or model.startswith((".", "~")) or model.count("/") > 1
+
+
+def _check_local_model(model: str) -> None:
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise CliError(
+            f"model directory not found: {model} (pass a directory written by model.save_pretrained(DIR) "
+            "or a Hub repo id like owner/name)"
+        )
+    if not path.is_dir():
+        raise CliError(f"--model must be a directory or a Hub repo id, got a file: {model}")
+    if not (path / "config.json").is_file():
+        raise CliError(f"{model}: no config.json; save the model with model.save_pretrained({model!r})")
+    if not any((path / name).is_file() for name in PROCESSOR_FILES):
+        raise CliError(
+            f"{model}: no processor files (missing {' and '.join(PROCESSOR_FILES)}); "
+            f"save the processor with processor.save_pretrained({model!r})"
+        )
+
+
+def load_model(model: str, revision: str | None, device: str):
+    import torch
+    from huggingface_hub.errors import HfHubHTTPError
+    from transformers import AutoModel, AutoProcessor
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CliError("--device cuda requested but CUDA is not available; use --device cpu")
+    if _looks_like_path(model):
+        _check_local_model(model)
+        model = str(Path(model).expanduser())
+    kwargs = dict(revision=revision, trust_remote_code=True)
+    what = "model"
+    try:
+        network = AutoModel.from_pretrained(model, **kwargs)
+        what = "processor"
+        processor = AutoProcessor.from_pretrained(model, **kwargs)
+    except (OSError, ValueError, EnvironmentError, HfHubHTTPError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        hint = (
+            "save the processor with processor.save_pretrained(DIR) next to the model"
+            if what == "processor"
+            else "check the directory / repo id and --revision"
+        )
+        raise CliError(f"could not load the {what} from {model}: {first} ({hint})") from error
+    if not callable(getattr(processor, "batch_decode", None)) or getattr(processor, "image_processor", None) is None:
+        raise CliError(
+            f"{model}: loaded a {type(processor).__name__}, not an image+text processor; "
+            "save the processor with processor.save_pretrained(DIR)"
+        )
+    return network.to(device).eval(), processor
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# caption
+def caption_images(model, processor, images: list, batch_size: int, num_beams: int, max_new_tokens: int, device):
+    import torch
+    from tqdm.auto import tqdm
+
+    starts = range(0, len(images), batch_size)
+    captions: list[str] = []
+    with torch.inference_mode():
+        for start in tqdm(starts, desc="captioning", unit="batch", file=sys.stderr, disable=len(starts) <= 1):
+            inputs = processor(images=images[start : start + batch_size], return_tensors="pt").to(device)
+            ids = model.generate(**inputs, num_beams=num_beams, max_new_tokens=max_new_tokens)
+            captions.extend(text.strip() for text in processor.batch_decode(ids, skip_special_tokens=True))
+    return captions
+
+
+def caption_command(args: argparse.Namespace) -> int:
+    from .data import BadImageError
+
+    files = expand_inputs(args.inputs)
+    if not files:
+        raise CliError("no image files found in the given inputs")
+    model, processor = load_model(args.model, args.revision, args.device)
+
+    results = [Result(file=path) for path in files]
+    good: list[tuple[int, object]] = []
+    for index, path in enumerate(files):
+        try:
+            good.append((index, load_image(path, args.max_pixels)))
+        except BadImageError as error:
+            message = str(error)
+            prefix = f"{path}: "
+            results[index].error = message[len(prefix) :] if message.startswith(prefix) else message
+            logger.debug("skipping %s", message)
+
+    if good:
+        logger.info("captioning %d of %d files", len(good), len(files))
+        captions = caption_images(
+            model, processor, [image for _, image in good], args.batch_size, args.num_beams, args.max_new_tokens,
+            args.device,
+        )
+        for (index, _), caption in zip(good, captions):
+            results[index].caption = caption
+
+    for result in results:
+        print(result.line(args.json), flush=False)
+    sys.stdout.flush()
+    failed = sum(result.error is not None for result in results)
+    if failed:
+        logger.warning("%d of %d files could not be captioned", failed, len(files))
+    return EXIT_FAILED_FILES if failed else EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse: usage errors exit 2, --help exits 0
+        return int(exit_.code or 0)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="fsgr-pma: %(levelname)s: %(message)s"
+    )
+    try:
+        return args.handler(args)
+    except CliError as error:
+        print(f"fsgr-pma: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

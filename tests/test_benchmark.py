@@ -1,0 +1,31 @@
+"""scripts/benchmark.py --quick runs on a tiny config and writes every key (the goals are read from its JSON)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from conftest import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = {
+    "train_step_memory_ratio", "refresh_share", "kmeans_faiss_s", "kmeans_torch_s", "generate_memory_ratio_greedy",
+    "generate_memory_ratio_beam5", "generate_vs_ved_ratio_b1", "generate_vs_ved_ratio_b32", "feature_cache_speedup",
+    "peak_rss_memory_ratio",
+}
+
+
+def test_quick_benchmark_writes_every_key(tmp_path):
+    config = tiny_config(vocab_size=64, max_position_embeddings=24, memory_window=4)
+    config.to_json_file(tmp_path / "model.json")
+    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    output = tmp_path / "bench.json"
+    benchmark.main(["--quick", "--repeats", "1", "--model-config", str(tmp_path / "model.json"), "--output", str(output)])
+    results = json.loads(output.read_text())
+    assert KEYS <= set(results)
+    assert all(isinstance(results[k], float) and results[k] > 0 for k in KEYS)
+    table = output.with_suffix(".md").read_text()
+    assert "generate_vs_ved_ratio_b32" in table and "≥ 1.2" in table
