@@ -67,7 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--eval-max-images", type=int, default=None, help="caption only the first N eval images")
     data.add_argument("--bad-images", choices=["skip", "error"], default="skip")
     data.add_argument("--feature-cache", type=Path, default=None, help="directory from scripts/extract_features.py")
-    data.add_argument("--max-caption-length", type=int, default=24, help="tokens, BOS and EOS included")
+    data.add_argument("--max-caption-length", type=int, default=32, help="tokens, BOS and EOS included")
+    data.add_argument("--augment", action="store_true", help="random resized crops (not with --feature-cache)")
     model = parser.add_argument_group("model")
     model.add_argument("--model-config", type=Path, default=Path("configuration/model/tiny.json"))
     model.add_argument("--clip-pretrained", type=str, default=None, help="open_clip tag (e.g. openai) or checkpoint")
@@ -115,6 +116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--scst-samples must be at least 2 (the baseline is the mean of the other samples)")
     if args.feature_cache is not None and not args.feature_cache.is_dir():
         parser.error(f"--feature-cache {args.feature_cache} is not a directory")
+    if args.feature_cache is not None and args.augment:
+        parser.error("--augment cannot be used with --feature-cache: the cache holds one fixed view of each image")
     return args
 
 
@@ -222,7 +225,9 @@ def main(argv: list[str] | None = None) -> dict:
         check_cache_matches(args.feature_cache, config, codebook)
         train_features = _cached_features(args.feature_cache, args.train_split, list(train_data["image_id"]))
         eval_features = _cached_features(args.feature_cache, args.eval_split, list(eval_data["image_id"]))
-    collator = CaptionCollator(processor, args.max_caption_length, seed=args.seed, features=train_features)
+    collator = CaptionCollator(
+        processor, args.max_caption_length, seed=args.seed, features=train_features, augment=args.augment
+    )
     eval_collator = CaptionCollator(processor, args.max_caption_length, features=eval_features, with_captions=False)
     # Loaders own their generators: creating an iterator (which a resumed run does mid-epoch) would otherwise
     # draw from the global RNG and shift dropout and Gumbel noise away from the uninterrupted run.
