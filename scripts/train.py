@@ -67,7 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--eval-max-images", type=int, default=None, help="caption only the first N eval images")
     data.add_argument("--bad-images", choices=["skip", "error"], default="skip")
     data.add_argument("--feature-cache", type=Path, default=None, help="directory from scripts/extract_features.py")
-    data.add_argument("--max-caption-length", type=int, default=32, help="tokens, BOS and EOS included")
+    data.add_argument(
+        "--max-caption-length", type=int, default=None,
+        help="tokens, BOS and EOS included (default: the model's max_position_embeddings)",
+    )
     data.add_argument("--augment", action="store_true", help="random resized crops (not with --feature-cache)")
     model = parser.add_argument_group("model")
     model.add_argument("--model-config", type=Path, default=Path("configuration/model/tiny.json"))
@@ -214,6 +217,12 @@ def main(argv: list[str] | None = None) -> dict:
         num_beams=args.num_beams,
     )
     processor = FsgrPmaProcessor.for_config(config, tokenizer)
+    max_caption_length = args.max_caption_length or config.max_position_embeddings
+    if max_caption_length > config.max_position_embeddings:
+        raise ValueError(
+            f"--max-caption-length {max_caption_length} exceeds the model's max_position_embeddings "
+            f"({config.max_position_embeddings})"
+        )
     logger.info(
         f"{model.num_parameters_trainable():,} trainable of {model.num_parameters():,} parameters; "
         f"memory {'on' if config.use_memory else 'off'}, FSGR {'on' if config.use_fsgr else 'off'}"
@@ -226,9 +235,9 @@ def main(argv: list[str] | None = None) -> dict:
         train_features = _cached_features(args.feature_cache, args.train_split, list(train_data["image_id"]))
         eval_features = _cached_features(args.feature_cache, args.eval_split, list(eval_data["image_id"]))
     collator = CaptionCollator(
-        processor, args.max_caption_length, seed=args.seed, features=train_features, augment=args.augment
+        processor, max_caption_length, seed=args.seed, features=train_features, augment=args.augment
     )
-    eval_collator = CaptionCollator(processor, args.max_caption_length, features=eval_features, with_captions=False)
+    eval_collator = CaptionCollator(processor, max_caption_length, features=eval_features, with_captions=False)
     # Loaders own their generators: creating an iterator (which a resumed run does mid-epoch) would otherwise
     # draw from the global RNG and shift dropout and Gumbel noise away from the uninterrupted run.
     train_loader = DataLoader(
