@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import sys
+import importlib.util
 from io import BytesIO
 from pathlib import Path
 
@@ -21,8 +21,12 @@ from modeling_fsgr_pma.synthetic import (
     mentioned_objects,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import make_synthetic  # noqa: E402
+# Loaded by path: putting scripts/ on sys.path would let scripts/evaluate.py shadow the `evaluate` library.
+_spec = importlib.util.spec_from_file_location(
+    "make_synthetic", Path(__file__).resolve().parents[1] / "scripts" / "make_synthetic.py"
+)
+make_synthetic = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(make_synthetic)
 
 NUM_IMAGES = 30
 
