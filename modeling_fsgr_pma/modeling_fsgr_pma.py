@@ -807,6 +807,17 @@ class FsgrPmaDecoder(nn.Module):
         return (mask | (key_pos == query_pos)[None])[:, None]  # (B, 1, T, S)
 
 
+class FsgrPmaCache(EncoderDecoderCache):
+    """Self- and cross-attention cache whose beam reordering moves the self-attention part only.
+
+    The beams of one image share its encoder output, so their cross-attention keys/values are identical and
+    reordering them (what `EncoderDecoderCache` does at every beam-search step) is a copy that changes nothing.
+    """
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.self_attention_cache.reorder_cache(beam_idx)
+
+
 # ==============================================================================================================
 # Model
 # ==============================================================================================================
@@ -1028,7 +1039,7 @@ class FsgrPmaForConditionalGeneration(FsgrPmaPreTrainedModel, GenerationMixin):
                 pixel_values=pixel_values, vision_hidden_states=vision_hidden_states, patch_labels=patch_labels
             )
         if use_cache and past_key_values is None:
-            past_key_values = EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache(config=self.config))
+            past_key_values = self.new_cache()
         if not use_cache:
             past_key_values = None
 
@@ -1068,6 +1079,17 @@ class FsgrPmaForConditionalGeneration(FsgrPmaPreTrainedModel, GenerationMixin):
             patch_concepts=encoder_outputs.patch_concepts,
         )
 
+    def new_cache(self) -> FsgrPmaCache:
+        return FsgrPmaCache(DynamicCache(config=self.config), DynamicCache(config=self.config))
+
+    def generate(self, *args, **kwargs):
+        """`GenerationMixin.generate`, with an [`FsgrPmaCache`] unless a cache is given or caching is off."""
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        use_cache = kwargs.get("use_cache", generation_config.use_cache)
+        if use_cache and kwargs.get("past_key_values") is None:
+            kwargs["past_key_values"] = self.new_cache()
+        return super().generate(*args, **kwargs)
+
     def caption_loss(
         self, logits: torch.Tensor, labels: torch.LongTensor, attention_mask: torch.Tensor | None
     ) -> torch.Tensor:
@@ -1103,6 +1125,7 @@ FsgrPmaConfig.register_for_auto_class()
 FsgrPmaForConditionalGeneration.register_for_auto_class("AutoModel")
 
 __all__ = [
+    "FsgrPmaCache",
     "FsgrPmaConceptCodebook",
     "FsgrPmaEncoder",
     "FsgrPmaEncoderOutput",

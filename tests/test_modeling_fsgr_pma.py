@@ -184,6 +184,18 @@ def test_generate_with_and_without_cache_agree(model_with_memory, num_beams):
     assert (cached[:, 0] == BOS).all()
 
 
+def test_beam_search_skipping_the_cross_attention_reorder_is_exact(model_with_memory):
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    pixel_values, _ = random_batch(model_with_memory.config, batch=3, seed=5)
+    ours = _generate(model_with_memory, pixel_values, num_beams=4, min_new_tokens=8)
+    reordering_everything = _generate(
+        model_with_memory, pixel_values, num_beams=4, min_new_tokens=8,
+        past_key_values=EncoderDecoderCache(DynamicCache(), DynamicCache()),
+    )
+    assert torch.equal(ours, reordering_everything)
+
+
 def test_batch_of_four_equals_four_single_runs(model_with_memory):
     pixel_values, _ = random_batch(model_with_memory.config, batch=4, seed=3)
     batched = _generate(model_with_memory, pixel_values, min_new_tokens=10)
