@@ -688,8 +688,12 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
 
     @torch.no_grad()
     def refresh_prototypes(self, keys: torch.Tensor, values: torch.Tensor, seed: int, backend: str = "auto") -> None:
-        """Cluster `(N, d)` bank keys into m prototype keys; prototype values are kNN means of the bank values."""
+        """Cluster `(N, d)` bank keys into m prototype keys; prototype values are kNN means of the bank values.
+
+        The layer index is added to `seed`, so layers start from different centroids.
+        """
         config = self.config
+        seed = seed + self.layer_idx
         centroids = kmeans(keys.float(), config.num_prototypes, config.memory_kmeans_iters, seed, backend)  # (m, d)
         neighbours = nearest_neighbours(keys.float(), centroids, min(config.memory_knn, len(keys)), backend)  # (m, k)
         prototype_values = values.float()[neighbours].mean(dim=1)  # (m, d)
@@ -963,20 +967,15 @@ class FsgrPmaForConditionalGeneration(FsgrPmaPreTrainedModel, GenerationMixin):
         return [layer.self_attn for layer in self.decoder.layers if layer.self_attn.memory_enabled]
 
     @torch.no_grad()
-    def refresh_memory(self, seed: int, backend: str = "auto", gather=None) -> None:
-        """Recompute every layer's prototypes from its bank.
+    def refresh_memory(self, seed: int, backend: str = "auto") -> None:
+        """Recompute every layer's prototypes from its own bank (one process; see `training.refresh_memory`).
 
         Args:
-            seed: K-Means seed (use the same one on every process).
+            seed: K-Means seed.
             backend: `"faiss"`, `"torch"` or `"auto"`.
-            gather: optional callable mapping a local `(N, d)` tensor to the concatenation over all processes, so
-                that every process clusters the same data (the training script passes an Accelerate gather).
         """
         for layer in self.memory_layers():
-            keys, values = layer.bank_contents()
-            if gather is not None:
-                keys, values = gather(keys), gather(values)
-            layer.refresh_prototypes(keys, values, seed=seed + layer.layer_idx, backend=backend)
+            layer.refresh_prototypes(*layer.bank_contents(), seed=seed, backend=backend)
 
     def num_parameters_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

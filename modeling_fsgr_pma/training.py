@@ -134,7 +134,7 @@ def refresh_memory(accelerator: Accelerator, model: FsgrPmaForConditionalGenerat
         keys, values = layer.bank_contents()
         keys, values = gather_rows(accelerator, keys), gather_rows(accelerator, values)
         if accelerator.is_main_process:
-            layer.refresh_prototypes(keys, values, seed=seed + layer.layer_idx, backend=backend)
+            layer.refresh_prototypes(keys, values, seed=seed, backend=backend)
         if accelerator.num_processes > 1:
             for buffer in (layer.prototype_keys, layer.prototype_values, layer.prototype_ready):
                 buffer.copy_(broadcast(buffer.clone(), from_process=0))
