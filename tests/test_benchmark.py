@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-from conftest import tiny_config
+from conftest import load_script, tiny_config
 
-ROOT = Path(__file__).resolve().parents[1]
 KEYS = {
     "train_step_memory_ratio", "refresh_share", "kmeans_faiss_s", "kmeans_torch_s", "generate_memory_ratio_greedy",
     "generate_memory_ratio_beam5", "generate_vs_ved_ratio_b1", "generate_vs_ved_ratio_b32", "feature_cache_speedup",
@@ -19,9 +16,7 @@ KEYS = {
 def test_quick_benchmark_writes_every_key(tmp_path):
     config = tiny_config(vocab_size=64, max_position_embeddings=24, memory_window=4)
     config.to_json_file(tmp_path / "model.json")
-    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_script("benchmark")
     output = tmp_path / "bench.json"
     benchmark.main(["--quick", "--repeats", "1", "--model-config", str(tmp_path / "model.json"), "--output", str(output)])
     results = json.loads(output.read_text())

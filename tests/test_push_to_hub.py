@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from huggingface_hub import ModelCard
 from transformers import AutoModel
 
-from conftest import fill_memory, random_batch, tiny_model
+from conftest import fill_memory, load_script, random_batch, tiny_model
 from modeling_fsgr_pma.processing_fsgr_pma import FsgrPmaProcessor
 from modeling_fsgr_pma.tokenization import train_caption_tokenizer
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _push_to_hub():
-    spec = importlib.util.spec_from_file_location("push_to_hub", ROOT / "scripts" / "push_to_hub.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +41,7 @@ def test_dry_run_folder_loads_and_card_validates(trained, tmp_path, monkeypatch)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     directory, metrics, (pixel_values, ids, logits) = trained
     out = tmp_path / "upload"
-    _push_to_hub().main(["--model", str(directory), "--repo-id", "someone/fsgr-pma-tiny", "--dry-run", str(out),
+    load_script("push_to_hub").main(["--model", str(directory), "--repo-id", "someone/fsgr-pma-tiny", "--dry-run", str(out),
                          "--metrics", str(metrics)])
     names = {p.name for p in out.iterdir()}
     for required in ("model.safetensors", "config.json", "modeling_fsgr_pma.py", "configuration_fsgr_pma.py",
@@ -72,7 +61,7 @@ def test_dry_run_folder_loads_and_card_validates(trained, tmp_path, monkeypatch)
 
 def test_bad_repo_id_and_missing_metrics_are_clear_errors(trained, tmp_path):
     directory, _, _ = trained
-    push = _push_to_hub()
+    push = load_script("push_to_hub")
     with pytest.raises(SystemExit):
         push.parse_args(["--model", str(directory), "--repo-id", "no-slash"])
     with pytest.raises(SystemExit):

@@ -4,7 +4,6 @@ the captioner the same logits as the pixels."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import open_clip
 import pytest
 import torch
 
+from conftest import load_script
 from modeling_fsgr_pma import FsgrPmaConfig, FsgrPmaForConditionalGeneration
 from modeling_fsgr_pma.clip_backbone import build_clip, load_codebook, load_pretrained_clip
 from modeling_fsgr_pma.data import load_caption_split, to_rgb
@@ -19,15 +19,7 @@ from modeling_fsgr_pma.feature_cache import check_cache_matches, load_feature_ca
 from modeling_fsgr_pma.processing_fsgr_pma import clip_image_processor
 from modeling_fsgr_pma.synthetic import generate_world
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 VOCABULARY = Path(__file__).resolve().parents[1] / "configuration" / "concepts" / "synthetic.txt"
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"scripts_{name}", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import importlib.util
 from io import BytesIO
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from conftest import load_script
 from modeling_fsgr_pma.synthetic import (
     DOMAINS,
     SPLITS,
@@ -21,12 +21,7 @@ from modeling_fsgr_pma.synthetic import (
     mentioned_objects,
 )
 
-# Loaded by path: putting scripts/ on sys.path would let scripts/evaluate.py shadow the `evaluate` library.
-_spec = importlib.util.spec_from_file_location(
-    "make_synthetic", Path(__file__).resolve().parents[1] / "scripts" / "make_synthetic.py"
-)
-make_synthetic = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(make_synthetic)
+make_synthetic = load_script("make_synthetic")
 
 NUM_IMAGES = 30
 

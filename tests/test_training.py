@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import signal
@@ -15,20 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_config
+from conftest import load_script, tiny_config
 from modeling_fsgr_pma.data import load_caption_split
 from modeling_fsgr_pma.synthetic import generate_world
 from modeling_fsgr_pma.tokenization import train_caption_tokenizer
 from modeling_fsgr_pma.training import caption_mask, find_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +45,7 @@ def _train_args(world: Path, output: Path, *extra) -> list[str]:
 
 
 def test_smoke_train_saves_resumes_and_reloads(world, tmp_path):
-    train = _load_script("train")
+    train = load_script("train")
     output = tmp_path / "run"
     summary = train.main(_train_args(world, output, "--xe-steps", "4", "--scst-steps", "2", "--scst-samples", "2",
                                      "--eval-every", "3", "--checkpoint-every", "2"))
@@ -74,7 +66,7 @@ def test_smoke_train_saves_resumes_and_reloads(world, tmp_path):
 
 
 def test_unknown_config_key_and_missing_data_are_clear_errors(world, tmp_path):
-    train = _load_script("train")
+    train = load_script("train")
     bad = tmp_path / "bad.yaml"
     bad.write_text("learning_rat: 0.1\n")
     with pytest.raises(SystemExit):
@@ -82,7 +74,7 @@ def test_unknown_config_key_and_missing_data_are_clear_errors(world, tmp_path):
 
 
 def test_augmentation_with_feature_cache_is_refused(world, tmp_path):
-    train = _load_script("train")
+    train = load_script("train")
     with pytest.raises(SystemExit):
         train.parse_args(_train_args(world, tmp_path, "--feature-cache", str(tmp_path), "--augment"))
 
