@@ -5,6 +5,9 @@ Usage:
                      [--max-new-tokens 20] [--json] [--device cpu|cuda] [--max-pixels N]
                      IMAGE_OR_DIR [IMAGE_OR_DIR ...]
 
+    fsgr-pma explain IMAGE --model DIR_OR_REPO [--revision REV] --output PNG [--max-new-tokens 20]
+                     [--device cpu|cuda]
+
     python -m modeling_fsgr_pma.cli caption ...   (same thing without the installed script)
 
 `caption` loads the model with `AutoModel.from_pretrained(model, revision=..., trust_remote_code=True)` and the
@@ -20,6 +23,11 @@ Output (stdout), one line per input file, in input order:
 
 Exit status: 0 every file was captioned; 1 at least one file failed (the others are still captioned); 2 usage
 error, or the model/processor could not be loaded (a one-line message on stderr).
+
+`explain` captions one image greedily and draws one figure (`modeling_fsgr_pma.explain`): the cross-attention
+heatmap of every generated word, the patch → concept map and the prototype memory's share of self-attention per
+decoder layer. It prints the caption, then `wrote PNG`. Exit status: 0 written; 1 the image could not be used
+(one line on stderr naming the file); 2 usage error, model/processor not loadable, or the figure not writable.
 """
 
 from __future__ import annotations
@@ -92,6 +100,21 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--max-pixels", type=_positive_int, default=None, metavar="N", help="refuse larger images")
     caption.add_argument("-v", "--verbose", action="store_true", help="log progress details on stderr")
     caption.set_defaults(handler=caption_command)
+
+    explain = subparsers.add_parser(
+        "explain",
+        help="draw what the model looked at for one caption",
+        description="Caption one image greedily and write a PNG figure: a cross-attention heatmap per generated "
+        "word, the patch-to-concept map, and the prototype memory's share of self-attention per decoder layer.",
+    )
+    explain.add_argument("image", metavar="IMAGE", help="an image file")
+    explain.add_argument("--model", required=True, metavar="DIR_OR_REPO", help="a saved model directory or Hub id")
+    explain.add_argument("--revision", default=None, metavar="REV", help="Hub revision (branch, tag or commit)")
+    explain.add_argument("--output", required=True, metavar="PNG", help="where to write the figure (.png)")
+    explain.add_argument("--max-new-tokens", type=_positive_int, default=20, metavar="N", help="caption limit (20)")
+    explain.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="(cpu)")
+    explain.add_argument("-v", "--verbose", action="store_true", help="log progress details on stderr")
+    explain.set_defaults(handler=explain_command)
     return parser
 
 
@@ -240,6 +263,34 @@ def caption_command(args: argparse.Namespace) -> int:
     if failed:
         logger.warning("%d of %d files could not be captioned", failed, len(files))
     return EXIT_FAILED_FILES if failed else EXIT_OK
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# explain
+def explain_command(args: argparse.Namespace) -> int:
+    from .data import BadImageError
+    from .explain import explain_image, plot_explanation
+
+    output = Path(args.output)
+    if output.suffix.lower() != ".png":
+        raise CliError(f"--output must be a .png file, got {args.output}")
+    try:  # the cheap check first: a bad image fails before the model loads
+        image = load_image(args.image, max_pixels=None)
+    except BadImageError as error:  # the message names the file
+        print(f"fsgr-pma: error: {error}", file=sys.stderr)
+        return EXIT_FAILED_FILES
+    model, processor = load_model(args.model, args.revision, args.device)
+    limit = model.config.max_position_embeddings  # BOS + all new tokens but the last are fed to the decoder
+    if args.max_new_tokens > limit:
+        raise CliError(f"--max-new-tokens {args.max_new_tokens} exceeds this model's limit of {limit} tokens")
+    explanation = explain_image(model, processor, image, max_new_tokens=args.max_new_tokens)
+    try:
+        plot_explanation(explanation, output)
+    except OSError as error:
+        raise CliError(f"could not write {args.output}: {error.strerror or error}") from error
+    print(explanation.caption)
+    print(f"wrote {output}")
+    return EXIT_OK
 
 
 # ----------------------------------------------------------------------------------------------------------------
