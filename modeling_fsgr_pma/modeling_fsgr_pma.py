@@ -906,6 +906,13 @@ class FsgrPmaForConditionalGeneration(FsgrPmaPreTrainedModel, GenerationMixin):
             )
         return (model, info) if want_info else model
 
+    def save_pretrained(self, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`; `auto_map` also names this class for `AutoModelForImageTextToText`."""
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        auto_map["AutoModelForImageTextToText"] = f"modeling_fsgr_pma.{type(self).__name__}"
+        self.config.auto_map = auto_map
+        return super().save_pretrained(*args, **kwargs)
+
     # -- model-owned policy ---------------------------------------------------------------------------------------
     def encoder_lora_config(self) -> LoraConfig:
         """PEFT `LoraConfig` for the vision blocks from `lora_first_block` up."""

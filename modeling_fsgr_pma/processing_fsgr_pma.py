@@ -6,7 +6,7 @@ Remote code: imports only public packages.
 from __future__ import annotations
 
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-from transformers import CLIPImageProcessor, ProcessorMixin
+from transformers import BatchFeature, CLIPImageProcessor, ProcessorMixin
 
 from .configuration_fsgr_pma import FsgrPmaConfig
 
@@ -16,11 +16,40 @@ class FsgrPmaProcessor(ProcessorMixin):
 
     `processor(images=...)` gives `pixel_values`; `processor(text=...)` gives `input_ids` that start with BOS and
     end with EOS (the tokenizer's post-processor adds them); `processor.batch_decode(ids, skip_special_tokens=True)`
-    turns generated ids back into captions.
+    turns generated ids back into captions. With both, the text is a caption *prefix* for `generate` to continue
+    (this is how the `image-text-to-text` pipeline calls it).
     """
 
     def __init__(self, image_processor, tokenizer, **kwargs):
         super().__init__(image_processor, tokenizer, **kwargs)
+
+    def __call__(self, images=None, text=None, return_tensors=None, **kwargs) -> BatchFeature:
+        """Images → `pixel_values` `(B, 3, H, W)`; text → `input_ids` (and `attention_mask`) `(B, T)`.
+
+        Text alone is whole captions, `<bos> … <eos>`, padded (`**kwargs` go to the tokenizer). Text with images is
+        one caption prefix per image, `<bos> …` without EOS or mask, for `generate(**inputs)` to continue; the
+        prefixes of one batch must tokenize to the same length (the decoder has no left padding). `""` means no
+        prefix.
+        """
+        if images is None and text is None:
+            raise ValueError("FsgrPmaProcessor needs `images`, `text`, or both")
+        data = {}
+        if images is not None:
+            data.update(self.image_processor(images, return_tensors=return_tensors))
+        if text is not None and images is None:
+            data.update(self.tokenizer(text, return_tensors=return_tensors, **kwargs))
+        elif text is not None:
+            prefixes = [text] if isinstance(text, str) else list(text)
+            bos = self.tokenizer.bos_token_id
+            ids = [[bos] + self.tokenizer(prefix, add_special_tokens=False)["input_ids"] for prefix in prefixes]
+            if len({len(row) for row in ids}) > 1:
+                raise ValueError(
+                    f"Caption prefixes of one batch must have the same number of tokens, got {sorted({len(r) for r in ids})}"
+                )
+            if len(ids) != len(data["pixel_values"]):
+                raise ValueError(f"{len(ids)} caption prefixes for {len(data['pixel_values'])} images")
+            data["input_ids"] = ids
+        return BatchFeature(data, tensor_type=return_tensors)
 
     @classmethod
     def for_config(cls, config: FsgrPmaConfig, tokenizer):
