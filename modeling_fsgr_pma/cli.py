@@ -1,11 +1,11 @@
 """Command-line interface for FSGR-PMA (the `fsgr-pma` console script).
 
 Usage:
-    fsgr-pma caption --model DIR_OR_REPO [--revision REV] [--batch-size 16] [--num-beams 3]
+    fsgr-pma caption --model DIR_OR_REPO [--revision REV] [--adapter DIR] [--batch-size 16] [--num-beams 3]
                      [--max-new-tokens 20] [--json] [--device cpu|cuda] [--max-pixels N]
                      IMAGE_OR_DIR [IMAGE_OR_DIR ...]
 
-    fsgr-pma explain IMAGE --model DIR_OR_REPO [--revision REV] --output PNG [--max-new-tokens 20]
+    fsgr-pma explain IMAGE --model DIR_OR_REPO [--revision REV] [--adapter DIR] --output PNG [--max-new-tokens 20]
                      [--device cpu|cuda]
 
     python -m modeling_fsgr_pma.cli caption ...   (same thing without the installed script)
@@ -13,7 +13,7 @@ Usage:
 `caption` loads the model with `AutoModel.from_pretrained(model, revision=..., trust_remote_code=True)` and the
 processor with `AutoProcessor` (same arguments), expands directories (sorted, non-recursive; extensions .png .jpg
 .jpeg .bmp .gif .webp .tif .tiff), applies EXIF orientation, converts every image to RGB and captions the good ones
-in batches.
+in batches. `--adapter DIR` loads a PEFT adapter written by `scripts/finetune_peft.py` onto the model and merges it.
 
 Output (stdout), one line per input file, in input order:
     PATH<TAB>CAPTION                    a captioned image
@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     caption.add_argument("--model", required=True, metavar="DIR_OR_REPO", help="a saved model directory or Hub id")
     caption.add_argument("--revision", default=None, metavar="REV", help="Hub revision (branch, tag or commit)")
+    caption.add_argument("--adapter", default=None, metavar="DIR", help="PEFT adapter from scripts/finetune_peft.py")
     caption.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or directories")
     caption.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="images per batch (16)")
     caption.add_argument("--num-beams", type=_positive_int, default=3, metavar="N", help="beam width (3)")
@@ -110,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("image", metavar="IMAGE", help="an image file")
     explain.add_argument("--model", required=True, metavar="DIR_OR_REPO", help="a saved model directory or Hub id")
     explain.add_argument("--revision", default=None, metavar="REV", help="Hub revision (branch, tag or commit)")
+    explain.add_argument("--adapter", default=None, metavar="DIR", help="PEFT adapter from scripts/finetune_peft.py")
     explain.add_argument("--output", required=True, metavar="PNG", help="where to write the figure (.png)")
     explain.add_argument("--max-new-tokens", type=_positive_int, default=20, metavar="N", help="caption limit (20)")
     explain.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="(cpu)")
@@ -180,7 +182,7 @@ def _check_local_model(model: str) -> None:
         )
 
 
-def load_model(model: str, revision: str | None, device: str):
+def load_model(model: str, revision: str | None, device: str, adapter: str | None = None):
     import torch
     from huggingface_hub.errors import HfHubHTTPError
     from transformers import AutoModel, AutoProcessor
@@ -209,6 +211,13 @@ def load_model(model: str, revision: str | None, device: str):
             f"{model}: loaded a {type(processor).__name__}, not an image+text processor; "
             "save the processor with processor.save_pretrained(DIR)"
         )
+    if adapter is not None:
+        from .adapters import load_adapter
+
+        try:
+            network = load_adapter(network, adapter).merge_and_unload()
+        except ValueError as error:
+            raise CliError(str(error)) from error
     return network.to(device).eval(), processor
 
 
@@ -234,7 +243,7 @@ def caption_command(args: argparse.Namespace) -> int:
     files = expand_inputs(args.inputs)
     if not files:
         raise CliError("no image files found in the given inputs")
-    model, processor = load_model(args.model, args.revision, args.device)
+    model, processor = load_model(args.model, args.revision, args.device, args.adapter)
 
     results = [Result(file=path) for path in files]
     good: list[tuple[int, object]] = []
@@ -279,7 +288,7 @@ def explain_command(args: argparse.Namespace) -> int:
     except BadImageError as error:  # the message names the file
         print(f"fsgr-pma: error: {error}", file=sys.stderr)
         return EXIT_FAILED_FILES
-    model, processor = load_model(args.model, args.revision, args.device)
+    model, processor = load_model(args.model, args.revision, args.device, args.adapter)
     limit = model.config.max_position_embeddings  # BOS + all new tokens but the last are fed to the decoder
     if args.max_new_tokens > limit:
         raise CliError(f"--max-new-tokens {args.max_new_tokens} exceeds this model's limit of {limit} tokens")

@@ -376,3 +376,13 @@ class CiderD:
         penalty = np.exp(-(delta**2) / (2 * self.sigma**2))  # (C, R); padded references have 0 cosine
         total = (cosine * penalty[:, None, :]).sum(axis=(1, 2))  # (C,)
         return total / self.n / self._num_refs[images] * 10.0
+
+
+class TokenizedCiderD(CiderD):
+    """CIDEr-D on raw captions: references and candidates pass through the same `simple_tokenize`."""
+
+    def __init__(self, references: dict[str, list[str]]):
+        super().__init__({i: [simple_tokenize(c) for c in refs] for i, refs in references.items()})
+
+    def score(self, candidates: list[str], image_ids: list[str]):
+        return super().score([simple_tokenize(c) for c in candidates], image_ids)

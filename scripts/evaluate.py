@@ -5,6 +5,8 @@ Usage:
     python scripts/evaluate.py --model outputs/demo/model --data outputs/demo/data --split test \
         --output outputs/demo/metrics_test.json
 
+With `--adapter DIR` (a `scripts/finetune_peft.py` output) the adapter is loaded onto the model and merged first.
+
 Writes pycocoevalcap's metric names (`Bleu_1`..`Bleu_4`, `METEOR`, `ROUGE_L`, `CIDEr`, `SPICE`; a metric whose
 Java part is missing is `null` with its reason under `skipped`), `hallucination_rate` when the data lists the
 objects in each image (the synthetic world), the decoding settings, and every caption under `predictions`.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -21,6 +24,7 @@ from accelerate.logging import get_logger
 from torch.utils.data import DataLoader
 from transformers import AutoModel, AutoProcessor
 
+from modeling_fsgr_pma.adapters import load_adapter
 from modeling_fsgr_pma.data import load_caption_split
 from modeling_fsgr_pma.metrics import compute_caption_metrics
 from modeling_fsgr_pma.synthetic import hallucination_rate
@@ -33,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="directory (or Hub repo id) written by save_pretrained")
     parser.add_argument("--revision", default=None, help="Hub revision to load")
+    parser.add_argument("--adapter", default=None, help="PEFT adapter directory from scripts/finetune_peft.py")
     parser.add_argument("--data", required=True, help="dataset directory (see modeling_fsgr_pma.data)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--image-root", default=None)
@@ -47,9 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     accelerator = Accelerator()
     model = AutoModel.from_pretrained(args.model, trust_remote_code=True, revision=args.revision)
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True, revision=args.revision)
+    if args.adapter is not None:
+        model = load_adapter(model, args.adapter).merge_and_unload()
     data = load_caption_split(args.data, args.split, args.image_root, args.bad_images)
     if args.max_images is not None:
         data = data.select(range(min(args.max_images, len(data))))
@@ -78,6 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
         num_beams=num_beams,
         max_new_tokens=max_new_tokens,
         model=str(args.model),
+        adapter=args.adapter,
         predictions=predictions,
     )
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -38,7 +39,7 @@ from modeling_fsgr_pma import FsgrPmaConfig, FsgrPmaForConditionalGeneration
 from modeling_fsgr_pma.clip_backbone import load_codebook, load_pretrained_clip
 from modeling_fsgr_pma.data import load_caption_split
 from modeling_fsgr_pma.feature_cache import check_cache_matches, load_feature_cache
-from modeling_fsgr_pma.metrics import CiderD, simple_tokenize
+from modeling_fsgr_pma.metrics import TokenizedCiderD
 from modeling_fsgr_pma.processing_fsgr_pma import FsgrPmaProcessor
 from modeling_fsgr_pma.tokenization import train_caption_tokenizer
 from modeling_fsgr_pma.training import (
@@ -178,6 +179,7 @@ def build_config(args: argparse.Namespace, vocab_size: int, concept_names: list[
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=None if args.report_to == "none" else args.report_to,
@@ -356,16 +358,6 @@ def main(argv: list[str] | None = None) -> dict:
     if accelerator.is_main_process:
         (args.output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-class TokenizedCiderD(CiderD):
-    """CIDEr-D on raw captions: references and candidates pass through the same `simple_tokenize`."""
-
-    def __init__(self, references: dict[str, list[str]]):
-        super().__init__({i: [simple_tokenize(c) for c in refs] for i, refs in references.items()})
-
-    def score(self, candidates: list[str], image_ids: list[str]):
-        return super().score([simple_tokenize(c) for c in candidates], image_ids)
 
 
 def _is_refresh_step(step: int, args: argparse.Namespace, config: FsgrPmaConfig) -> bool:

@@ -1,0 +1,121 @@
+"""PEFT LoRA adapters for a trained FSGR-PMA model: build, save and load them with clear errors.
+
+`scripts/finetune_peft.py` writes an adapter directory: PEFT's `adapter_model.safetensors` and
+`adapter_config.json`, plus `fsgr_pma_base.json` (which base model it was trained on) and, when the prototype
+memory was refreshed on the new domain, `prototypes.safetensors` (the refreshed prototype buffers, which are not
+LoRA weights). `load_adapter` puts all of it back onto a freshly loaded base:
+
+    base = AutoModel.from_pretrained(BASE, trust_remote_code=True)
+    model = load_adapter(base, ADAPTER_DIR)          # a peft.PeftModel; .merge_and_unload() for a plain model
+
+Training-side code: the remote-code model files never import this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
+
+BASE_FILE = "fsgr_pma_base.json"
+PROTOTYPES_FILE = "prototypes.safetensors"
+# Tensors that identify a trained base: its vocabulary embeddings, its concept codebook and its patch embedding.
+FINGERPRINT_TENSORS = ("decoder.embed_tokens.weight", "encoder.codebook.embeddings", "encoder.tower.visual.conv1.weight")
+
+
+def read_lora_config(path: str | Path) -> LoraConfig:
+    """A `LoraConfig` from a JSON file of its fields (`configuration/lora/default.json`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"LoRA config {path} does not exist (see configuration/lora/ for the shipped ones)")
+    try:
+        fields = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"LoRA config {path} is not valid JSON: {error}") from None
+    peft_type = fields.pop("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise ValueError(f"LoRA config {path} has peft_type {peft_type!r}; only LORA is supported")
+    try:
+        return LoraConfig(**fields)
+    except TypeError as error:  # an unknown field name
+        raise ValueError(f"LoRA config {path}: {error}") from None
+
+
+def base_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of the base model's identity (architecture and a few trained tensors)."""
+    state = model.state_dict()
+    digest = hashlib.sha256(json.dumps({k: list(v.shape) for k, v in state.items()}, sort_keys=True).encode())
+    for name in FINGERPRINT_TENSORS:
+        if name in state:
+            digest.update(state[name].detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def apply_lora(model: torch.nn.Module, lora_config: LoraConfig) -> PeftModel:
+    """`get_peft_model`, with an error that shows the module names when the config matches none of them."""
+    try:
+        return get_peft_model(model, lora_config)
+    except ValueError as error:
+        if "not found in the base model" not in str(error) and "No modules were targeted" not in str(error):
+            raise
+        examples = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)][:6]
+        raise ValueError(
+            f"The LoRA config's target_modules {lora_config.target_modules!r} match no module of this model; "
+            f"name modules as they appear in model.named_modules(), e.g. {examples}"
+        ) from None
+
+
+def prototype_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The prototype buffers (keys, values, ready flags) of every memory layer, by state-dict name."""
+    state = model.state_dict()
+    return {name: tensor.detach().cpu().clone() for name, tensor in state.items() if ".prototype_" in name}  # copies
+
+
+def save_adapter(peft_model: PeftModel, directory: str | Path, base_name: str, fingerprint: str, memory: str) -> None:
+    """Write the PEFT adapter, the base's identity and (memory "refresh") the refreshed prototypes."""
+    directory = Path(directory)
+    peft_model.save_pretrained(directory)
+    info = {"base_model": base_name, "base_fingerprint": fingerprint, "memory": memory}
+    (directory / BASE_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    if memory == "refresh":
+        save_file(prototype_state(peft_model.get_base_model()), str(directory / PROTOTYPES_FILE))
+
+
+def load_adapter(base: torch.nn.Module, directory: str | Path) -> PeftModel:
+    """Load an adapter written by `scripts/finetune_peft.py` onto `base`, checking it was trained on that base."""
+    directory = Path(directory)
+    if not (directory / "adapter_config.json").is_file():
+        raise ValueError(
+            f"{directory} is not a PEFT adapter directory (no adapter_config.json); pass the --output-dir of "
+            "scripts/finetune_peft.py"
+        )
+    info_path = directory / BASE_FILE
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        if info["base_fingerprint"] != base_fingerprint(base):
+            raise ValueError(
+                f"The adapter {directory} was trained on another base model ({info['base_model']}); load that "
+                "model with AutoModel.from_pretrained and put the adapter on it"
+            )
+    else:
+        logger.warning("%s has no %s: cannot check that it was trained on this base model", directory, BASE_FILE)
+    try:
+        model = PeftModel.from_pretrained(base, str(directory))
+    except RuntimeError as error:  # shape mismatches from load_state_dict
+        first = str(error).strip().splitlines()[0]
+        raise ValueError(f"The adapter {directory} does not fit this base model: {first}") from None
+    prototypes_path = directory / PROTOTYPES_FILE
+    if prototypes_path.is_file():
+        prototypes = load_file(str(prototypes_path))
+        missing = set(prototype_state(base)) ^ set(prototypes)
+        if missing:
+            raise ValueError(f"{prototypes_path} does not match the base model's memory layers ({sorted(missing)[:3]})")
+        base.load_state_dict(prototypes, strict=False)
+    return model
