@@ -35,16 +35,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from .loading import ModelLoadError, load_pretrained
+
 logger = logging.getLogger("fsgr_pma.cli")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-PROCESSOR_FILES = ("tokenizer.json", "processor_config.json")
 EXIT_OK, EXIT_FAILED_FILES, EXIT_USAGE = 0, 1, 2
 _EXIF_ORIENTATION = 0x0112
 
@@ -159,66 +159,16 @@ def load_image(path: str, max_pixels: int | None):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Model
-def _looks_like_path(model: str) -> bool:
-    """A local path rather than a Hub id (`owner/name`): it exists, is absolute or relative-looking, or has >1 '/'."""
-    return os.path.exists(model) or os.path.isabs(model) or model.startswith((".", "~")) or model.count("/") > 1
-
-
-def _check_local_model(model: str) -> None:
-    path = Path(model).expanduser()
-    if not path.exists():
-        raise CliError(
-            f"model directory not found: {model} (pass a directory written by model.save_pretrained(DIR) "
-            "or a Hub repo id like owner/name)"
-        )
-    if not path.is_dir():
-        raise CliError(f"--model must be a directory or a Hub repo id, got a file: {model}")
-    if not (path / "config.json").is_file():
-        raise CliError(f"{model}: no config.json; save the model with model.save_pretrained({model!r})")
-    if not any((path / name).is_file() for name in PROCESSOR_FILES):
-        raise CliError(
-            f"{model}: no processor files (missing {' and '.join(PROCESSOR_FILES)}); "
-            f"save the processor with processor.save_pretrained({model!r})"
-        )
-
-
 def load_model(model: str, revision: str | None, device: str, adapter: str | None = None):
     import torch
-    from huggingface_hub.errors import HfHubHTTPError
-    from transformers import AutoModel, AutoProcessor
 
     if device == "cuda" and not torch.cuda.is_available():
         raise CliError("--device cuda requested but CUDA is not available; use --device cpu")
-    if _looks_like_path(model):
-        _check_local_model(model)
-        model = str(Path(model).expanduser())
-    kwargs = dict(revision=revision, trust_remote_code=True)
-    what = "model"
     try:
-        network = AutoModel.from_pretrained(model, **kwargs)
-        what = "processor"
-        processor = AutoProcessor.from_pretrained(model, **kwargs)
-    except (OSError, ValueError, EnvironmentError, HfHubHTTPError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        hint = (
-            "save the processor with processor.save_pretrained(DIR) next to the model"
-            if what == "processor"
-            else "check the directory / repo id and --revision"
-        )
-        raise CliError(f"could not load the {what} from {model}: {first} ({hint})") from error
-    if not callable(getattr(processor, "batch_decode", None)) or getattr(processor, "image_processor", None) is None:
-        raise CliError(
-            f"{model}: loaded a {type(processor).__name__}, not an image+text processor; "
-            "save the processor with processor.save_pretrained(DIR)"
-        )
-    if adapter is not None:
-        from .adapters import load_adapter
-
-        try:
-            network = load_adapter(network, adapter).merge_and_unload()
-        except ValueError as error:
-            raise CliError(str(error)) from error
-    return network.to(device).eval(), processor
+        network, processor = load_pretrained(model, revision, adapter)
+    except ModelLoadError as error:
+        raise CliError(str(error)) from error
+    return network.to(device), processor
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -22,10 +22,9 @@ from pathlib import Path
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from torch.utils.data import DataLoader
-from transformers import AutoModel, AutoProcessor
 
-from modeling_fsgr_pma.adapters import load_adapter
 from modeling_fsgr_pma.data import load_caption_split
+from modeling_fsgr_pma.loading import load_pretrained
 from modeling_fsgr_pma.metrics import compute_caption_metrics
 from modeling_fsgr_pma.synthetic import hallucination_rate
 from modeling_fsgr_pma.training import CaptionCollator, generate_captions
@@ -54,10 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     accelerator = Accelerator()
-    model = AutoModel.from_pretrained(args.model, trust_remote_code=True, revision=args.revision)
-    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True, revision=args.revision)
-    if args.adapter is not None:
-        model = load_adapter(model, args.adapter).merge_and_unload()
+    model, processor = load_pretrained(args.model, args.revision, args.adapter)
     data = load_caption_split(args.data, args.split, args.image_root, args.bad_images)
     if args.max_images is not None:
         data = data.select(range(min(args.max_images, len(data))))

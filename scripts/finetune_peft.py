@@ -35,10 +35,11 @@ from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoModel, AutoProcessor, get_scheduler
+from transformers import get_scheduler
 
 from modeling_fsgr_pma.adapters import apply_lora, base_fingerprint, read_lora_config, save_adapter
 from modeling_fsgr_pma.data import load_caption_split
+from modeling_fsgr_pma.loading import load_pretrained
 from modeling_fsgr_pma.metrics import TokenizedCiderD
 from modeling_fsgr_pma.training import CaptionCollator, bank_report, generate_captions, refresh_memory
 
@@ -105,8 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     lora_config = read_lora_config(args.lora_config)  # fail on a bad config before loading anything
 
     # Base model, processor, adapter
-    base = AutoModel.from_pretrained(args.base_model, revision=args.revision, trust_remote_code=True)
-    processor = AutoProcessor.from_pretrained(args.base_model, revision=args.revision, trust_remote_code=True)
+    base, processor = load_pretrained(args.base_model, args.revision)
     if base.config.lora_rank > 0 and not base.config.lora_merged:
         raise ValueError(
             f"{args.base_model} still has its training LoRA unmerged; fine-tune a release (train.py's "

@@ -14,7 +14,8 @@ import pytest
 from conftest import tiny_model
 from PIL import Image
 
-from modeling_fsgr_pma.cli import PROCESSOR_FILES, load_image, main
+from modeling_fsgr_pma.cli import load_image, main
+from modeling_fsgr_pma.loading import PROCESSOR_FILES
 from modeling_fsgr_pma.data import BadImageError
 from modeling_fsgr_pma.processing_fsgr_pma import FsgrPmaProcessor
 from modeling_fsgr_pma.tokenization import train_caption_tokenizer

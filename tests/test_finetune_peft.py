@@ -183,3 +183,9 @@ def test_unmerged_base_is_refused(base_and_world, tmp_path):
             (unmerged / path.name).write_bytes(path.read_bytes())
     with pytest.raises(ValueError, match="unmerged"):
         _finetune(unmerged, world, lora, tmp_path / "out", "frozen")
+
+
+def test_missing_base_model_is_named(base_and_world, tmp_path):
+    _, world, lora = base_and_world
+    with pytest.raises(ValueError, match="model directory not found"):
+        _finetune(tmp_path / "no-such-model", world, lora, tmp_path / "out", "frozen")
