@@ -442,13 +442,14 @@ def mentioned_objects(caption: str, domain: str | None = None) -> set[tuple[str 
 
 def hallucination_rate(
     predictions: dict[str, str], objects: dict[str, list[dict]], domain: str | None = None
-) -> float:
+) -> float | None:
     """CHAIR_i-style share of mentioned objects that are not in the image.
 
     For each caption, take its distinct mentions from `mentioned_objects`. A mention is hallucinated when no object
     of the image has its shape, or when it names a colour and no object of the image has that colour *and* that
     shape ("a red square" with only a blue square and a red circle is hallucinated). The rate is hallucinated
-    mentions ÷ all mentions, summed over the predictions; 0.0 when nothing is mentioned.
+    mentions ÷ all mentions, summed over the predictions; None when no caption mentions an object (a captioner that
+    names no known shape is not thereby accurate).
 
     Args:
         predictions: image id → predicted caption.
@@ -462,4 +463,4 @@ def hallucination_rate(
         for colour, shape in mentioned_objects(caption, domain):
             total += 1
             hallucinated += shape not in present_shapes or (colour is not None and (colour, shape) not in present)
-    return hallucinated / total if total else 0.0
+    return hallucinated / total if total else None

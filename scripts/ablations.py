@@ -80,13 +80,18 @@ def main(argv: list[str] | None = None) -> dict:
     for name, r in results.items():
         lines.append(
             f"| {name} | {r['test']['CIDEr']:.3f} | {r['test_novel']['CIDEr']:.3f} | "
-            f"{r['test']['hallucination_rate']:.3f} | {r['test_novel']['hallucination_rate']:.3f} | {r['train_seconds']} |"
+            f"{_rate(r['test']['hallucination_rate'])} | {_rate(r['test_novel']['hallucination_rate'])} | "
+            f"{r['train_seconds']} |"
         )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text("\n".join(lines) + "\n")
     args.output.with_suffix(".json").write_text(json.dumps(results, indent=2))
     print("\n".join(lines))
     return results
+
+
+def _rate(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 if __name__ == "__main__":

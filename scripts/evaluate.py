@@ -9,7 +9,8 @@ With `--adapter DIR` (a `scripts/finetune_peft.py` output) the adapter is loaded
 
 Writes pycocoevalcap's metric names (`Bleu_1`..`Bleu_4`, `METEOR`, `ROUGE_L`, `CIDEr`, `SPICE`; a metric whose
 Java part is missing is `null` with its reason under `skipped`), `hallucination_rate` when the data lists the
-objects in each image (the synthetic world), the decoding settings, and every caption under `predictions`.
+objects in each image (the synthetic world; `null` when no caption names a known object) with
+`objects_mentioned_per_caption`, the decoding settings, and every caption under `predictions`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch.utils.data import DataLoader
 from modeling_fsgr_pma.data import load_caption_split
 from modeling_fsgr_pma.loading import load_pretrained
 from modeling_fsgr_pma.metrics import compute_caption_metrics
-from modeling_fsgr_pma.synthetic import hallucination_rate
+from modeling_fsgr_pma.synthetic import hallucination_rate, mentioned_objects
 from modeling_fsgr_pma.training import CaptionCollator, generate_captions
 
 logger = get_logger(__name__)
@@ -76,6 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = compute_caption_metrics(predictions, references)
     if "objects" in data.column_names:
         result["hallucination_rate"] = hallucination_rate(predictions, dict(zip(image_ids, list(data["objects"]))))
+        mentions = sum(len(mentioned_objects(caption)) for caption in predictions.values())
+        result["objects_mentioned_per_caption"] = mentions / max(len(predictions), 1)
     result.update(
         split=args.split,
         num_images=len(predictions),
