@@ -48,6 +48,18 @@ def read_lora_config(path: str | Path) -> LoraConfig:
         raise ValueError(f"LoRA config {path}: {error}") from None
 
 
+def new_word_token_ids(captions: list[str], tokenizer) -> list[int]:
+    """Ids of the tokens that spell words the tokenizer has no single token for (a new domain's vocabulary).
+
+    Training these embedding rows (PEFT `trainable_token_indices`; the LM head is tied to them) lets the decoder
+    learn to write new words that the base tokenizer can only spell in pieces.
+    """
+    pre_tokenize = tokenizer.backend_tokenizer.pre_tokenizer.pre_tokenize_str
+    words = {word for caption in captions for word, _ in pre_tokenize(caption.lower())}
+    pieces = (tokenizer(word, add_special_tokens=False)["input_ids"] for word in sorted(words))
+    return sorted({token for ids in pieces if len(ids) > 1 for token in ids})
+
+
 def base_fingerprint(model: torch.nn.Module) -> str:
     """A short hash of the base model's identity (architecture and a few trained tensors)."""
     state = model.state_dict()

@@ -8,7 +8,9 @@ Usage (the README's domain-transfer demo, after `python scripts/demo.py`):
 
 `get_peft_model` wraps the loaded remote-code model with the `LoraConfig` of `--lora-config` (default
 `configuration/lora/default.json`: the tiny preset's upper vision blocks, `attn`/`c_fc`/`c_proj`, and every decoder
-attention projection; `configuration/lora/vit-b16.json` for the ViT-B/16 preset). Everything else stays frozen.
+attention projection; `configuration/lora/vit-b16.json` for the ViT-B/16 preset), plus, unless the config sets
+`trainable_token_indices`, the embedding rows of the tokens that spell words the base tokenizer lacks (the new
+domain's vocabulary; the LM head is tied to them). Everything else stays frozen.
 The loss is the model's own (XE + β·SupCon); training references longer than the decoder's positions are dropped
 (each image keeps at least one). `--memory frozen` keeps the base model's prototypes; `--memory
 refresh` refills the banks with the new domain and re-clusters them every `memory_refresh_every` steps once a full
@@ -37,7 +39,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from modeling_fsgr_pma.adapters import apply_lora, base_fingerprint, read_lora_config, save_adapter
+from modeling_fsgr_pma.adapters import apply_lora, base_fingerprint, new_word_token_ids, read_lora_config, save_adapter
 from modeling_fsgr_pma.data import load_caption_split
 from modeling_fsgr_pma.loading import load_pretrained
 from modeling_fsgr_pma.metrics import TokenizedCiderD
@@ -60,10 +62,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lora-config", type=Path, default=ROOT / "configuration/lora/default.json")
     parser.add_argument("--memory", choices=["frozen", "refresh"], default="frozen",
                         help="keep the base prototypes, or re-cluster them on the new domain")
-    parser.add_argument("--steps", type=int, default=400, help="optimiser steps")
+    parser.add_argument("--steps", type=int, default=500, help="optimiser steps")
     parser.add_argument("--batch-size", type=int, default=32, help="per process")
     parser.add_argument("--eval-batch-size", type=int, default=100)
-    parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--warmup-steps", type=int, default=20)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
@@ -113,9 +115,6 @@ def main(argv: list[str] | None = None) -> dict:
             "OUTPUT_DIR/model, or a model after model.merge_encoder_lora() and save_pretrained)"
         )
     fingerprint = base_fingerprint(base)
-    model = apply_lora(base, lora_config)
-    trainable, total = model.get_nb_trainable_parameters()
-    logger.info(f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
 
     # Data
     train_data = load_caption_split(args.data, args.train_split, args.image_root)
@@ -123,6 +122,17 @@ def main(argv: list[str] | None = None) -> dict:
     eval_data = eval_data.select(range(min(args.eval_max_images, len(eval_data))))
     max_length = base.config.max_position_embeddings
     train_data = keep_fitting_captions(train_data, processor.tokenizer, max_length)
+
+    # Adapter: LoRA, plus the embedding rows that spell the new domain's words (unless the config names tokens)
+    if lora_config.trainable_token_indices is None:
+        captions = [caption for captions in train_data["captions"] for caption in captions]
+        new_tokens = new_word_token_ids(captions, processor.tokenizer)
+        if new_tokens:
+            lora_config.trainable_token_indices = {"embed_tokens": new_tokens}
+            logger.info(f"{len(new_tokens)} tokens spell words the base vocabulary lacks; their embeddings train")
+    model = apply_lora(base, lora_config)
+    trainable, total = model.get_nb_trainable_parameters()
+    logger.info(f"LoRA: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
     train_data = train_data.add_column("row", list(range(len(train_data))))
     eval_data = eval_data.add_column("row", list(range(len(eval_data))))
     collator = CaptionCollator(processor, max_length, seed=args.seed)
@@ -182,7 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
             step += 1
             progress.update(1)
             progress.set_postfix(loss=f"{loss.item():.3f}")
-            if refresh and step >= config.memory_window and step % config.memory_refresh_every == 0:
+            # No refresh at the last step: the adapter would never train against those prototypes.
+            if refresh and config.memory_window <= step < args.steps and step % config.memory_refresh_every == 0:
                 refresh_memory(accelerator, inner, seed=args.seed + step, backend=args.kmeans_backend)
                 logger.info(f"step {step}: prototypes refreshed on the new domain ({bank_report(inner)})")
             if step >= args.steps:

@@ -12,7 +12,14 @@ from transformers import AutoModel
 
 from conftest import fill_memory, load_script, random_batch, tiny_model
 from modeling_fsgr_pma import FsgrPmaConfig, FsgrPmaForConditionalGeneration
-from modeling_fsgr_pma.adapters import PROTOTYPES_FILE, apply_lora, load_adapter, prototype_state, read_lora_config
+from modeling_fsgr_pma.adapters import (
+    PROTOTYPES_FILE,
+    apply_lora,
+    load_adapter,
+    new_word_token_ids,
+    prototype_state,
+    read_lora_config,
+)
 from modeling_fsgr_pma.data import load_caption_split
 from modeling_fsgr_pma.processing_fsgr_pma import FsgrPmaProcessor
 from modeling_fsgr_pma.synthetic import generate_world
@@ -45,6 +52,15 @@ def test_shipped_lora_configs_adapt_upper_vision_blocks_and_decoder_attention(pr
     assert all("mlp" not in name for name in decoder)
     trainable, total = peft_model.get_nb_trainable_parameters()
     assert 0 < trainable / total < 0.05
+
+
+def test_new_word_token_ids_are_the_pieces_of_unknown_words():
+    tokenizer = train_caption_tokenizer(["a red circle", "a blue square", "red squares"] * 4, vocab_size=60)
+    known = tokenizer("a red circle", add_special_tokens=False)["input_ids"]
+    assert new_word_token_ids(["a red circle"], tokenizer) == []
+    pieces = new_word_token_ids(["a red hexagon"], tokenizer)
+    assert pieces == sorted(set(tokenizer("hexagon", add_special_tokens=False)["input_ids"]))
+    assert len(pieces) > 1 and not set(pieces) & set(known[:2])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -86,7 +102,7 @@ def test_finetune_adapter_reloads_onto_fresh_base_and_merges(base_and_world, tmp
     assert (output / "adapter_model.safetensors").is_file() and (output / "adapter_config.json").is_file()
     assert (output / PROTOTYPES_FILE).is_file() == (memory == "refresh")
     lora_weights = load_file(output / "adapter_model.safetensors")
-    assert lora_weights and all("lora_" in name for name in lora_weights)
+    assert lora_weights and all("lora_" in name or "trainable_tokens" in name for name in lora_weights)
     assert any(t.abs().sum() > 0 for name, t in lora_weights.items() if "lora_B" in name)  # it trained
 
     base = AutoModel.from_pretrained(base_dir, trust_remote_code=True).eval()
