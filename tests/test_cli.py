@@ -235,3 +235,13 @@ def test_python_dash_m(dash_m):
 def test_cuda_unavailable_exits_2(model_dir, good_dir, capsys):
     assert main(["caption", "--model", str(model_dir), str(good_dir), "--device", "cuda"]) == 2
     _assert_one_line_error(capsys, "CUDA is not available")
+
+
+def test_unknown_hub_repo_exits_2_offline(good_dir):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "modeling_fsgr_pma.cli", "caption", "--model", "nobody-here/no-such-model",
+               str(good_dir / "mode_l.png")]
+    process = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=180)
+    assert process.returncode == 2
+    assert "Traceback" not in process.stderr
+    assert "could not load the model from nobody-here/no-such-model" in process.stderr
