@@ -43,6 +43,11 @@ logger = logging.get_logger(__name__)
 
 # CLIP's contrastive temperature (0.07) turns cosine similarities into concept-assignment logits.
 CONCEPT_LOGIT_SCALE = 1.0 / 0.07
+# Up to this many prototypes, memory attention copies them after every sequence's keys and runs one fused SDPA;
+# beyond it, one matmul per head scores them for the whole batch (`attend_with_prototypes`). Measured on CPU: with
+# 32 prototypes the fused call is the faster one; with 1024, copying them per sequence and decoding step made
+# training 1.9x and beam search 9x slower than without memory (`scripts/benchmark.py`, `..._b16` figures).
+MAX_PROTOTYPES_TO_CONCATENATE = 64
 
 
 # ==============================================================================================================
@@ -169,6 +174,38 @@ def attend(
     return F.dropout(weights, p=dropout) @ value, weights  # (B, h, T, hd)
 
 
+def attend_with_prototypes(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: torch.Tensor | None,
+    memory_keys: torch.Tensor,
+    memory_values: torch.Tensor,
+    dropout: float,
+    output_attentions: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`attend` over `[key ; memory_keys]` and `[value ; memory_values]`, without copying the memory per sequence.
+
+    `(B, h, T, hd)` queries, `(B, h, S, hd)` keys/values with a boolean `(B, 1, T, S)` mask (or None), and
+    `(h, m, hd)` memory keys/values shared by the batch, which every query sees. The memory is scored and read by
+    one matmul per head for all B * T queries; one softmax runs over the S + m scores of each query.
+    """
+    batch, heads, length, head_dim = query.shape
+    query = query * head_dim**-0.5
+    scores = query @ key.transpose(-1, -2)  # (B, h, T, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    rows = query.transpose(0, 1).reshape(heads, batch * length, head_dim)  # (h, B * T, hd)
+    memory_scores = rows @ memory_keys.transpose(-1, -2)  # (h, B * T, m)
+    memory_scores = memory_scores.view(heads, batch, length, -1).transpose(0, 1)  # (B, h, T, m)
+    weights = torch.cat([scores, memory_scores], dim=-1).softmax(-1)  # (B, h, T, S + m)
+    kept = F.dropout(weights, p=dropout) if dropout else weights
+    sequence_weights, memory_weights = kept.split([key.shape[2], memory_keys.shape[1]], dim=-1)
+    memory_weights = memory_weights.transpose(0, 1).reshape(heads, batch * length, -1)  # (h, B * T, m)
+    read = (memory_weights @ memory_values).view(heads, batch, length, head_dim).transpose(0, 1)  # (B, h, T, hd)
+    return sequence_weights @ value + read, (weights if output_attentions else None)
+
+
 class FsgrPmaCrossAttention(nn.Module):
     """Multi-head cross-attention; keys/values come from a second sequence and can be cached (generation)."""
 
@@ -278,14 +315,14 @@ class FsgrPmaVisionTower(nn.Module):
     def dense_embeddings(self, last_input: torch.Tensor, n_patches: int) -> torch.Tensor:
         """MaskCLIP-style dense CLIP-space patch embeddings, `(B, n, d_clip)`.
 
-        The last block runs with every token attending only to itself (its value path), then `ln_post` and the
-        CLIP projection map each patch into the joint image-text space.
+        The last block runs with every patch attending only to itself (its value path), then `ln_post` and the
+        CLIP projection map each patch into the joint image-text space. Each patch goes through the block as a
+        sequence of length one, which is that self-only attention without an `(L, L)` mask or score matrix.
         """
-        length = last_input.shape[1]
-        self_only = torch.full((length, length), float("-inf"), device=last_input.device, dtype=last_input.dtype)
-        self_only.fill_diagonal_(0.0)  # (L, L) additive mask: attention to self only
-        x = self.blocks[-1](last_input, attn_mask=self_only)
-        return self.visual.ln_post(x[:, -n_patches:]) @ self.visual.proj  # (B, n, d_clip)
+        patches = last_input[:, -n_patches:]  # (B, n, d_v)
+        batch, _, width = patches.shape
+        x = self.blocks[-1](patches.reshape(batch * n_patches, 1, width))  # (B * n, 1, d_v)
+        return self.visual.ln_post(x.view(batch, n_patches, width)) @ self.visual.proj  # (B, n, d_clip)
 
     def set_adapters_enabled(self, enabled: bool) -> None:
         for module in self.visual.modules():
@@ -610,13 +647,55 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
         self.bank_next = 0
         self.bank_filled = 0
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Derived from the buffers and reused while they are unchanged (see `_is_ready`, `memory_heads`); never saved.
+        self._ready: tuple | None = None
+        self._heads: tuple | None = None
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(*x.shape[:-1], self.num_heads, self.head_dim).transpose(-3, -2)  # (..., h, L, hd)
 
+    @staticmethod
+    def _state(*tensors: torch.Tensor) -> tuple | None:
+        """Identity and in-place write count (`_version`) of each tensor; None for inference tensors (they keep none).
+
+        A value derived from the tensors is still valid while this is unchanged and the tensors are kept alive (so that
+        no `id` is reused): `fill_`, `copy_`, `load_state_dict` and optimiser steps bump `_version`, while `.to()` and
+        re-assigning a buffer put another tensor in its place.
+        """
+        if any(tensor.is_inference() for tensor in tensors):
+            return None
+        return tuple((id(tensor), tensor._version) for tensor in tensors)
+
+    def _is_ready(self) -> bool:
+        """`prototype_ready` as a Python bool, read from the buffer (a GPU sync) only after it changed."""
+        state = self._state(self.prototype_ready)
+        if state is None or self._ready is None or self._ready[0] != state:
+            self._ready = (state, self.prototype_ready, bool(self.prototype_ready.item()))
+        return self._ready[2]
+
     @property
     def memory_active(self) -> bool:
-        return self.memory_enabled and bool(self.prototype_ready.item())
+        return self.memory_enabled and self._is_ready()
+
+    def memory_heads(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per-head prototype keys `M_K + s_mem` and values `M_V`, `(h, m, hd)` each; None while there are none.
+
+        With gradients enabled (training) they are recomputed at every forward, so that `segment_memory` learns. Under
+        `no_grad` or `inference_mode` (captioning) they are computed once and reused until a prototype buffer or
+        `segment_memory` changes (see `_state`), rather than at every layer of every decoding step.
+        """
+        if not self.memory_active:
+            return None
+        tensors = (self.prototype_keys, self.prototype_values, self.segment_memory)
+        state = None if torch.is_grad_enabled() else self._state(*tensors)
+        if state is not None:
+            state = (dtype, torch.is_inference_mode_enabled(), *state)
+            if self._heads is not None and self._heads[0] == state:
+                return self._heads[2], self._heads[3]
+        keys = self._split_heads((self.prototype_keys + self.segment_memory).to(dtype))  # (h, m, hd)
+        values = self._split_heads(self.prototype_values.to(dtype))  # (h, m, hd)
+        self._heads = None if state is None else (state, tensors, keys, values)
+        return keys, values
 
     def forward(
         self,
@@ -632,29 +711,48 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
         """
         query, key, value = self.qkv_proj(hidden_states).split(hidden_states.shape[-1], dim=-1)  # (B, T, d) each
         if self.training and self.memory_enabled:
-            keep = token_mask.bool() if token_mask is not None else torch.ones_like(key[..., 0], dtype=torch.bool)
-            self._pending = (key.detach()[keep], value.detach()[keep])  # (N_valid, d) each; committed after forward
+            self._pending = self.sample_for_bank(key, value, token_mask)  # committed after the forward
         if self.memory_enabled:
             key = key + self.segment_sequence
         query, key, value = self._split_heads(query), self._split_heads(key), self._split_heads(value)  # (B, h, T, hd)
         if past_key_values is not None:
             key, value = past_key_values.self_attention_cache.update(key, value, self.layer_idx)  # (B, h, S, hd)
         mask = attention_mask  # None: every sequence position is visible
-        if self.memory_active:
+        dropout = self.dropout if self.training else 0.0
+        memory = self.memory_heads(key.dtype)
+        if memory is None:
+            out, weights = attend(query, key, value, mask, dropout, output_attentions)
+        elif memory[0].shape[1] > MAX_PROTOTYPES_TO_CONCATENATE:
+            out, weights = attend_with_prototypes(query, key, value, mask, *memory, dropout, output_attentions)
+        else:
             batch = hidden_states.shape[0]
-            memory_keys = self._split_heads((self.prototype_keys + self.segment_memory).to(key.dtype))  # (h, m, hd)
-            memory_values = self._split_heads(self.prototype_values.to(value.dtype))  # (h, m, hd)
+            memory_keys, memory_values = memory  # (h, m, hd) each
             key = torch.cat([key, memory_keys.expand(batch, -1, -1, -1)], dim=2)  # (B, h, S + m, hd)
             value = torch.cat([value, memory_values.expand(batch, -1, -1, -1)], dim=2)  # (B, h, S + m, hd)
             if mask is not None:
                 always = mask.new_ones(*mask.shape[:-1], memory_keys.shape[1])  # (B, 1, T, m)
                 mask = torch.cat([mask, always], dim=-1)  # (B, 1, T, S + m)
-        dropout = self.dropout if self.training else 0.0
-        out, weights = attend(query, key, value, mask, dropout, output_attentions)
+            out, weights = attend(query, key, value, mask, dropout, output_attentions)
         out = out.transpose(1, 2).reshape(*hidden_states.shape)  # (B, T, d)
         return self.out_proj(out), weights
 
     # -- memory bank ----------------------------------------------------------------------------------------------
+    def sample_for_bank(
+        self, key: torch.Tensor, value: torch.Tensor, token_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A random subset of at most `memory_tokens_per_step` non-padding rows of `(B, T, d)` keys and values.
+
+        Returns detached `(n_keep, d)` keys and values. The rows are drawn before gathering, so only the kept rows
+        are copied.
+        """
+        if token_mask is None:
+            rows = torch.arange(key.shape[0] * key.shape[1], device=key.device)  # (B * T,)
+        else:
+            rows = token_mask.flatten().nonzero().squeeze(1)  # (N_valid,)
+        if len(rows) > self.config.memory_tokens_per_step:
+            rows = rows[torch.randperm(len(rows), device=rows.device)[: self.config.memory_tokens_per_step]]
+        return key.detach().flatten(0, 1)[rows], value.detach().flatten(0, 1)[rows]  # (n_keep, d) each
+
     def commit_to_bank(self) -> None:
         """Push the keys/values recorded by the last training forward into the ring buffer."""
         if self._pending is None:
@@ -667,9 +765,6 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
             self.bank_keys = torch.zeros(config.memory_bank_size, keys.shape[-1], dtype=dtype, device=keys.device)
             self.bank_values = torch.zeros_like(self.bank_keys)
             self.bank_next = self.bank_filled = 0
-        if len(keys) > config.memory_tokens_per_step:
-            keep = torch.randperm(len(keys), device=keys.device)[: config.memory_tokens_per_step]
-            keys, values = keys[keep], values[keep]  # (n_keep, d) each
         slots = (self.bank_next + torch.arange(len(keys), device=keys.device)) % config.memory_bank_size
         self.bank_keys[slots] = keys.to(self.bank_keys.dtype)
         self.bank_values[slots] = values.to(self.bank_values.dtype)
@@ -1086,7 +1181,9 @@ class FsgrPmaForConditionalGeneration(FsgrPmaPreTrainedModel, GenerationMixin):
         )
 
     def new_cache(self) -> FsgrPmaCache:
-        return FsgrPmaCache(DynamicCache(config=self.config), DynamicCache(config=self.config))
+        # Layers are added as they are first written (every layer is full attention): `DynamicCache(config=...)`
+        # would deep-copy the config to find the layer types, at every `generate` call.
+        return FsgrPmaCache(DynamicCache(), DynamicCache())
 
     def generate(self, *args, **kwargs):
         """`GenerationMixin.generate`, with an [`FsgrPmaCache`] unless a cache is given or caching is off."""
@@ -1095,6 +1192,25 @@ class FsgrPmaForConditionalGeneration(FsgrPmaPreTrainedModel, GenerationMixin):
         if use_cache and kwargs.get("past_key_values") is None:
             kwargs["past_key_values"] = self.new_cache()
         return super().generate(*args, **kwargs)
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        next_sequence_length: int | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs,
+    ) -> dict:
+        """The inputs of one decoding step: the last `next_sequence_length` tokens, and the other kwargs unchanged.
+
+        Replaces `GenerationMixin.prepare_inputs_for_generation`, whose per-step work is for inputs this model does
+        not take (position and token-type ids, compilable caches, and, for remote code, an `inspect.signature` of
+        `forward` at every step to look for `cache_position`). `is_first_iteration` changes nothing here: the
+        encoder output is already in `kwargs`.
+        """
+        if next_sequence_length is not None:
+            input_ids = input_ids[:, -next_sequence_length:]  # (B, new tokens)
+        kwargs.pop("labels", None)
+        return {"decoder_input_ids": input_ids, **kwargs}
 
     def caption_loss(
         self, logits: torch.Tensor, labels: torch.LongTensor, attention_mask: torch.Tensor | None

@@ -92,3 +92,16 @@ def test_dense_embeddings_use_each_patch_alone():
     dense_changed = model.encoder.tower.dense_embeddings(changed, model.config.num_patches)
     differs = (dense - dense_changed).abs().amax(-1)[0] > 1e-6  # (n,)
     assert differs.nonzero().flatten().tolist() == [4]  # token 5 is patch 4 (token 0 is the class token)
+
+
+def test_dense_embeddings_equal_the_last_block_under_a_self_only_mask():
+    """Running each patch as a sequence of length one is MaskCLIP's self-only attention mask on the whole sequence."""
+    model = tiny_model().eval()
+    tower, n = model.encoder.tower, model.config.num_patches
+    pixel_values, _ = random_batch(model.config, batch=2)
+    *_, last_input = tower.adapted_blocks(model.encoder.frozen_prefix(pixel_values, None))
+    length = last_input.shape[1]
+    self_only = torch.full((length, length), float("-inf")).fill_diagonal_(0.0)  # (L, L)
+    masked = tower.blocks[-1](last_input, attn_mask=self_only)[:, -n:]  # (B, n, d_v)
+    reference = tower.visual.ln_post(masked) @ tower.visual.proj  # (B, n, d_clip)
+    torch.testing.assert_close(tower.dense_embeddings(last_input, n), reference)

@@ -127,6 +127,50 @@ def test_prototypes_change_the_output(model_with_memory):
     assert not torch.allclose(with_memory, without)
 
 
+def test_reused_prototype_heads_follow_every_change(model_with_memory):
+    """Without gradients the per-head prototypes are computed once and reused; every change is seen at once."""
+    model = model_with_memory
+    pixel_values, ids = random_batch(model.config)
+    layer = model.memory_layers()[0]
+
+    def captioning_logits():  # reuses the heads between forwards
+        with torch.inference_mode():
+            return model(pixel_values=pixel_values, input_ids=ids).logits.clone()
+
+    def fresh_logits():  # with gradients on, the heads are recomputed at every forward
+        return model(pixel_values=pixel_values, input_ids=ids).logits.detach()
+
+    def train_segment_embeddings():
+        model.train()
+        optimizer = torch.optim.SGD([attention.segment_memory for attention in model.memory_layers()], lr=1.0)
+        model(pixel_values=pixel_values, input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        model.eval()
+
+    def load_other_values():
+        state = {**layer.state_dict(), "prototype_values": torch.randn_like(layer.prototype_values)}
+        layer.load_state_dict(state)
+
+    changes = {
+        "in-place write": lambda: layer.prototype_keys.add_(1.0),
+        "refresh": lambda: model.refresh_memory(seed=3, backend="torch"),
+        "load_state_dict": load_other_values,
+        "optimiser step on segment_memory": train_segment_embeddings,
+        "prototypes switched off": lambda: layer.prototype_ready.fill_(False),
+    }
+    torch.testing.assert_close(captioning_logits(), fresh_logits())
+    for name, change in changes.items():
+        before = captioning_logits()
+        change()
+        after = captioning_logits()
+        assert not torch.allclose(before, after), name
+        torch.testing.assert_close(after, fresh_logits(), msg=name)
+    model.double()
+    pixel_values = pixel_values.double()
+    assert captioning_logits().dtype == torch.float64
+    torch.testing.assert_close(captioning_logits(), fresh_logits())
+
+
 def test_memory_off_equals_a_plain_decoder():
     """With use_memory=False the self-attention is exactly softmax(QK^T/sqrt(d) + causal) V."""
     model = tiny_model(use_memory=False).eval()
@@ -141,6 +185,47 @@ def test_memory_off_equals_a_plain_decoder():
     scores = scores.masked_fill(~torch.ones(5, 5, dtype=torch.bool).tril(), float("-inf"))
     manual = (scores.softmax(-1) @ heads(v)).transpose(1, 2).reshape(2, 5, -1)
     torch.testing.assert_close(out, attention.out_proj(manual))
+
+
+@pytest.mark.parametrize("num_prototypes", [6, 80], ids=["concatenated", "batch-shared-matmul"])
+def test_memory_attention_is_one_softmax_over_sequence_and_prototypes(num_prototypes):
+    """Keys [K + s_seq ; M_K + s_mem], values [V ; M_V], causal and padding masks on the sequence part only."""
+    model = tiny_model(num_prototypes=num_prototypes, memory_window=8).eval()
+    attention = model.decoder.layers[0].self_attn
+    with torch.no_grad():
+        for tensor in (attention.prototype_keys, attention.prototype_values, attention.segment_memory):
+            tensor.normal_()
+        attention.prototype_ready.fill_(True)
+    x = torch.randn(2, 5, model.config.hidden_size)
+    padding = torch.ones(2, 5, dtype=torch.bool)
+    padding[1, :2] = False  # left padding
+    mask = model.decoder.causal_mask(padding, 5)  # (B, 1, T, S)
+    out, weights = attention(x, mask, output_attentions=True)
+    out_fast, _ = attention(x, mask)
+
+    heads = lambda t: t.view(*t.shape[:-1], 2, -1).transpose(-3, -2)  # noqa: E731  (..., h, L, hd)
+    q, k, v = attention.qkv_proj(x).split(x.shape[-1], dim=-1)
+    memory_keys = heads(attention.prototype_keys + attention.segment_memory).expand(2, -1, -1, -1)  # (B, h, m, hd)
+    keys = torch.cat([heads(k + attention.segment_sequence), memory_keys], dim=2)  # (B, h, S + m, hd)
+    values = torch.cat([heads(v), heads(attention.prototype_values).expand(2, -1, -1, -1)], dim=2)
+    visible = torch.cat([mask, torch.ones(2, 1, 5, num_prototypes, dtype=torch.bool)], dim=-1)
+    scores = heads(q) @ keys.transpose(-1, -2) / heads(q).shape[-1] ** 0.5  # (B, h, T, S + m)
+    expected_weights = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    expected = attention.out_proj((expected_weights @ values).transpose(1, 2).reshape(2, 5, -1))
+    torch.testing.assert_close(weights, expected_weights)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(out_fast, expected)
+
+    # The same attention one token at a time, with the cache (no mask, a growing sequence).
+    pixel_values, ids = random_batch(model.config, batch=2, length=6)
+    with torch.no_grad():
+        full = model(pixel_values=pixel_values, input_ids=ids).logits
+        cache, steps = model.new_cache(), []
+        encoder_outputs = model.get_encoder()(pixel_values=pixel_values)
+        for t in range(ids.shape[1]):
+            step = model(encoder_outputs=encoder_outputs, input_ids=ids[:, t : t + 1], past_key_values=cache)
+            steps.append(step.logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full)
 
 
 def test_banks_fill_only_in_training_mode():
