@@ -12,13 +12,18 @@ to it (`.md`) with the machine and library versions.
   prototype memory on ÷ off, for the tiny decoder and one of the vit-b16 preset's width/depth.
 - `refresh_share`: refresh time ÷ (refresh time + `memory_refresh_every` training steps), tiny preset;
   `kmeans_faiss_s` and `kmeans_torch_s`: one K-Means of that preset's full bank.
-- `generate_memory_ratio_greedy`, `generate_memory_ratio_beam5`: captioning time with memory ÷ without.
+- `generate_memory_ratio_greedy[_tiny|_b16]`, `generate_memory_ratio_beam5[_tiny|_b16]`: captioning time (batch
+  8, 20 tokens) with memory ÷ without, for the same two decoders (the b16 one in a full run only).
 - `generate_vs_ved_ratio_b1`, `generate_vs_ved_ratio_b32`: our captions per second ÷ transformers'
   `VisionEncoderDecoderModel` (ViT + GPT-2 of the same width, depth, heads, vocabulary and image size, random
-  weights, same batch, beams and length, both with a KV cache).
-- `feature_cache_speedup`: training-epoch time from pixels ÷ from cached frozen-prefix features, LoRA from the
-  middle block.
+  weights, same batch, beams and length, both with a KV cache). `..._unmerged`: the same with our tower's LoRA
+  left unmerged, as during training.
+- `feature_cache_speedup[_b16]`: training-epoch time from pixels ÷ from cached frozen-prefix features, LoRA from
+  the middle block, for the preset and (full run) for the vit-b16 preset (random weights, batch 4).
 - `peak_rss_memory_ratio`: peak resident memory of a training process with memory on ÷ off.
+
+Captioning is timed on the model as released: `train.py` (`save_release`) and `push_to_hub.py` merge the
+tower's LoRA into its weights before saving.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -96,6 +102,13 @@ def model_with_prototypes(config: FsgrPmaConfig) -> FsgrPmaForConditionalGenerat
     return model
 
 
+def released(model: FsgrPmaForConditionalGeneration) -> FsgrPmaForConditionalGeneration:
+    """The model as `save_release` writes it: LoRA merged into the tower, eval mode."""
+    if model.config.lora_rank > 0 and not model.config.lora_merged:
+        model.merge_encoder_lora()
+    return model.eval()
+
+
 def decoder_batch(config: FsgrPmaConfig, batch: int, length: int) -> dict:
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(3, config.vocab_size, (batch, length), generator=generator)
@@ -155,9 +168,10 @@ def bench_refresh(config: FsgrPmaConfig, repeats: int) -> dict:
 
 
 def bench_generate_memory(config: FsgrPmaConfig, repeats: int) -> dict:
-    on = model_with_prototypes(config).eval()
-    off = FsgrPmaForConditionalGeneration(FsgrPmaConfig(**{**config.to_dict(), "use_memory": False})).eval()
+    on = model_with_prototypes(config)
+    off = FsgrPmaForConditionalGeneration(FsgrPmaConfig(**{**config.to_dict(), "use_memory": False}))
     off.load_state_dict(on.state_dict(), strict=False)
+    on, off = released(on), released(off)
     pixel_values = torch.randn(8, 3, config.image_size, config.image_size)
     result = {}
     for name, beams in (("greedy", 1), ("beam5", 5)):
@@ -204,7 +218,8 @@ def ved_baseline(config: FsgrPmaConfig):
 
 
 def bench_vs_ved(config: FsgrPmaConfig, repeats: int) -> dict:
-    ours = model_with_prototypes(config).eval()
+    unmerged = model_with_prototypes(config).eval()
+    ours = released(model_with_prototypes(config))
     theirs = ved_baseline(config)
     result = {}
     for batch in (1, 32):
@@ -215,8 +230,9 @@ def bench_vs_ved(config: FsgrPmaConfig, repeats: int) -> dict:
             with torch.inference_mode():
                 model.generate(pixel_values=pixel_values, pad_token_id=config.pad_token_id, **kwargs)
 
-        time_ours, time_theirs = paired_medians(lambda: run(ours), lambda: run(theirs), repeats)
-        result[f"generate_vs_ved_ratio_b{batch}"] = time_theirs / time_ours  # captions/s ours ÷ theirs
+        for name, model in (("", ours), ("_unmerged", unmerged)):
+            time_ours, time_theirs = paired_medians(partial(run, model), partial(run, theirs), repeats)
+            result[f"generate_vs_ved_ratio_b{batch}{name}"] = time_theirs / time_ours  # captions/s ours ÷ theirs
     return result
 
 
@@ -286,8 +302,16 @@ def main(argv: list[str] | None = None) -> dict:
     results["train_step_memory_ratio"] = max(v for k, v in results.items() if k.startswith("train_step"))
     results.update(bench_refresh(tiny, args.repeats))
     results.update(bench_generate_memory(tiny, args.repeats))
+    if not args.quick:  # like the training step: per decoder, and the worse of the two
+        b16_generate = bench_generate_memory(b16_decoder, args.repeats)
+        for key, value in b16_generate.items():
+            results[f"{key}_tiny"], results[f"{key}_b16"] = results[key], value
+            results[key] = max(results[key], value)
     results.update(bench_vs_ved(tiny, args.repeats))
     results["feature_cache_speedup"] = bench_feature_cache(tiny, args.repeats)
+    if not args.quick:
+        b16 = preset(ROOT / "configuration/model/vit-b16.json")
+        results["feature_cache_speedup_b16"] = bench_feature_cache(b16, args.repeats, batches=2, batch=4)
     results["peak_rss_memory_ratio"] = bench_peak_rss(args.repeats, args.model_config)
     results = {k: round(float(v), 4) for k, v in results.items()}
     results["seconds"] = round(time.perf_counter() - start, 1)
