@@ -126,7 +126,8 @@ def load_adapter(base: torch.nn.Module, directory: str | Path) -> PeftModel:
     prototypes_path = directory / PROTOTYPES_FILE
     if prototypes_path.is_file():
         prototypes = load_file(str(prototypes_path))
-        missing = set(prototype_state(base)) ^ set(prototypes)
+        expected = {name for name in base.state_dict() if ".prototype_" in name}
+        missing = expected ^ set(prototypes)
         if missing:
             raise ValueError(f"{prototypes_path} does not match the base model's memory layers ({sorted(missing)[:3]})")
         base.load_state_dict(prototypes, strict=False)

@@ -83,18 +83,18 @@ def keep_fitting_captions(data, tokenizer, max_length: int):
     """Drop training references longer than the decoder's positions (the base tokenizer spells new words in pieces).
 
     A truncated reference teaches captions that never end; every image keeps at least its shortest reference.
+    Only the captions column is replaced: the images are not copied.
     """
-
-    def fitting(captions: list[str]) -> dict:
-        lengths = [len(ids) for ids in tokenizer(captions)["input_ids"]]
+    kept_per_image, before = [], 0
+    for captions in data["captions"]:
+        before += len(captions)
+        lengths = [len(ids) for ids in tokenizer(list(captions))["input_ids"]]
         kept = [caption for caption, length in zip(captions, lengths) if length <= max_length]
-        return {"captions": kept or [captions[lengths.index(min(lengths))]]}
-
-    before = sum(len(captions) for captions in data["captions"])
-    data = data.map(fitting, input_columns="captions", desc="dropping over-long references")
-    after = sum(len(captions) for captions in data["captions"])
+        kept_per_image.append(kept or [captions[lengths.index(min(lengths))]])
+    after = sum(len(kept) for kept in kept_per_image)
     logger.info(f"{after} of {before} training references fit in {max_length} tokens")
-    return data
+    feature = data.features["captions"]
+    return data.remove_columns("captions").add_column("captions", kept_per_image, feature=feature)
 
 
 def main(argv: list[str] | None = None) -> dict:
