@@ -171,6 +171,13 @@ def load_model(model: str, revision: str | None, device: str, adapter: str | Non
     return network.to(device), processor
 
 
+def check_max_new_tokens(model, max_new_tokens: int) -> None:
+    """The decoder reads BOS and every new token but the last: at most `max_position_embeddings` new tokens."""
+    limit = model.config.max_position_embeddings
+    if max_new_tokens > limit:
+        raise CliError(f"--max-new-tokens {max_new_tokens} exceeds this model's limit of {limit} tokens")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # caption
 def caption_images(model, processor, images: list, batch_size: int, num_beams: int, max_new_tokens: int, device):
@@ -194,6 +201,7 @@ def caption_command(args: argparse.Namespace) -> int:
     if not files:
         raise CliError("no image files found in the given inputs")
     model, processor = load_model(args.model, args.revision, args.device, args.adapter)
+    check_max_new_tokens(model, args.max_new_tokens)
 
     results = [Result(file=path) for path in files]
     good: list[tuple[int, object]] = []
@@ -239,9 +247,7 @@ def explain_command(args: argparse.Namespace) -> int:
         print(f"fsgr-pma: error: {error}", file=sys.stderr)
         return EXIT_FAILED_FILES
     model, processor = load_model(args.model, args.revision, args.device, args.adapter)
-    limit = model.config.max_position_embeddings  # BOS + all new tokens but the last are fed to the decoder
-    if args.max_new_tokens > limit:
-        raise CliError(f"--max-new-tokens {args.max_new_tokens} exceeds this model's limit of {limit} tokens")
+    check_max_new_tokens(model, args.max_new_tokens)
     explanation = explain_image(model, processor, image, max_new_tokens=args.max_new_tokens)
     try:
         plot_explanation(explanation, output)

@@ -231,6 +231,15 @@ def test_python_dash_m(dash_m):
     assert records[0]["caption"] and "not found" in records[1]["error"]
 
 
+def test_max_new_tokens_beyond_the_model_exits_2(model_dir, good_dir, capsys):
+    # tiny_config: max_position_embeddings 24, which an untrained model would run into
+    assert main(["caption", "--model", str(model_dir), str(good_dir), "--max-new-tokens", "25"]) == 2
+    captured = capsys.readouterr()  # the model loaded (transformers' progress bar is on stderr too), nothing captioned
+    assert captured.out == "" and "Traceback" not in captured.err
+    errors = [line for line in captured.err.splitlines() if line.startswith("fsgr-pma: error:")]
+    assert errors == ["fsgr-pma: error: --max-new-tokens 25 exceeds this model's limit of 24 tokens"]
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-CUDA message")
 def test_cuda_unavailable_exits_2(model_dir, good_dir, capsys):
     assert main(["caption", "--model", str(model_dir), str(good_dir), "--device", "cuda"]) == 2
