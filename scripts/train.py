@@ -236,6 +236,8 @@ def main(argv: list[str] | None = None) -> dict:
         check_cache_matches(args.feature_cache, config, codebook)
         train_features = _cached_features(args.feature_cache, args.train_split, list(train_data["image_id"]))
         eval_features = _cached_features(args.feature_cache, args.eval_split, list(eval_data["image_id"]))
+        # The cache replaces the pixels: without the image column, reading a row no longer decodes its image.
+        train_data, eval_data = train_data.remove_columns("image"), eval_data.remove_columns("image")
     collator = CaptionCollator(
         processor, max_caption_length, seed=args.seed, features=train_features, augment=args.augment
     )

@@ -130,3 +130,22 @@ def test_cache_manifest_mismatch_raises(workspace):
         check_cache_matches(workspace["features"], changed)
     with pytest.raises(ValueError, match="codebook_sha256"):
         check_cache_matches(workspace["features"], config, codebook.flip(0))
+
+
+def test_train_from_the_feature_cache_never_reads_an_image(workspace, tmp_path, monkeypatch):
+    """train.py --feature-cache trains (XE and SCST) and evaluates without decoding an image for a batch."""
+    import modeling_fsgr_pma.data as data_module
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("an image was decoded although the feature cache replaces the pixels")
+
+    monkeypatch.setattr(data_module.Image, "decode_example", no_decoding)
+    summary = load_script("train").main(
+        ["--data", str(workspace["data"]), "--model-config", str(workspace["model_config"]),
+         "--clip-pretrained", str(workspace["clip"]), "--codebook", str(workspace["codebook"]),
+         "--feature-cache", str(workspace["features"]), "--output-dir", str(tmp_path / "run"),
+         "--batch-size", "8", "--eval-batch-size", "16", "--vocab-size", "64", "--warmup-steps", "1",
+         "--memory-warmup-steps", "2", "--kmeans-backend", "torch", "--report-to", "none", "--max-new-tokens", "6",
+         "--num-beams", "1", "--xe-steps", "3", "--scst-steps", "1", "--scst-samples", "2", "--eval-every", "4"]
+    )  # fmt: skip
+    assert summary["steps"] == 4 and summary["history"]
