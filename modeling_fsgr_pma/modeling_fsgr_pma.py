@@ -43,10 +43,11 @@ logger = logging.get_logger(__name__)
 
 # CLIP's contrastive temperature (0.07) turns cosine similarities into concept-assignment logits.
 CONCEPT_LOGIT_SCALE = 1.0 / 0.07
-# Up to this many prototypes, memory attention copies them after every sequence's keys and runs one fused SDPA;
-# beyond it, one matmul per head scores them for the whole batch (`attend_with_prototypes`). Measured on CPU: with
-# 32 prototypes the fused call is the faster one; with 1024, copying them per sequence and decoding step made
-# training 1.9x and beam search 9x slower than without memory (`scripts/benchmark.py`, `..._b16` figures).
+# While captioning with up to this many prototypes, memory attention copies them after every sequence's keys and
+# runs one fused SDPA; in training, and beyond it, one matmul per head scores them for the whole batch
+# (`attend_with_prototypes`). Measured on CPU: captioning with 32 prototypes, the fused call is the faster one; in
+# training it is 2% slower (its backward sums the copies' gradients); with 1024, copying them per sequence and
+# decoding step made training 1.9x and beam search 9x slower than without memory (`scripts/benchmark.py`).
 MAX_PROTOTYPES_TO_CONCATENATE = 64
 
 
@@ -616,6 +617,10 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
     mask covers the sequence columns only; every position sees all prototypes. Prototypes are persistent
     buffers (saved with the weights) and never enter the KV cache.
 
+    A query q scores the keys q·k + q·s_seq and q·m + q·s_mem; the softmax ignores the shift q·s_seq common to all
+    of them, so the layer scores `[K ; M_K + s_mem - s_seq]` instead: the same weights, outputs and gradients
+    (a softmax's score gradients sum to zero), without adding s_seq to every key of every step.
+
     In training mode, a random subsample of every step's non-padding keys/values goes into a ring-buffer bank
     (`memory_window * memory_tokens_per_step` entries, `prototype_dtype`, no gradient). `refresh_prototypes`
     clusters the bank: M_K = K-Means(B_K), and M_V[j] = mean of the values whose keys are the k nearest bank
@@ -646,7 +651,7 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
         self.bank_values: torch.Tensor | None = None
         self.bank_next = 0
         self.bank_filled = 0
-        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._pending: torch.Tensor | None = None
         # Derived from the buffers and reused while they are unchanged (see `_is_ready`, `memory_heads`); never saved.
         self._ready: tuple | None = None
         self._heads: tuple | None = None
@@ -678,21 +683,21 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
         return self.memory_enabled and self._is_ready()
 
     def memory_heads(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Per-head prototype keys `M_K + s_mem` and values `M_V`, `(h, m, hd)` each; None while there are none.
+        """Per-head prototype keys `M_K + s_mem - s_seq` and values `M_V`, `(h, m, hd)` each; None while there are none.
 
         With gradients enabled (training) they are recomputed at every forward, so that `segment_memory` learns. Under
-        `no_grad` or `inference_mode` (captioning) they are computed once and reused until a prototype buffer or
-        `segment_memory` changes (see `_state`), rather than at every layer of every decoding step.
+        `no_grad` or `inference_mode` (captioning) they are computed once and reused until a prototype buffer or a
+        segment embedding changes (see `_state`), rather than at every layer of every decoding step.
         """
         if not self.memory_active:
             return None
-        tensors = (self.prototype_keys, self.prototype_values, self.segment_memory)
+        tensors = (self.prototype_keys, self.prototype_values, self.segment_memory, self.segment_sequence)
         state = None if torch.is_grad_enabled() else self._state(*tensors)
         if state is not None:
             state = (dtype, torch.is_inference_mode_enabled(), *state)
             if self._heads is not None and self._heads[0] == state:
                 return self._heads[2], self._heads[3]
-        keys = self._split_heads((self.prototype_keys + self.segment_memory).to(dtype))  # (h, m, hd)
+        keys = self._split_heads((self.prototype_keys + (self.segment_memory - self.segment_sequence)).to(dtype))
         values = self._split_heads(self.prototype_values.to(dtype))  # (h, m, hd)
         self._heads = None if state is None else (state, tensors, keys, values)
         return keys, values
@@ -709,11 +714,10 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
 
         `token_mask` `(B, T)` marks the non-padding positions whose keys/values may enter the bank.
         """
-        query, key, value = self.qkv_proj(hidden_states).split(hidden_states.shape[-1], dim=-1)  # (B, T, d) each
+        qkv = self.qkv_proj(hidden_states)  # (B, T, 3d)
+        query, key, value = qkv.split(hidden_states.shape[-1], dim=-1)  # (B, T, d) each
         if self.training and self.memory_enabled:
-            self._pending = self.sample_for_bank(key, value, token_mask)  # committed after the forward
-        if self.memory_enabled:
-            key = key + self.segment_sequence
+            self._pending = self.sample_for_bank(qkv[..., key.shape[-1] :], token_mask)  # committed after the forward
         query, key, value = self._split_heads(query), self._split_heads(key), self._split_heads(value)  # (B, h, T, hd)
         if past_key_values is not None:
             key, value = past_key_values.self_attention_cache.update(key, value, self.layer_idx)  # (B, h, S, hd)
@@ -722,7 +726,7 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
         memory = self.memory_heads(key.dtype)
         if memory is None:
             out, weights = attend(query, key, value, mask, dropout, output_attentions)
-        elif memory[0].shape[1] > MAX_PROTOTYPES_TO_CONCATENATE:
+        elif self.training or memory[0].shape[1] > MAX_PROTOTYPES_TO_CONCATENATE:
             out, weights = attend_with_prototypes(query, key, value, mask, *memory, dropout, output_attentions)
         else:
             batch = hidden_states.shape[0]
@@ -737,39 +741,39 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
         return self.out_proj(out), weights
 
     # -- memory bank ----------------------------------------------------------------------------------------------
-    def sample_for_bank(
-        self, key: torch.Tensor, value: torch.Tensor, token_mask: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A random subset of at most `memory_tokens_per_step` non-padding rows of `(B, T, d)` keys and values.
+    def sample_for_bank(self, keys_values: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+        """A random subset of at most `memory_tokens_per_step` non-padding rows of `(B, T, 2d)` keys | values.
 
-        Returns detached `(n_keep, d)` keys and values. The rows are drawn before gathering, so only the kept rows
-        are copied.
+        Returns the detached `(n_keep, 2d)` rows, keys then values. The rows are drawn before gathering, so only the
+        kept rows are copied.
         """
         if token_mask is None:
-            rows = torch.arange(key.shape[0] * key.shape[1], device=key.device)  # (B * T,)
+            rows = torch.arange(keys_values.shape[0] * keys_values.shape[1], device=keys_values.device)  # (B * T,)
         else:
             rows = token_mask.flatten().nonzero().squeeze(1)  # (N_valid,)
         if len(rows) > self.config.memory_tokens_per_step:
             rows = rows[torch.randperm(len(rows), device=rows.device)[: self.config.memory_tokens_per_step]]
-        return key.detach().flatten(0, 1)[rows], value.detach().flatten(0, 1)[rows]  # (n_keep, d) each
+        return keys_values.detach().flatten(0, 1)[rows]  # (n_keep, 2d)
 
     def commit_to_bank(self) -> None:
         """Push the keys/values recorded by the last training forward into the ring buffer."""
         if self._pending is None:
             return
-        keys, values = self._pending
-        self._pending = None
-        config = self.config
-        if self.bank_keys is None or self.bank_keys.device != keys.device:
-            dtype = getattr(torch, config.prototype_dtype)
-            self.bank_keys = torch.zeros(config.memory_bank_size, keys.shape[-1], dtype=dtype, device=keys.device)
+        rows, self._pending = self._pending, None  # (n, 2d), n <= memory_bank_size
+        size, width = self.config.memory_bank_size, rows.shape[-1] // 2
+        if self.bank_keys is None or self.bank_keys.device != rows.device:
+            dtype = getattr(torch, self.config.prototype_dtype)
+            self.bank_keys = torch.zeros(size, width, dtype=dtype, device=rows.device)
             self.bank_values = torch.zeros_like(self.bank_keys)
             self.bank_next = self.bank_filled = 0
-        slots = (self.bank_next + torch.arange(len(keys), device=keys.device)) % config.memory_bank_size
-        self.bank_keys[slots] = keys.to(self.bank_keys.dtype)
-        self.bank_values[slots] = values.to(self.bank_values.dtype)
-        self.bank_next = (self.bank_next + len(keys)) % config.memory_bank_size
-        self.bank_filled = min(self.bank_filled + len(keys), config.memory_bank_size)
+        # Slice copies, not index writes: the rows go to [next, size) and, if they wrap, on from slot 0.
+        head = min(len(rows), size - self.bank_next)
+        for start, part in ((self.bank_next, rows[:head]), (0, rows[head:])):
+            if len(part):
+                self.bank_keys[start : start + len(part)] = part[:, :width]
+                self.bank_values[start : start + len(part)] = part[:, width:]
+        self.bank_next = (self.bank_next + len(rows)) % size
+        self.bank_filled = min(self.bank_filled + len(rows), size)
 
     def bank_contents(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The filled part of the bank, `(N, d)` keys and values (empty tensors before the first step)."""

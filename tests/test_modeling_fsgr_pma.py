@@ -142,7 +142,9 @@ def test_reused_prototype_heads_follow_every_change(model_with_memory):
 
     def train_segment_embeddings():
         model.train()
-        optimizer = torch.optim.SGD([attention.segment_memory for attention in model.memory_layers()], lr=1.0)
+        segments = [layer.segment_memory for layer in model.memory_layers()]
+        segments += [layer.segment_sequence for layer in model.memory_layers()]
+        optimizer = torch.optim.SGD(segments, lr=1.0)
         model(pixel_values=pixel_values, input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         model.eval()
@@ -155,7 +157,7 @@ def test_reused_prototype_heads_follow_every_change(model_with_memory):
         "in-place write": lambda: layer.prototype_keys.add_(1.0),
         "refresh": lambda: model.refresh_memory(seed=3, backend="torch"),
         "load_state_dict": load_other_values,
-        "optimiser step on segment_memory": train_segment_embeddings,
+        "optimiser step on the segment embeddings": train_segment_embeddings,
         "prototypes switched off": lambda: layer.prototype_ready.fill_(False),
     }
     torch.testing.assert_close(captioning_logits(), fresh_logits())
@@ -193,7 +195,8 @@ def test_memory_attention_is_one_softmax_over_sequence_and_prototypes(num_protot
     model = tiny_model(num_prototypes=num_prototypes, memory_window=8).eval()
     attention = model.decoder.layers[0].self_attn
     with torch.no_grad():
-        for tensor in (attention.prototype_keys, attention.prototype_values, attention.segment_memory):
+        for tensor in (attention.prototype_keys, attention.prototype_values, attention.segment_memory,
+                       attention.segment_sequence):
             tensor.normal_()
         attention.prototype_ready.fill_(True)
     x = torch.randn(2, 5, model.config.hidden_size)
@@ -226,6 +229,41 @@ def test_memory_attention_is_one_softmax_over_sequence_and_prototypes(num_protot
             step = model(encoder_outputs=encoder_outputs, input_ids=ids[:, t : t + 1], past_key_values=cache)
             steps.append(step.logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full)
+
+
+@pytest.mark.parametrize("num_prototypes", [6, 80], ids=["concatenated", "batch-shared-matmul"])
+def test_segment_embeddings_get_the_gradients_of_keys_plus_segments(num_prototypes):
+    """Training scores [K ; M_K + s_mem - s_seq]: s_seq and s_mem get the gradients of [K + s_seq ; M_K + s_mem]."""
+    model = tiny_model(num_prototypes=num_prototypes, memory_window=8, dropout=0.0).train()
+    attention = model.decoder.layers[0].self_attn
+    with torch.no_grad():
+        for tensor in (attention.prototype_keys, attention.prototype_values, attention.segment_memory,
+                       attention.segment_sequence):
+            tensor.normal_()
+        attention.prototype_ready.fill_(True)
+    x = torch.randn(2, 5, model.config.hidden_size)
+    mask = model.decoder.causal_mask(torch.ones(2, 5, dtype=torch.bool), 5)
+    cotangent = torch.randn(2, 5, model.config.hidden_size)
+    segments = (attention.segment_sequence, attention.segment_memory)
+
+    out, _ = attention(x, mask)
+    layer_grads = torch.autograd.grad((out * cotangent).sum(), segments)
+
+    heads = lambda t: t.view(*t.shape[:-1], 2, -1).transpose(-3, -2)  # noqa: E731  (..., h, L, hd)
+    q, k, v = attention.qkv_proj(x).split(x.shape[-1], dim=-1)
+    memory_keys = heads(attention.prototype_keys + attention.segment_memory).expand(2, -1, -1, -1)
+    keys = torch.cat([heads(k + attention.segment_sequence), memory_keys], dim=2)  # (B, h, S + m, hd)
+    values = torch.cat([heads(v), heads(attention.prototype_values).expand(2, -1, -1, -1)], dim=2)
+    visible = torch.cat([mask, torch.ones(2, 1, 5, num_prototypes, dtype=torch.bool)], dim=-1)
+    scores = heads(q) @ keys.transpose(-1, -2) / heads(q).shape[-1] ** 0.5
+    weights = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    expected = attention.out_proj((weights @ values).transpose(1, 2).reshape(2, 5, -1))
+    expected_grads = torch.autograd.grad((expected * cotangent).sum(), segments)
+
+    torch.testing.assert_close(out, expected)
+    for got, want in zip(layer_grads, expected_grads):
+        assert want.abs().max() > 1e-4  # a real gradient, not two zeros
+        torch.testing.assert_close(got, want)
 
 
 def test_banks_fill_only_in_training_mode():
