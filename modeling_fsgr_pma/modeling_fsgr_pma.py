@@ -43,11 +43,10 @@ logger = logging.get_logger(__name__)
 
 # CLIP's contrastive temperature (0.07) turns cosine similarities into concept-assignment logits.
 CONCEPT_LOGIT_SCALE = 1.0 / 0.07
-# While captioning with up to this many prototypes, memory attention copies them after every sequence's keys and
-# runs one fused SDPA; in training, and beyond it, one matmul per head scores them for the whole batch
-# (`attend_with_prototypes`). Measured on CPU: captioning with 32 prototypes, the fused call is the faster one; in
-# training it is 2% slower (its backward sums the copies' gradients); with 1024, copying them per sequence and
-# decoding step made training 1.9x and beam search 9x slower than without memory (`scripts/benchmark.py`).
+# Up to this many prototypes, memory attention copies them after every sequence's keys and runs one fused SDPA;
+# beyond it, one matmul per head scores them for the whole batch (`attend_with_prototypes`). Measured on CPU: with
+# 32 prototypes the fused call is the faster one; with 1024, copying them per sequence and decoding step made
+# training 1.9x and beam search 9x slower than without memory (`scripts/benchmark.py`, `..._b16` figures).
 MAX_PROTOTYPES_TO_CONCATENATE = 64
 
 
@@ -726,7 +725,7 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
         memory = self.memory_heads(key.dtype)
         if memory is None:
             out, weights = attend(query, key, value, mask, dropout, output_attentions)
-        elif self.training or memory[0].shape[1] > MAX_PROTOTYPES_TO_CONCATENATE:
+        elif memory[0].shape[1] > MAX_PROTOTYPES_TO_CONCATENATE:
             out, weights = attend_with_prototypes(query, key, value, mask, *memory, dropout, output_attentions)
         else:
             batch = hidden_states.shape[0]
