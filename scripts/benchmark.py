@@ -17,10 +17,14 @@ to it (`.md`) with the machine and library versions.
 - `generate_vs_ved_ratio_b1`, `generate_vs_ved_ratio_b32`: our captions per second ÷ transformers'
   `VisionEncoderDecoderModel` (ViT + GPT-2 of the same width, depth, heads, vocabulary and image size, random
   weights, same batch, beams and length, both with a KV cache). `..._unmerged`: the same with our tower's LoRA
-  left unmerged, as during training.
+  left unmerged, as during training. `encoder_vs_vit_time_ratio_b1|b32`: the time of our encoder (tower, dense
+  patch embeddings, quantisation, interaction layers) ÷ the ViT's, for the same images.
 - `feature_cache_speedup[_b16]`: training-epoch time from pixels ÷ from cached frozen-prefix features, LoRA from
   the middle block, for the preset and (full run) for the vit-b16 preset (random weights, batch 4).
 - `peak_rss_memory_ratio`: peak resident memory of a training process with memory on ÷ off.
+- `memory_macs_ratio_tiny`, `memory_macs_ratio_b16`: not a timing: the decoder's multiply-adds per caption token
+  with memory ÷ without, counted from the config: what the memory costs if every multiply-add takes the same time
+  (its one large matmul can run faster than that, the many small operations around it slower).
 
 Captioning is timed on the model as released: `train.py` (`save_release`) and `push_to_hub.py` merge the
 tower's LoRA into its weights before saving.
@@ -51,12 +55,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (under 3 minutes on 2 cores)")
     parser.add_argument("--output", type=Path, default=Path("outputs/benchmark.json"))
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs per figure (default 5, quick 3)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per figure (default 7, quick 5)")
     parser.add_argument("--model-config", type=Path, default=ROOT / "configuration/model/tiny.json",
                         help="preset measured (the tests pass a smaller one)")
     parser.add_argument("--rss-probe", choices=["on", "off"], help=argparse.SUPPRESS)  # child process mode
     args = parser.parse_args(argv)
-    args.repeats = args.repeats or (3 if args.quick else 5)
+    args.repeats = args.repeats or (5 if args.quick else 7)
     return args
 
 
@@ -116,17 +120,19 @@ def decoder_batch(config: FsgrPmaConfig, batch: int, length: int) -> dict:
     return {"input_ids": ids, "labels": ids}
 
 
-def train_step_fn(model: FsgrPmaForConditionalGeneration, inputs: dict):
+def train_step_fn(model: FsgrPmaForConditionalGeneration, inputs: dict, steps: int = 1):
+    """A callable running `steps` training steps: timing several per sample steadies a step of a few ms."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
 
-    def step():
-        loss = model(**inputs).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def run():
+        for _ in range(steps):
+            loss = model(**inputs).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
-    return step
+    return run
 
 
 def encoder_given_inputs(model: FsgrPmaForConditionalGeneration, config: FsgrPmaConfig, batch: int, length: int):
@@ -145,8 +151,27 @@ def bench_train_step(config: FsgrPmaConfig, batch: int, length: int, repeats: in
     off.load_state_dict(on.state_dict(), strict=False)
     inputs_on = encoder_given_inputs(on, config, batch, length)
     inputs_off = {**inputs_on}
-    time_on, time_off = paired_medians(train_step_fn(on, inputs_on), train_step_fn(off, inputs_off), repeats)
+    time_on, time_off = paired_medians(train_step_fn(on, inputs_on, 10), train_step_fn(off, inputs_off, 10), repeats)
     return time_on / time_off
+
+
+def memory_macs_ratio(config: FsgrPmaConfig, length: int = 20) -> float:
+    """Decoder multiply-adds per caption token with prototype memory ÷ without: the memory's share of the arithmetic.
+
+    Per layer and token: self-attention projections 4d², scores and reads over the ~length/2 earlier tokens, the
+    cross-attention's query and output projections 2d², its scores and reads over the N encoder tokens, the
+    encoder tokens' keys and values 2Nd² shared by the caption's `length` tokens, the MLP 2d·d_ff; once per
+    token the LM head d·V. The memory adds scores and reads over m prototypes, 2md per layer.
+    """
+    d, m = config.hidden_size, config.num_prototypes
+    encoder_tokens = config.num_patches + (config.concept_top_k if config.use_concept_tokens else 0)
+    per_layer = (
+        4 * d * d + 2 * (length / 2) * d
+        + 2 * d * d + 2 * encoder_tokens * d + 2 * encoder_tokens * d * d / length
+        + 2 * d * config.intermediate_size
+    )
+    without = config.num_hidden_layers * per_layer + d * config.vocab_size
+    return (without + config.num_hidden_layers * 2 * m * d) / without
 
 
 def bench_refresh(config: FsgrPmaConfig, repeats: int) -> dict:
@@ -233,6 +258,14 @@ def bench_vs_ved(config: FsgrPmaConfig, repeats: int) -> dict:
         for name, model in (("", ours), ("_unmerged", unmerged)):
             time_ours, time_theirs = paired_medians(partial(run, model), partial(run, theirs), repeats)
             result[f"generate_vs_ved_ratio_b{batch}{name}"] = time_theirs / time_ours  # captions/s ours ÷ theirs
+
+        def encode(encoder, pixel_values=pixel_values):
+            with torch.inference_mode():
+                encoder(pixel_values=pixel_values)
+
+        encoders = partial(encode, ours.get_encoder()), partial(encode, theirs.encoder)
+        time_ours, time_vit = paired_medians(*encoders, repeats)
+        result[f"encoder_vs_vit_time_ratio_b{batch}"] = time_ours / time_vit
     return result
 
 
@@ -296,7 +329,8 @@ def main(argv: list[str] | None = None) -> dict:
         vocab_size=10000, num_prototypes=1024, memory_window=4, memory_tokens_per_step=512,
     )
     start = time.perf_counter()
-    results = {"train_step_memory_ratio_tiny": bench_train_step(tiny, 32, 20, args.repeats)}
+    results = {f"memory_macs_ratio_{name}": memory_macs_ratio(c) for name, c in (("tiny", tiny), ("b16", b16_decoder))}
+    results["train_step_memory_ratio_tiny"] = bench_train_step(tiny, 32, 20, args.repeats)
     if not args.quick:
         results["train_step_memory_ratio_b16"] = bench_train_step(b16_decoder, 32, 20, args.repeats)
     results["train_step_memory_ratio"] = max(v for k, v in results.items() if k.startswith("train_step"))

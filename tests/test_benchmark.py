@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import load_script, tiny_config
 
 KEYS = {
     "train_step_memory_ratio", "refresh_share", "kmeans_faiss_s", "kmeans_torch_s", "generate_memory_ratio_greedy",
     "generate_memory_ratio_beam5", "generate_vs_ved_ratio_b1", "generate_vs_ved_ratio_b32", "feature_cache_speedup",
-    "peak_rss_memory_ratio",
+    "peak_rss_memory_ratio", "memory_macs_ratio_tiny", "memory_macs_ratio_b16",
 }
 
 
@@ -24,3 +26,11 @@ def test_quick_benchmark_writes_every_key(tmp_path):
     assert all(isinstance(results[k], float) and results[k] > 0 for k in KEYS)
     table = output.with_suffix(".md").read_text()
     assert "generate_vs_ved_ratio_b32" in table and "≥ 1.2" in table
+
+
+def test_memory_macs_ratio_grows_linearly_with_the_prototypes():
+    benchmark = load_script("benchmark")
+    config = tiny_config(num_prototypes=8, memory_window=8)
+    ratio = benchmark.memory_macs_ratio(config)
+    doubled = benchmark.memory_macs_ratio(tiny_config(num_prototypes=16, memory_window=8))
+    assert ratio > 1 and doubled - 1 == pytest.approx(2 * (ratio - 1))
