@@ -189,32 +189,45 @@ def test_memory_off_equals_a_plain_decoder():
     torch.testing.assert_close(out, attention.out_proj(manual))
 
 
-@pytest.mark.parametrize("num_prototypes", [6, 80], ids=["concatenated", "batch-shared-matmul"])
-def test_memory_attention_is_one_softmax_over_sequence_and_prototypes(num_prototypes):
-    """Keys [K + s_seq ; M_K + s_mem], values [V ; M_V], causal and padding masks on the sequence part only."""
-    model = tiny_model(num_prototypes=num_prototypes, memory_window=8).eval()
+def _memory_attention_with_random_prototypes(num_prototypes: int, **overrides):
+    """The first decoder layer's memory attention, its prototypes and segment embeddings random and ready."""
+    model = tiny_model(num_prototypes=num_prototypes, memory_window=8, **overrides)
     attention = model.decoder.layers[0].self_attn
     with torch.no_grad():
         for tensor in (attention.prototype_keys, attention.prototype_values, attention.segment_memory,
                        attention.segment_sequence):
             tensor.normal_()
         attention.prototype_ready.fill_(True)
+    return model, attention
+
+
+def _paper_memory_attention(attention, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """PMA-Net written out: softmax over keys [K + s_seq ; M_K + s_mem], values [V ; M_V]; (output, weights)."""
+    batch, length, _ = x.shape
+    heads = lambda t: t.view(*t.shape[:-1], 2, -1).transpose(-3, -2)  # noqa: E731  (..., h, L, hd)
+    q, k, v = attention.qkv_proj(x).split(x.shape[-1], dim=-1)
+    memory_keys = heads(attention.prototype_keys + attention.segment_memory).expand(batch, -1, -1, -1)  # (B, h, m, hd)
+    keys = torch.cat([heads(k + attention.segment_sequence), memory_keys], dim=2)  # (B, h, S + m, hd)
+    values = torch.cat([heads(v), heads(attention.prototype_values).expand(batch, -1, -1, -1)], dim=2)
+    always = torch.ones(*mask.shape[:-1], attention.prototype_keys.shape[0], dtype=torch.bool)
+    visible = torch.cat([mask, always], dim=-1)  # (B, 1, T, S + m)
+    scores = heads(q) @ keys.transpose(-1, -2) / heads(q).shape[-1] ** 0.5  # (B, h, T, S + m)
+    weights = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    return attention.out_proj((weights @ values).transpose(1, 2).reshape(batch, length, -1)), weights
+
+
+@pytest.mark.parametrize("num_prototypes", [6, 80], ids=["concatenated", "batch-shared-matmul"])
+def test_memory_attention_is_one_softmax_over_sequence_and_prototypes(num_prototypes):
+    """Keys [K + s_seq ; M_K + s_mem], values [V ; M_V], causal and padding masks on the sequence part only."""
+    model, attention = _memory_attention_with_random_prototypes(num_prototypes)
+    model.eval()
     x = torch.randn(2, 5, model.config.hidden_size)
     padding = torch.ones(2, 5, dtype=torch.bool)
     padding[1, :2] = False  # left padding
     mask = model.decoder.causal_mask(padding, 5)  # (B, 1, T, S)
     out, weights = attention(x, mask, output_attentions=True)
     out_fast, _ = attention(x, mask)
-
-    heads = lambda t: t.view(*t.shape[:-1], 2, -1).transpose(-3, -2)  # noqa: E731  (..., h, L, hd)
-    q, k, v = attention.qkv_proj(x).split(x.shape[-1], dim=-1)
-    memory_keys = heads(attention.prototype_keys + attention.segment_memory).expand(2, -1, -1, -1)  # (B, h, m, hd)
-    keys = torch.cat([heads(k + attention.segment_sequence), memory_keys], dim=2)  # (B, h, S + m, hd)
-    values = torch.cat([heads(v), heads(attention.prototype_values).expand(2, -1, -1, -1)], dim=2)
-    visible = torch.cat([mask, torch.ones(2, 1, 5, num_prototypes, dtype=torch.bool)], dim=-1)
-    scores = heads(q) @ keys.transpose(-1, -2) / heads(q).shape[-1] ** 0.5  # (B, h, T, S + m)
-    expected_weights = scores.masked_fill(~visible, float("-inf")).softmax(-1)
-    expected = attention.out_proj((expected_weights @ values).transpose(1, 2).reshape(2, 5, -1))
+    expected, expected_weights = _paper_memory_attention(attention, x, mask)
     torch.testing.assert_close(weights, expected_weights)
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(out_fast, expected)
@@ -234,13 +247,8 @@ def test_memory_attention_is_one_softmax_over_sequence_and_prototypes(num_protot
 @pytest.mark.parametrize("num_prototypes", [6, 80], ids=["concatenated", "batch-shared-matmul"])
 def test_segment_embeddings_get_the_gradients_of_keys_plus_segments(num_prototypes):
     """Training scores [K ; M_K + s_mem - s_seq]: s_seq and s_mem get the gradients of [K + s_seq ; M_K + s_mem]."""
-    model = tiny_model(num_prototypes=num_prototypes, memory_window=8, dropout=0.0).train()
-    attention = model.decoder.layers[0].self_attn
-    with torch.no_grad():
-        for tensor in (attention.prototype_keys, attention.prototype_values, attention.segment_memory,
-                       attention.segment_sequence):
-            tensor.normal_()
-        attention.prototype_ready.fill_(True)
+    model, attention = _memory_attention_with_random_prototypes(num_prototypes, dropout=0.0)
+    model.train()
     x = torch.randn(2, 5, model.config.hidden_size)
     mask = model.decoder.causal_mask(torch.ones(2, 5, dtype=torch.bool), 5)
     cotangent = torch.randn(2, 5, model.config.hidden_size)
@@ -248,16 +256,7 @@ def test_segment_embeddings_get_the_gradients_of_keys_plus_segments(num_prototyp
 
     out, _ = attention(x, mask)
     layer_grads = torch.autograd.grad((out * cotangent).sum(), segments)
-
-    heads = lambda t: t.view(*t.shape[:-1], 2, -1).transpose(-3, -2)  # noqa: E731  (..., h, L, hd)
-    q, k, v = attention.qkv_proj(x).split(x.shape[-1], dim=-1)
-    memory_keys = heads(attention.prototype_keys + attention.segment_memory).expand(2, -1, -1, -1)
-    keys = torch.cat([heads(k + attention.segment_sequence), memory_keys], dim=2)  # (B, h, S + m, hd)
-    values = torch.cat([heads(v), heads(attention.prototype_values).expand(2, -1, -1, -1)], dim=2)
-    visible = torch.cat([mask, torch.ones(2, 1, 5, num_prototypes, dtype=torch.bool)], dim=-1)
-    scores = heads(q) @ keys.transpose(-1, -2) / heads(q).shape[-1] ** 0.5
-    weights = scores.masked_fill(~visible, float("-inf")).softmax(-1)
-    expected = attention.out_proj((weights @ values).transpose(1, 2).reshape(2, 5, -1))
+    expected, _ = _paper_memory_attention(attention, x, mask)
     expected_grads = torch.autograd.grad((expected * cotangent).sum(), segments)
 
     torch.testing.assert_close(out, expected)
