@@ -84,10 +84,15 @@ def apply_lora(model: torch.nn.Module, lora_config: LoraConfig) -> PeftModel:
         ) from None
 
 
+def is_prototype_buffer(name: str) -> bool:
+    """Whether a state-dict name is a memory layer's prototype buffer (keys, values or ready flag)."""
+    return ".prototype_" in name
+
+
 def prototype_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The prototype buffers (keys, values, ready flags) of every memory layer, by state-dict name."""
     state = model.state_dict()
-    return {name: tensor.detach().cpu().clone() for name, tensor in state.items() if ".prototype_" in name}  # copies
+    return {name: tensor.detach().cpu().clone() for name, tensor in state.items() if is_prototype_buffer(name)}
 
 
 def save_adapter(peft_model: PeftModel, directory: str | Path, base_name: str, fingerprint: str, memory: str) -> None:
@@ -126,7 +131,7 @@ def load_adapter(base: torch.nn.Module, directory: str | Path) -> PeftModel:
     prototypes_path = directory / PROTOTYPES_FILE
     if prototypes_path.is_file():
         prototypes = load_file(str(prototypes_path))
-        expected = {name for name in base.state_dict() if ".prototype_" in name}
+        expected = {name for name in base.state_dict() if is_prototype_buffer(name)}
         missing = expected ^ set(prototypes)
         if missing:
             raise ValueError(f"{prototypes_path} does not match the base model's memory layers ({sorted(missing)[:3]})")

@@ -106,6 +106,14 @@ def model_with_prototypes(config: FsgrPmaConfig) -> FsgrPmaForConditionalGenerat
     return model
 
 
+def memory_on_and_off(config: FsgrPmaConfig) -> tuple[FsgrPmaForConditionalGeneration, FsgrPmaForConditionalGeneration]:
+    """The model with prototypes set, and the same weights without prototype memory (`use_memory=False`)."""
+    on = model_with_prototypes(config)
+    off = FsgrPmaForConditionalGeneration(FsgrPmaConfig(**{**config.to_dict(), "use_memory": False}))
+    off.load_state_dict(on.state_dict(), strict=False)
+    return on, off
+
+
 def released(model: FsgrPmaForConditionalGeneration) -> FsgrPmaForConditionalGeneration:
     """The model as `save_release` writes it: LoRA merged into the tower, eval mode."""
     if model.config.lora_rank > 0 and not model.config.lora_merged:
@@ -146,9 +154,7 @@ def encoder_given_inputs(model: FsgrPmaForConditionalGeneration, config: FsgrPma
 # ----------------------------------------------------------------------------------------------------------------
 # Benchmarks
 def bench_train_step(config: FsgrPmaConfig, batch: int, length: int, repeats: int) -> float:
-    on = model_with_prototypes(config)
-    off = model_with_prototypes(FsgrPmaConfig(**{**config.to_dict(), "use_memory": False}))
-    off.load_state_dict(on.state_dict(), strict=False)
+    on, off = memory_on_and_off(config)
     inputs_on = encoder_given_inputs(on, config, batch, length)
     inputs_off = {**inputs_on}
     time_on, time_off = paired_medians(train_step_fn(on, inputs_on, 10), train_step_fn(off, inputs_off, 10), repeats)
@@ -193,10 +199,7 @@ def bench_refresh(config: FsgrPmaConfig, repeats: int) -> dict:
 
 
 def bench_generate_memory(config: FsgrPmaConfig, repeats: int) -> dict:
-    on = model_with_prototypes(config)
-    off = FsgrPmaForConditionalGeneration(FsgrPmaConfig(**{**config.to_dict(), "use_memory": False}))
-    off.load_state_dict(on.state_dict(), strict=False)
-    on, off = released(on), released(off)
+    on, off = (released(model) for model in memory_on_and_off(config))
     pixel_values = torch.randn(8, 3, config.image_size, config.image_size)
     result = {}
     for name, beams in (("greedy", 1), ("beam5", 5)):
