@@ -80,6 +80,10 @@ class FsgrPmaConfig(PretrainedConfig):
         memory_refresh_every (`int`, *optional*, defaults to 50): refresh period R, in optimiser steps.
         memory_knn (`int`, *optional*, defaults to 8): values averaged per prototype (k nearest bank keys).
         memory_kmeans_iters (`int`, *optional*, defaults to 20): K-Means iterations per refresh.
+        memory_prior (`bool`, *optional*, defaults to `False`):
+            *Our extension of PMA-Net.* A learned per-head log-prior b_h added to every prototype logit, initialised
+            at -log(num_prototypes), so that m prototypes start with the attention share of one extra token and the
+            model learns how much of its attention the memory deserves. `False` is the paper's attention.
         prototype_dtype (`str`, *optional*, defaults to `"float32"`): storage dtype of banks and prototypes.
         use_cache (`bool`, *optional*, defaults to `True`): keep a KV cache during generation.
     """
@@ -125,6 +129,7 @@ class FsgrPmaConfig(PretrainedConfig):
         memory_refresh_every: int = 50,
         memory_knn: int = 8,
         memory_kmeans_iters: int = 20,
+        memory_prior: bool = False,
         prototype_dtype: str = "float32",
         use_cache: bool = True,
         pad_token_id: int = 0,
@@ -172,6 +177,7 @@ class FsgrPmaConfig(PretrainedConfig):
         self.memory_refresh_every = memory_refresh_every
         self.memory_knn = memory_knn
         self.memory_kmeans_iters = memory_kmeans_iters
+        self.memory_prior = memory_prior
         self.prototype_dtype = prototype_dtype
         self.use_cache = use_cache
         super().__init__(

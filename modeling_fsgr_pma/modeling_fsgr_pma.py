@@ -163,13 +163,16 @@ def attend(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scaled dot-product attention; `(B, h, T, hd)` queries against `(B, h, S, hd)` keys/values.
 
-    `mask` is boolean, `(B, 1, T, S)`, True where attention is allowed. Uses SDPA unless the weights are wanted.
+    `mask` is boolean, `(B, 1, T, S)`, True where attention is allowed, or a float `(B, h, T, S)` added to the
+    scores. Uses SDPA unless the weights are wanted.
     """
     if not output_attentions:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout), None
     scores = query @ key.transpose(-1, -2) / math.sqrt(query.shape[-1])  # (B, h, T, S)
-    if mask is not None:
+    if mask is not None and mask.dtype == torch.bool:
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    elif mask is not None:
+        scores = scores + mask
     weights = scores.softmax(-1)
     return F.dropout(weights, p=dropout) @ value, weights  # (B, h, T, hd)
 
@@ -181,14 +184,16 @@ def attend_with_prototypes(
     mask: torch.Tensor | None,
     memory_keys: torch.Tensor,
     memory_values: torch.Tensor,
+    memory_bias: torch.Tensor | None,
     dropout: float,
     output_attentions: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`attend` over `[key ; memory_keys]` and `[value ; memory_values]`, without copying the memory per sequence.
 
     `(B, h, T, hd)` queries, `(B, h, S, hd)` keys/values with a boolean `(B, 1, T, S)` mask (or None), and
-    `(h, m, hd)` memory keys/values shared by the batch, which every query sees. The memory is scored and read by
-    one matmul per head for all B * T queries; one softmax runs over the S + m scores of each query.
+    `(h, m, hd)` memory keys/values shared by the batch, which every query sees; `memory_bias` `(h,)` (or None) is
+    added to every memory score. The memory is scored and read by one matmul per head for all B * T queries; one
+    softmax runs over the S + m scores of each query.
     """
     batch, heads, length, head_dim = query.shape
     query = query * head_dim**-0.5
@@ -198,6 +203,8 @@ def attend_with_prototypes(
     rows = query.transpose(0, 1).reshape(heads, batch * length, head_dim)  # (h, B * T, hd)
     memory_scores = rows @ memory_keys.transpose(-1, -2)  # (h, B * T, m)
     memory_scores = memory_scores.view(heads, batch, length, -1).transpose(0, 1)  # (B, h, T, m)
+    if memory_bias is not None:
+        memory_scores = memory_scores + memory_bias.view(1, heads, 1, 1)
     weights = torch.cat([scores, memory_scores], dim=-1).softmax(-1)  # (B, h, T, S + m)
     kept = F.dropout(weights, p=dropout) if dropout else weights
     sequence_weights, memory_weights = kept.split([key.shape[2], memory_keys.shape[1]], dim=-1)
@@ -542,11 +549,19 @@ class FsgrPmaEncoder(nn.Module):
 # ==============================================================================================================
 # Prototypical memory attention (PMA-Net)
 # ==============================================================================================================
-def kmeans(points: torch.Tensor, num_clusters: int, iters: int, seed: int, backend: str = "auto") -> torch.Tensor:
+def kmeans(
+    points: torch.Tensor,
+    num_clusters: int,
+    iters: int,
+    seed: int,
+    backend: str = "auto",
+    init: torch.Tensor | None = None,
+) -> torch.Tensor:
     """K-Means centroids `(num_clusters, d)` of `points` `(N, d)`, float32, deterministic for a seed.
 
-    Both backends start from the same seeded k-means++ centroids and run Lloyd iterations, so they agree up to
-    floating-point order. `backend` is `"faiss"`, `"torch"` or `"auto"` (FAISS when importable); FAISS uses every
+    Both backends start from the same centroids, `init` `(num_clusters, d)` when given (a warm start from the
+    previous prototypes) or else seeded k-means++, and run Lloyd iterations, so they agree up to floating-point
+    order. `backend` is `"faiss"`, `"torch"` or `"auto"` (FAISS when importable); FAISS uses every
     point (`max_points_per_centroid = N`, no subsampling) and the GPU when the points are on one and it can.
     """
     n_points, dim = points.shape
@@ -560,7 +575,9 @@ def kmeans(points: torch.Tensor, num_clusters: int, iters: int, seed: int, backe
     if backend not in ("faiss", "torch"):
         raise ValueError(f"Unknown K-Means backend {backend!r}; use 'faiss', 'torch' or 'auto'")
     points = points.detach().float()
-    centroids = kmeans_plus_plus(points, num_clusters, seed)  # (m, d)
+    if init is not None and init.shape != (num_clusters, dim):
+        raise ValueError(f"K-Means init must have shape {(num_clusters, dim)}, got {tuple(init.shape)}")
+    centroids = kmeans_plus_plus(points, num_clusters, seed) if init is None else init.detach().float().clone()
     if backend == "torch":
         return _lloyd(points, centroids, iters)
     if faiss is None:
@@ -597,6 +614,29 @@ def _lloyd(points: torch.Tensor, centroids: torch.Tensor, iters: int) -> torch.T
     return centroids
 
 
+def mask_with_prototypes(
+    mask: torch.Tensor | None, memory_bias: torch.Tensor | None, batch: int, length: int, total: int, num_prototypes: int
+) -> torch.Tensor | None:
+    """The attention mask over `[sequence ; prototypes]` for `attend`, from the sequence's boolean `(B, 1, T, S)` mask.
+
+    Without a bias: boolean `(B, 1, T, S + m)` (every query sees every prototype), or None when `mask` is None. With
+    a `(h,)` `memory_bias`: an additive float `(B, h, T, S + m)`, 0 / dtype-min on the sequence, the bias on the
+    prototypes.
+    """
+    if memory_bias is None:
+        if mask is None:
+            return None
+        return torch.cat([mask, mask.new_ones(*mask.shape[:-1], num_prototypes)], dim=-1)  # (B, 1, T, S + m)
+    heads, dtype = memory_bias.shape[0], memory_bias.dtype
+    if mask is None:
+        sequence = memory_bias.new_zeros(1, 1, length, total)  # (1, 1, T, S)
+    else:
+        sequence = memory_bias.new_zeros(mask.shape).masked_fill(~mask, torch.finfo(dtype).min)  # (B, 1, T, S)
+    sequence = sequence.expand(batch, heads, length, total)  # (B, h, T, S)
+    memory = memory_bias.view(1, heads, 1, 1).expand(batch, heads, length, num_prototypes)  # (B, h, T, m)
+    return torch.cat([sequence, memory], dim=-1)  # (B, h, T, S + m)
+
+
 def nearest_neighbours(points: torch.Tensor, queries: torch.Tensor, k: int, backend: str = "auto") -> torch.Tensor:
     """Indices `(Q, k)` of the k nearest `points` `(N, d)` (L2) of every query `(Q, d)`."""
     if backend == "auto":
@@ -615,6 +655,12 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
     Keys are `[K + s_seq ; M_K + s_mem]` and values `[V ; M_V]`, with learned segment embeddings s. The causal
     mask covers the sequence columns only; every position sees all prototypes. Prototypes are persistent
     buffers (saved with the weights) and never enter the KV cache.
+
+    Two controls that the paper does not have (our extension): with `config.memory_prior`, a learned per-head
+    log-prior b_h (initialised at -log m) is added to every prototype logit, so the memory's share of attention is
+    learned rather than set by the number of prototypes; and `memory_ramp` r in (0, 1] (a training schedule, set by
+    `FsgrPmaForConditionalGeneration.set_memory_ramp`, 1 at rest) adds log r to them, which fades the memory in
+    after a refresh instead of switching it on at once.
 
     A query q scores the keys q·k + q·s_seq and q·m + q·s_mem; the softmax ignores the shift q·s_seq common to all
     of them, so the layer scores `[K ; M_K + s_mem - s_seq]` instead: the same weights, outputs and gradients
@@ -645,6 +691,9 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
             self.register_buffer("prototype_keys", torch.zeros(config.num_prototypes, d, dtype=dtype))
             self.register_buffer("prototype_values", torch.zeros(config.num_prototypes, d, dtype=dtype))
             self.register_buffer("prototype_ready", torch.zeros(1, dtype=torch.bool))
+            if config.memory_prior:
+                self.prototype_log_prior = nn.Parameter(torch.full((self.num_heads,), -math.log(config.num_prototypes)))
+        self.memory_ramp = 1.0
         # The bank is training state, not a weight: allocated on first use, saved by the training checkpoint.
         self.bank_keys: torch.Tensor | None = None
         self.bank_values: torch.Tensor | None = None
@@ -701,6 +750,14 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
         self._heads = None if state is None else (state, tensors, keys, values)
         return keys, values
 
+    def memory_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """`(h,)` addend of every prototype logit: the log-prior plus log `memory_ramp`; None when both are off."""
+        prior = getattr(self, "prototype_log_prior", None)
+        if prior is None and self.memory_ramp == 1.0:
+            return None
+        ramp = math.log(self.memory_ramp)
+        return (prior.to(dtype) + ramp) if prior is not None else torch.full((self.num_heads,), ramp, dtype=dtype)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -726,15 +783,15 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
         if memory is None:
             out, weights = attend(query, key, value, mask, dropout, output_attentions)
         elif memory[0].shape[1] > MAX_PROTOTYPES_TO_CONCATENATE:
-            out, weights = attend_with_prototypes(query, key, value, mask, *memory, dropout, output_attentions)
+            bias = self.memory_bias(key.dtype)  # (h,) or None
+            out, weights = attend_with_prototypes(query, key, value, mask, *memory, bias, dropout, output_attentions)
         else:
-            batch = hidden_states.shape[0]
             memory_keys, memory_values = memory  # (h, m, hd) each
+            batch, length, total = key.shape[0], query.shape[2], key.shape[2]
+            bias = self.memory_bias(key.dtype)  # (h,) or None
+            mask = mask_with_prototypes(mask, bias, batch, length, total, memory_keys.shape[1])
             key = torch.cat([key, memory_keys.expand(batch, -1, -1, -1)], dim=2)  # (B, h, S + m, hd)
             value = torch.cat([value, memory_values.expand(batch, -1, -1, -1)], dim=2)  # (B, h, S + m, hd)
-            if mask is not None:
-                always = mask.new_ones(*mask.shape[:-1], memory_keys.shape[1])  # (B, 1, T, m)
-                mask = torch.cat([mask, always], dim=-1)  # (B, 1, T, S + m)
             out, weights = attend(query, key, value, mask, dropout, output_attentions)
         out = out.transpose(1, 2).reshape(*hidden_states.shape)  # (B, T, d)
         return self.out_proj(out), weights
@@ -788,11 +845,16 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
     def refresh_prototypes(self, keys: torch.Tensor, values: torch.Tensor, seed: int, backend: str = "auto") -> None:
         """Cluster `(N, d)` bank keys into m prototype keys; prototype values are kNN means of the bank values.
 
-        The layer index is added to `seed`, so layers start from different centroids.
+        The first refresh starts K-Means from k-means++ seeded with `seed` plus the layer index (layers start from
+        different centroids); later ones start from the current prototype keys, so that each prototype moves with
+        its cluster rather than being re-drawn (and re-shuffled) at every refresh.
         """
         config = self.config
         seed = seed + self.layer_idx
-        centroids = kmeans(keys.float(), config.num_prototypes, config.memory_kmeans_iters, seed, backend)  # (m, d)
+        previous = self.prototype_keys.float() if self.prototype_ready.item() else None
+        centroids = kmeans(
+            keys.float(), config.num_prototypes, config.memory_kmeans_iters, seed, backend, init=previous
+        )  # (m, d)
         neighbours = nearest_neighbours(keys.float(), centroids, min(config.memory_knn, len(keys)), backend)  # (m, k)
         prototype_values = values.float()[neighbours].mean(dim=1)  # (m, d)
         self.prototype_keys.copy_(centroids.to(self.prototype_keys))
@@ -943,6 +1005,8 @@ class FsgrPmaPreTrainedModel(PreTrainedModel):
         if isinstance(module, FsgrPmaPrototypeMemoryAttention) and module.memory_enabled:
             init.normal_(module.segment_sequence, std=std)
             init.normal_(module.segment_memory, std=std)
+            if module.config.memory_prior:
+                init.constant_(module.prototype_log_prior, -math.log(module.config.num_prototypes))
         elif isinstance(module, FsgrPmaVisionTower) and module.prompts is not None:
             init.normal_(module.prompts, std=std)
 
@@ -1081,6 +1145,14 @@ class FsgrPmaForConditionalGeneration(FsgrPmaPreTrainedModel, GenerationMixin):
         """
         for layer in self.memory_layers():
             layer.refresh_prototypes(*layer.bank_contents(), seed=seed, backend=backend)
+
+    def set_memory_ramp(self, ramp: float) -> None:
+        """Scale every layer's prototype attention weights by `ramp` in (0, 1] before the softmax renormalises them
+        (log `ramp` is added to the prototype logits): a training schedule that fades the memory in; 1 at rest."""
+        if not 0.0 < ramp <= 1.0:
+            raise ValueError(f"memory ramp must lie in (0, 1], got {ramp}")
+        for layer in self.memory_layers():
+            layer.memory_ramp = float(ramp)
 
     def num_parameters_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -13,7 +13,9 @@ Without `--tokenizer`, a BPE tokenizer is trained on the training captions into 
 resume; BPE training breaks ties randomly, so pass `--tokenizer` for two fresh runs to be bitwise comparable.
 
 Stages: `--xe-steps` optimiser steps of XE + β·SupCon (prototypes refreshed every `memory_refresh_every` steps
-after `--memory-warmup-steps`), then `--scst-steps` of SCST with a CIDEr-D reward. Every `--eval-every` steps the
+after `--memory-warmup-steps`, faded in over `--memory-ramp-steps`), then `--scst-steps` of SCST with a CIDEr-D
+reward and the prototypes frozen. An evaluation (and the save of a best model) at a refresh step runs before the
+refresh, so a saved model holds the prototypes its decoder trained with. Every `--eval-every` steps the
 model captions the evaluation split; the best CIDEr-D model is written with `save_pretrained` to
 `OUTPUT_DIR/model` (weights with prototypes and codebook, processor, generation config, remote code).
 """
@@ -95,6 +97,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--max-grad-norm", type=float, default=1.0)
     train.add_argument("--xe-steps", type=int, default=500)
     train.add_argument("--memory-warmup-steps", type=int, default=100, help="XE steps before the first refresh")
+    train.add_argument(
+        "--memory-ramp-steps", type=int, default=0,
+        help="fade the memory in over this many steps after the first refresh (0: switch it on at once)",
+    )
     train.add_argument("--kmeans-backend", choices=["auto", "faiss", "torch"], default="auto")
     train.add_argument("--scst-steps", type=int, default=0)
     train.add_argument("--scst-learning-rate", type=float, default=5e-5)
@@ -114,6 +120,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("data", "output_dir"):
         if getattr(args, name) is None:
             parser.error(f"--{name.replace('_', '-')} is required (on the command line or in --config)")
+    if args.memory_ramp_steps < 0:
+        parser.error("--memory-ramp-steps must be non-negative")
     if args.xe_steps + args.scst_steps <= 0:
         parser.error("nothing to do: --xe-steps and --scst-steps are both 0")
     if args.scst_steps and args.scst_samples < 2:
@@ -302,6 +310,8 @@ def main(argv: list[str] | None = None) -> dict:
         ) if step_in_epoch else train_loader
         for batch in batches:
             scst = global_step >= args.xe_steps
+            if unwrapped.config.use_memory:
+                unwrapped.set_memory_ramp(_memory_ramp(global_step, args))
             with accelerator.accumulate(model):
                 if scst:
                     for group in optimizer.param_groups:
@@ -332,10 +342,9 @@ def main(argv: list[str] | None = None) -> dict:
             progress.update(1)
             logs["lr"] = optimizer.param_groups[0]["lr"]
 
-            if unwrapped.config.use_memory and _is_refresh_step(global_step, args, unwrapped.config):
-                refresh_memory(accelerator, unwrapped, seed=args.seed + global_step, backend=args.kmeans_backend)
-                logger.info(f"step {global_step}: prototypes refreshed ({bank_report(unwrapped)})")
             if global_step % args.eval_every == 0 or global_step == total_steps:
+                if unwrapped.config.use_memory:
+                    unwrapped.set_memory_ramp(1.0)  # evaluate (and save) the model as it is released
                 captions = generate_captions(
                     accelerator, unwrapped, eval_loader, tokenizer, eval_ids,
                     num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
@@ -347,6 +356,9 @@ def main(argv: list[str] | None = None) -> dict:
                 if cider > best_cider:
                     best_cider = cider
                     save_release(accelerator, unwrapped, processor, args.output_dir / "model")
+            if unwrapped.config.use_memory and _is_refresh_step(global_step, args, unwrapped.config):
+                refresh_memory(accelerator, unwrapped, seed=args.seed + global_step, backend=args.kmeans_backend)
+                logger.info(f"step {global_step}: prototypes refreshed ({bank_report(unwrapped)})")
             accelerator.log(logs, step=global_step)
             progress.set_postfix({k: f"{v:.3g}" for k, v in logs.items()})
             if global_step % args.checkpoint_every == 0 or global_step == total_steps:
@@ -363,8 +375,19 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _is_refresh_step(step: int, args: argparse.Namespace, config: FsgrPmaConfig) -> bool:
-    """Refresh at the end of the memory warm-up and every `memory_refresh_every` steps after it (XE and SCST)."""
-    return step >= args.memory_warmup_steps and (step - args.memory_warmup_steps) % config.memory_refresh_every == 0
+    """Refresh at the end of the memory warm-up and every `memory_refresh_every` steps after it, during XE only.
+
+    The last XE step never refreshes: SCST and the release keep the prototypes the decoder last trained with.
+    """
+    after_warmup = step - args.memory_warmup_steps
+    return 0 <= after_warmup and after_warmup % config.memory_refresh_every == 0 and step < args.xe_steps
+
+
+def _memory_ramp(completed_steps: int, args: argparse.Namespace) -> float:
+    """The memory's weight in the next step: 1/N right after the first refresh, rising linearly to 1 over N steps."""
+    if args.memory_ramp_steps == 0:
+        return 1.0
+    return min(1.0, max(1, completed_steps - args.memory_warmup_steps + 1) / args.memory_ramp_steps)
 
 
 def _cached_features(cache_dir: Path, split: str, image_ids: list[str]) -> dict[str, torch.Tensor]:

@@ -63,12 +63,35 @@ def test_refresh_gives_m_finite_prototypes_and_knn_mean_values(model_with_memory
         torch.testing.assert_close(layer.prototype_values.float(), values.float()[neighbours].mean(1))
 
 
-def test_different_seeds_give_different_prototypes():
+def test_different_seeds_give_different_first_prototypes():
+    first, second = tiny_model(), tiny_model()
+    fill_memory(first, seed=0)
+    first_keys = first.memory_layers()[0].prototype_keys.clone()
+    fill_memory(second, seed=0)  # the same banks...
+    second.memory_layers()[0].prototype_ready.fill_(False)
+    second.refresh_memory(seed=99, backend="torch")  # ...clustered from another k-means++ draw
+    assert not torch.equal(first_keys, second.memory_layers()[0].prototype_keys)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("faiss", marks=pytest.mark.skipif(faiss is None, reason="faiss"))])
+def test_later_refreshes_start_from_the_current_prototypes(backend):
+    """A warm start: K-Means begins at the current keys, so the seed no longer matters and prototype j stays put."""
     model = tiny_model()
     fill_memory(model)
-    first = model.memory_layers()[0].prototype_keys.clone()
-    model.refresh_memory(seed=99, backend="torch")
-    assert not torch.equal(first, model.memory_layers()[0].prototype_keys)
+    layer = model.memory_layers()[0]
+    keys, values = layer.bank_contents()
+    layer.refresh_prototypes(keys, values, seed=1, backend=backend)
+    settled = layer.prototype_keys.clone()
+    expected = kmeans(keys, len(settled), model.config.memory_kmeans_iters, seed=0, backend=backend, init=settled)
+    layer.refresh_prototypes(keys, values, seed=123, backend=backend)
+    torch.testing.assert_close(layer.prototype_keys, expected)
+    # Each prototype is still nearest to the centroid it came from: no relabelling between refreshes.
+    assert torch.equal(torch.cdist(layer.prototype_keys, settled).argmin(1), torch.arange(len(settled)))
+
+
+def test_kmeans_init_of_the_wrong_shape_is_a_clear_error():
+    with pytest.raises(ValueError, match="init must have shape"):
+        kmeans(torch.randn(20, 4), 3, iters=2, seed=0, backend="torch", init=torch.zeros(2, 4))
 
 
 def test_layers_are_seeded_apart():

@@ -190,19 +190,24 @@ def test_memory_off_equals_a_plain_decoder():
 
 
 def _memory_attention_with_random_prototypes(num_prototypes: int, **overrides):
-    """The first decoder layer's memory attention, its prototypes and segment embeddings random and ready."""
+    """The first decoder layer's memory attention, its prototypes, segment embeddings (and log-prior) random, ready."""
     model = tiny_model(num_prototypes=num_prototypes, memory_window=8, **overrides)
     attention = model.decoder.layers[0].self_attn
     with torch.no_grad():
         for tensor in (attention.prototype_keys, attention.prototype_values, attention.segment_memory,
                        attention.segment_sequence):
             tensor.normal_()
+        if model.config.memory_prior:
+            attention.prototype_log_prior.normal_()
         attention.prototype_ready.fill_(True)
     return model, attention
 
 
 def _paper_memory_attention(attention, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """PMA-Net written out: softmax over keys [K + s_seq ; M_K + s_mem], values [V ; M_V]; (output, weights)."""
+    """PMA-Net written out: softmax over keys [K + s_seq ; M_K + s_mem], values [V ; M_V]; (output, weights).
+
+    Our extension: the log-prior b_h (when configured) and log(memory_ramp) are added to the prototype scores.
+    """
     batch, length, _ = x.shape
     heads = lambda t: t.view(*t.shape[:-1], 2, -1).transpose(-3, -2)  # noqa: E731  (..., h, L, hd)
     q, k, v = attention.qkv_proj(x).split(x.shape[-1], dim=-1)
@@ -212,14 +217,27 @@ def _paper_memory_attention(attention, x: torch.Tensor, mask: torch.Tensor) -> t
     always = torch.ones(*mask.shape[:-1], attention.prototype_keys.shape[0], dtype=torch.bool)
     visible = torch.cat([mask, always], dim=-1)  # (B, 1, T, S + m)
     scores = heads(q) @ keys.transpose(-1, -2) / heads(q).shape[-1] ** 0.5  # (B, h, T, S + m)
-    weights = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+    bias = torch.zeros(scores.shape[-1])
+    bias[mask.shape[-1] :] = torch.log(torch.tensor(attention.memory_ramp))
+    bias = bias + torch.zeros(2, 1, 1)  # (h, 1, S + m)
+    if attention.config.memory_prior:
+        bias[:, :, mask.shape[-1] :] += attention.prototype_log_prior[:, None, None]
+    weights = (scores + bias).masked_fill(~visible, float("-inf")).softmax(-1)
     return attention.out_proj((weights @ values).transpose(1, 2).reshape(batch, length, -1)), weights
 
 
+MEMORY_CONTROLS = pytest.mark.parametrize(
+    "memory_prior, ramp", [(False, 1.0), (True, 1.0), (False, 0.25), (True, 0.25)],
+    ids=["paper", "log-prior", "ramp", "log-prior-and-ramp"],
+)
+
+
+@MEMORY_CONTROLS
 @pytest.mark.parametrize("num_prototypes", [6, 80], ids=["concatenated", "batch-shared-matmul"])
-def test_memory_attention_is_one_softmax_over_sequence_and_prototypes(num_prototypes):
+def test_memory_attention_is_one_softmax_over_sequence_and_prototypes(num_prototypes, memory_prior, ramp):
     """Keys [K + s_seq ; M_K + s_mem], values [V ; M_V], causal and padding masks on the sequence part only."""
-    model, attention = _memory_attention_with_random_prototypes(num_prototypes)
+    model, attention = _memory_attention_with_random_prototypes(num_prototypes, memory_prior=memory_prior)
+    model.set_memory_ramp(ramp)
     model.eval()
     x = torch.randn(2, 5, model.config.hidden_size)
     padding = torch.ones(2, 5, dtype=torch.bool)
@@ -244,15 +262,19 @@ def test_memory_attention_is_one_softmax_over_sequence_and_prototypes(num_protot
     torch.testing.assert_close(torch.cat(steps, dim=1), full)
 
 
+@MEMORY_CONTROLS
 @pytest.mark.parametrize("num_prototypes", [6, 80], ids=["concatenated", "batch-shared-matmul"])
-def test_segment_embeddings_get_the_gradients_of_keys_plus_segments(num_prototypes):
-    """Training scores [K ; M_K + s_mem - s_seq]: s_seq and s_mem get the gradients of [K + s_seq ; M_K + s_mem]."""
-    model, attention = _memory_attention_with_random_prototypes(num_prototypes, dropout=0.0)
+def test_segment_embeddings_get_the_gradients_of_keys_plus_segments(num_prototypes, memory_prior, ramp):
+    """Training scores [K ; M_K + s_mem - s_seq]: s_seq and s_mem (and the log-prior) get the paper form's gradients."""
+    model, attention = _memory_attention_with_random_prototypes(num_prototypes, dropout=0.0, memory_prior=memory_prior)
+    model.set_memory_ramp(ramp)
     model.train()
     x = torch.randn(2, 5, model.config.hidden_size)
     mask = model.decoder.causal_mask(torch.ones(2, 5, dtype=torch.bool), 5)
     cotangent = torch.randn(2, 5, model.config.hidden_size)
     segments = (attention.segment_sequence, attention.segment_memory)
+    if memory_prior:
+        segments += (attention.prototype_log_prior,)
 
     out, _ = attention(x, mask)
     layer_grads = torch.autograd.grad((out * cotangent).sum(), segments)

@@ -65,6 +65,45 @@ def test_smoke_train_saves_resumes_and_reloads(world, tmp_path):
     assert isinstance(processor.batch_decode(ids, skip_special_tokens=True)[0], str)
 
 
+def test_a_saved_model_holds_the_prototypes_its_decoder_trained_with(world, tmp_path):
+    """Refreshes at steps 2 and 5 (warm-up 2, period 3); evaluations at 5 and 6, each before any refresh of its step.
+
+    Saved at step 5: the prototypes of step 2, which steps 3-5 trained with (checkpoint step_4), not those of the
+    refresh at step 5. Saved at step 6: the step-5 prototypes, which step 6 trained with (checkpoint step_6).
+    """
+    train = load_script("train")
+    output = tmp_path / "run"
+    summary = train.main(_train_args(world, output, "--xe-steps", "6", "--eval-every", "5", "--checkpoint-every", "2",
+                                     "--memory-ramp-steps", "2"))
+    best_step = max(summary["history"], key=lambda entry: entry["cider"])["step"]  # the first best, as train.py keeps
+    released = load_file(output / "model" / "model.safetensors")
+    at_step_4 = load_file(output / "checkpoints" / "step_4" / "model.safetensors")
+    at_step_6 = load_file(output / "checkpoints" / "step_6" / "model.safetensors")
+    trained_with, refreshed_later = (at_step_4, at_step_6) if best_step == 5 else (at_step_6, at_step_4)
+    keys = [key for key in released if "prototype_keys" in key]
+    assert keys
+    for key in keys:
+        assert torch.equal(released[key], trained_with[key])
+        assert not torch.equal(released[key], refreshed_later[key])
+
+
+def test_refreshes_happen_in_xe_only_and_never_at_its_last_step():
+    train = load_script("train")
+    args = train.parse_args(["--data", "d", "--output-dir", "o", "--xe-steps", "10", "--scst-steps", "6",
+                             "--memory-warmup-steps", "2"])
+    config = tiny_config(memory_refresh_every=4)
+    assert [step for step in range(1, 17) if train._is_refresh_step(step, args, config)] == [2, 6]
+
+
+def test_memory_ramp_rises_from_the_first_refresh_to_one():
+    train = load_script("train")
+    args = train.parse_args(["--data", "d", "--output-dir", "o", "--memory-warmup-steps", "2",
+                             "--memory-ramp-steps", "4"])
+    assert [train._memory_ramp(step, args) for step in range(2, 8)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    no_ramp = train.parse_args(["--data", "d", "--output-dir", "o"])
+    assert train._memory_ramp(0, no_ramp) == 1.0
+
+
 def test_unknown_config_key_and_missing_data_are_clear_errors(world, tmp_path):
     train = load_script("train")
     bad = tmp_path / "bad.yaml"
@@ -113,7 +152,8 @@ def _launch(args: list[str]) -> subprocess.Popen:
 
 
 def test_killed_run_resumes_to_identical_weights(world, tmp_path):
-    common = ["--xe-steps", "24", "--eval-every", "1000", "--checkpoint-every", "2", "--tokenizer", str(world / "tokenizer")]
+    common = ["--xe-steps", "24", "--eval-every", "1000", "--checkpoint-every", "2", "--tokenizer", str(world / "tokenizer"),
+              "--memory-ramp-steps", "12"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     first = _launch(_train_args(world, straight, *common))
     second = _launch(_train_args(world, killed, *common))
