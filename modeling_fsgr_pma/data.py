@@ -4,7 +4,8 @@ Layouts, detected from what is in `path` (Parquet files first, then `captions.js
 
 1. **Parquet with images inside** (the synthetic world, HF Hub captioning datasets): `path/data/{split}-*.parquet`
    or `path/{split}-*.parquet` (or `{split}.parquet`) with columns `image` and `captions`, optionally `image_id`
-   (made from the split and row number when missing) and `objects` (kept).
+   (made from the split and row number when missing), `objects` and `background` (kept: the synthetic world's
+   ground truth).
 2. **Karpathy-split COCO Parquet** (as the Hub's `yerevann/coco-karpathy`): the same file names, with columns
    `filepath` (e.g. `val2014`), `filename`, `cocoid` and `sentences` (strings, or Karpathy's `{"raw": ...}` dicts);
    the images live on disk under `image_root/filepath/filename`. `image_id` is the `cocoid`.
@@ -40,7 +41,7 @@ from tqdm.auto import tqdm
 logger = logging.getLogger(__name__)
 
 SPLIT_ALIASES = {"validation": ("validation", "val", "valid")}
-COLUMNS = ("image_id", "image", "captions", "objects")
+COLUMNS = ("image_id", "image", "captions", "objects", "background")
 
 
 class BadImageError(ValueError):
@@ -232,7 +233,8 @@ def load_caption_split(
     bad_images: str = "skip",
     max_pixels: int | None = None,
 ) -> Dataset:
-    """Load one split as a `Dataset` with `image_id`, `image` (PIL RGB when read), `captions` and maybe `objects`.
+    """Load one split as a `Dataset` with `image_id`, `image` (PIL RGB when read), `captions` (and the synthetic
+    world's `objects` and `background`).
 
     Args:
         path: dataset directory in one of the three layouts of this module's docstring.

@@ -1,7 +1,7 @@
 """The bundled synthetic captioning world: procedural scenes with known objects, and captions that describe them.
 
-Scenes hold 1–4 objects (shape, colour, size, grid position) on a textured background. Each image gets five
-differently worded reference captions and its ground-truth object list. A fixed set of colour–shape pairs is held
+Scenes hold 1–4 objects (shape, colour, size, grid position) on a textured background. Each image gets six
+differently worded reference captions and its ground-truth object list, with each object's centre. A fixed set of colour–shape pairs is held
 out of `train`, `validation` and `test`; every `test_novel` image contains at least one of them (our nocaps).
 A second domain (`synthetic-b`: other shapes, colours and backgrounds) serves domain fine-tuning.
 Everything is deterministic for a seed. Training-side code: the remote-code model never imports it.
@@ -95,11 +95,25 @@ def domain_spec(domain: str) -> Domain:
     return DOMAINS[domain]
 
 
+def object_concept(colour: str, shape: str) -> str:
+    """The concept (and pre-training phrase) naming one object: `"red circle"`."""
+    return f"{colour} {shape}"
+
+
+def background_concept(tone: str) -> str:
+    """The concept naming a background: `"grey background"`."""
+    return f"{tone} background"
+
+
 def concept_vocabulary(domain: str = "synthetic") -> list[str]:
-    """Concept names for the codebook: shapes, colours, sizes, positions, textures and background tones."""
+    """Concept names for the codebook: every colour–shape object (held-out pairs too) and every background tone.
+
+    An object concept names colour and shape together, so that one patch's concept identifies its object; the
+    held-out pairs are in the vocabulary although no training image shows them (the text tower composes them).
+    """
     spec = domain_spec(domain)
-    words = [*spec.shapes, *spec.colours, *SIZES, *COLUMNS, *ROWS, *spec.textures, *spec.tones, "background"]
-    return list(dict.fromkeys(words))
+    objects = [object_concept(colour, shape) for shape in spec.shapes for colour in spec.colours]
+    return objects + [background_concept(tone) for tone in spec.tones]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -116,7 +130,8 @@ def sample_scene(
         exclude: (colour, shape) pairs that never occur (apart from `must_include`).
 
     Returns:
-        `{"objects": [{"shape", "colour", "size", "column", "row"}, ...], "texture": str, "tone": str}`.
+        `{"objects": [{"shape", "colour", "size", "column", "row", "x", "y"}, ...], "texture": str, "tone": str}`,
+        with the centre (x, y) as fractions of the image side: the cell's centre jittered by up to 12 % of a cell.
     """
     allowed = [(c, s) for c in spec.colours for s in spec.shapes if (c, s) not in exclude]
     count = int(rng.integers(1, 5))
@@ -126,7 +141,10 @@ def sample_scene(
     for i, cell in enumerate(cells):
         colour, shape = must_include if i == forced else allowed[int(rng.integers(len(allowed)))]
         size = "large" if rng.random() < 0.5 else "small"
-        objects.append({"shape": shape, "colour": colour, "size": size, "column": int(cell % 3), "row": int(cell // 3)})
+        column, row = int(cell % 3), int(cell // 3)
+        jitter = rng.uniform(-0.12, 0.12, size=2)
+        x, y = (column + 0.5 + jitter[0]) / 3, (row + 0.5 + jitter[1]) / 3
+        objects.append({"shape": shape, "colour": colour, "size": size, "column": column, "row": row, "x": x, "y": y})
     return {
         "objects": objects,
         "texture": spec.textures[int(rng.integers(len(spec.textures)))],
@@ -139,14 +157,34 @@ def render_scene(scene: dict, spec: Domain, image_size: int, rng: np.random.Gene
     side = 2 * image_size
     canvas = PILImage.fromarray(_background(scene["texture"], spec.tones[scene["tone"]], side, rng))
     for obj in scene["objects"]:
-        cell = side / 3
-        jitter = rng.uniform(-0.12, 0.12, size=2) * cell
-        centre = ((obj["column"] + 0.5) * cell + jitter[0], (obj["row"] + 0.5) * cell + jitter[1])
-        radius = SIZES[obj["size"]] * side
-        mask = PILImage.new("L", (side, side), 0)
-        _draw_shape(ImageDraw.Draw(mask), obj["shape"], centre, radius)
-        canvas.paste(spec.colours[obj["colour"]], mask=mask)
+        canvas.paste(spec.colours[obj["colour"]], mask=_object_mask(obj, side))
     return canvas.resize((image_size, image_size), PILImage.LANCZOS)
+
+
+def _object_mask(obj: dict, side: int) -> PILImage.Image:
+    """The object's silhouette on a `side`-pixel canvas, 255 inside (mode L)."""
+    mask = PILImage.new("L", (side, side), 0)
+    _draw_shape(ImageDraw.Draw(mask), obj["shape"], (obj["x"] * side, obj["y"] * side), SIZES[obj["size"]] * side)
+    return mask
+
+
+def patch_objects(objects: list[dict], image_size: int, grid_size: int, min_cover: float = 0.25) -> np.ndarray:
+    """Which object each patch of a `grid_size`² grid shows: `(grid_size**2,)` object indices, -1 for background.
+
+    A patch shows the object that covers most of its pixels, when that object covers at least `min_cover` of them;
+    later objects are drawn over earlier ones, as in `render_scene`. `objects` need their centres (`x`, `y`).
+    """
+    if not objects:
+        return np.full(grid_size**2, -1, dtype=np.int64)
+    owner = np.full((image_size, image_size), -1, dtype=np.int64)
+    for index, obj in enumerate(objects):
+        owner[np.asarray(_object_mask(obj, image_size)) > 127] = index
+    patch = image_size // grid_size
+    cells = owner[: patch * grid_size, : patch * grid_size].reshape(grid_size, patch, grid_size, patch)
+    cells = cells.transpose(0, 2, 1, 3).reshape(grid_size**2, patch * patch)  # (n, pixels per patch)
+    cover = np.stack([(cells == index).mean(1) for index in range(len(objects))], 1)  # (n, objects)
+    best = cover.argmax(1)
+    return np.where(cover.max(1) >= min_cover, best, -1)
 
 
 def _background(texture: str, tone: tuple[int, int, int], side: int, rng: np.random.Generator) -> np.ndarray:
@@ -318,7 +356,11 @@ FEATURES = Features(
         "image_id": Value("string"),
         "image": Image(),
         "captions": Sequence(Value("string")),
-        "objects": [{"shape": Value("string"), "colour": Value("string"), "size": Value("string")}],
+        "objects": [
+            {"shape": Value("string"), "colour": Value("string"), "size": Value("string"), "x": Value("float32"),
+             "y": Value("float32")}
+        ],
+        "background": {"tone": Value("string"), "texture": Value("string")},
     }
 )
 
@@ -343,7 +385,7 @@ def generate_split(split: str, count: int, seed: int, image_size: int, spec: Dom
     `test_novel` images each contain one held-out pair (and may contain more); the other splits never do.
     """
     held_out = spec.held_out_pairs()
-    records = {"image_id": [], "image": [], "captions": [], "objects": []}
+    records = {"image_id": [], "image": [], "captions": [], "objects": [], "background": []}
     split_index = SPLITS.index(split)
     for i in tqdm(range(count), desc=f"rendering {split}", disable=count < 500, leave=False):
         rng = np.random.default_rng([seed, split_index, i])
@@ -356,7 +398,8 @@ def generate_split(split: str, count: int, seed: int, image_size: int, spec: Dom
         records["image_id"].append(f"{spec.name}-{split}-{seed}-{i:06d}")
         records["image"].append({"bytes": buffer.getvalue(), "path": None})
         records["captions"].append(make_captions(scene, rng))
-        records["objects"].append([{k: o[k] for k in ("shape", "colour", "size")} for o in scene["objects"]])
+        records["objects"].append([{k: o[k] for k in ("shape", "colour", "size", "x", "y")} for o in scene["objects"]])
+        records["background"].append({"tone": scene["tone"], "texture": scene["texture"]})
     return Dataset.from_dict(records, features=FEATURES)
 
 
@@ -440,27 +483,53 @@ def mentioned_objects(caption: str, domain: str | None = None) -> set[tuple[str 
     return mentions
 
 
-def hallucination_rate(
-    predictions: dict[str, str], objects: dict[str, list[dict]], domain: str | None = None
-) -> float | None:
-    """CHAIR_i-style share of mentioned objects that are not in the image.
+MENTION_KINDS = ("correct", "wrong_shape", "wrong_colour", "wrong_binding")
 
-    For each caption, take its distinct mentions from `mentioned_objects`. A mention is hallucinated when no object
-    of the image has its shape, or when it names a colour and no object of the image has that colour *and* that
-    shape ("a red square" with only a blue square and a red circle is hallucinated). The rate is hallucinated
-    mentions ÷ all mentions, summed over the predictions; None when no caption mentions an object (a captioner that
-    names no known shape is not thereby accurate).
+
+def classify_mention(colour: str | None, shape: str, objects: list[dict]) -> str:
+    """What a mention (colour or None, shape) is against the image's objects, one of `MENTION_KINDS`.
+
+    `wrong_shape`: no object has that shape. `wrong_colour`: the shape is there, but no object of the image has that
+    colour. `wrong_binding`: the shape and the colour are both in the image, never on one object ("a red square"
+    with a blue square and a red circle). A mention without a colour is `correct` when the shape is there.
+    """
+    present = {(o["colour"], o["shape"]) for o in objects}
+    if shape not in {s for _, s in present}:
+        return "wrong_shape"
+    if colour is None or (colour, shape) in present:
+        return "correct"
+    return "wrong_binding" if colour in {c for c, _ in present} else "wrong_colour"
+
+
+def hallucination_breakdown(
+    predictions: dict[str, str], objects: dict[str, list[dict]], domain: str | None = None
+) -> dict[str, float | int | None]:
+    """CHAIR_i-style hallucination, pooled over the predictions, and its split by kind of mistake.
+
+    For each caption, take its distinct mentions from `mentioned_objects` and classify each (`classify_mention`).
+    Returns `hallucination_rate` (mentions not `correct` ÷ all mentions), `hallucination_wrong_shape`,
+    `..._wrong_colour` and `..._wrong_binding` (each kind ÷ all mentions; the three add up to the rate) and
+    `mentions`; the rates are None when no caption mentions an object (a captioner that names no known shape is
+    not thereby accurate).
 
     Args:
         predictions: image id → predicted caption.
         objects: image id → ground-truth objects (`{"shape", "colour", ...}` dicts); must cover every prediction.
         domain: vocabulary used to parse the captions (None: every domain's).
     """
-    total = hallucinated = 0
+    counts = dict.fromkeys(MENTION_KINDS, 0)
     for image_id, caption in predictions.items():
-        present = {(o["colour"], o["shape"]) for o in objects[image_id]}
-        present_shapes = {shape for _, shape in present}
         for colour, shape in mentioned_objects(caption, domain):
-            total += 1
-            hallucinated += shape not in present_shapes or (colour is not None and (colour, shape) not in present)
-    return hallucinated / total if total else None
+            counts[classify_mention(colour, shape, objects[image_id])] += 1
+    total = sum(counts.values())
+    share = (lambda n: n / total) if total else (lambda n: None)  # noqa: E731
+    result = {"hallucination_rate": share(total - counts["correct"])}
+    result |= {f"hallucination_{kind}": share(counts[kind]) for kind in MENTION_KINDS[1:]}
+    return result | {"mentions": total}
+
+
+def hallucination_rate(
+    predictions: dict[str, str], objects: dict[str, list[dict]], domain: str | None = None
+) -> float | None:
+    """The share of mentioned objects that are not in the image (`hallucination_breakdown`'s rate); None without any."""
+    return hallucination_breakdown(predictions, objects, domain)["hallucination_rate"]

@@ -82,7 +82,7 @@ def write_folder(directory: Path, files: dict[str, bytes], captions: dict | list
 def test_synthetic_parquet_layout(tmp_path):
     generate_world(tmp_path, 4, seed=0)
     data = load_caption_split(tmp_path, "train")
-    assert data.column_names == ["image_id", "image", "captions", "objects"]
+    assert data.column_names == ["image_id", "image", "captions", "objects", "background"]
     assert len(data) == 4
     row = data[0]
     assert row["image"].mode == "RGB" and row["image"].size == (64, 64)

@@ -6,6 +6,7 @@ import json
 from io import BytesIO
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -16,7 +17,11 @@ from modeling_fsgr_pma.synthetic import (
     SPLITS,
     concept_vocabulary,
     domain_spec,
+    patch_objects,
+    render_scene,
+    sample_scene,
     generate_world,
+    hallucination_breakdown,
     hallucination_rate,
     mentioned_objects,
 )
@@ -47,7 +52,9 @@ def test_files_and_world_json(world):
     for split, count in info["counts"].items():
         rows = read_split(directory, split)
         assert len(rows) == count
-        assert set(rows[0]) == {"image_id", "image", "captions", "objects"}
+        assert set(rows[0]) == {"image_id", "image", "captions", "objects", "background"}
+        assert set(rows[0]["objects"][0]) == {"shape", "colour", "size", "x", "y"}
+        assert set(rows[0]["background"]) == {"tone", "texture"}
 
 
 def test_same_seed_same_files_other_seed_other_images(world, tmp_path):
@@ -95,6 +102,34 @@ def test_captions_mention_every_object(world):
             assert {m for m in mentioned_objects(caption, domain) if m[0]} == present, caption
 
 
+def test_object_centres_and_patch_owners_match_the_pixels():
+    """An object's stored centre lies on its colour, and the patches `patch_objects` gives it show that colour."""
+    spec = domain_spec("synthetic")
+    rng = np.random.default_rng(3)
+    scene = sample_scene(spec, rng, must_include=None, exclude=set())
+    pixels = np.asarray(render_scene(scene, spec, 64, rng)).astype(int)  # (64, 64, 3)
+    owners = patch_objects(scene["objects"], image_size=64, grid_size=8)
+    for index, obj in enumerate(scene["objects"]):
+        colour = np.array(spec.colours[obj["colour"]])
+        if obj["shape"] != "ring":  # a ring's centre is a hole
+            assert np.abs(pixels[int(obj["y"] * 64), int(obj["x"] * 64)] - colour).max() < 40
+        patches = np.flatnonzero(owners == index)
+        assert len(patches) >= 1
+        for patch in patches:
+            row, column = divmod(int(patch), 8)
+            block = pixels[row * 8 : row * 8 + 8, column * 8 : column * 8 + 8].reshape(-1, 3)
+            assert (np.abs(block - colour).max(1) < 40).mean() >= 0.15  # 0.25 of the mask, less its anti-aliased rim
+    assert (owners == -1).any()
+
+
+def test_concepts_name_every_colour_shape_pair_and_background():
+    spec = domain_spec("synthetic")
+    names = concept_vocabulary("synthetic")
+    assert len(names) == len(spec.colours) * len(spec.shapes) + len(spec.tones) == len(set(names))
+    assert "purple star" in names and "grey background" in names  # held-out pairs are concepts too
+    assert all(len(name.split(" ")) == 2 for name in names)
+
+
 def test_images_are_rgb_at_the_requested_size(tmp_path):
     generate_world(tmp_path, 2, seed=0, image_size=32)
     image = Image.open(BytesIO(read_split(tmp_path, "train")[0]["image"]["bytes"]))
@@ -114,8 +149,9 @@ def test_domains_have_disjoint_vocabularies():
     assert not set(a.shapes) & set(b.shapes)
     assert not set(a.colours) & set(b.colours)
     assert not set(a.textures) & set(b.textures)
-    assert set(b.shapes) <= set(concept_vocabulary("synthetic-b"))
-    assert not set(b.shapes) & set(concept_vocabulary("synthetic"))
+    words_b = {word for name in concept_vocabulary("synthetic-b") for word in name.split(" ")}
+    assert set(b.shapes) <= words_b
+    assert not set(b.shapes) & {word for name in concept_vocabulary("synthetic") for word in name.split(" ")}
     with pytest.raises(ValueError, match="Unknown synthetic domain"):
         domain_spec("synthetic-c")
 
@@ -138,6 +174,18 @@ def test_hallucination_rate(caption, expected):
     objects = {"img": [red_circle, blue_square]}
     rate = hallucination_rate({"img": caption}, objects, "synthetic")
     assert rate == pytest.approx(expected) if expected is not None else rate is None
+
+
+def test_hallucination_breakdown_names_each_kind_of_mistake():
+    objects = {"img": [{"shape": "circle", "colour": "red"}, {"shape": "square", "colour": "blue"}]}
+    caption = "a red circle, a red square, a green square, a blue star and a circle"
+    result = hallucination_breakdown({"img": caption}, objects, "synthetic")
+    assert result["mentions"] == 5  # red circle, red square, green square, blue star, circle
+    assert result["hallucination_wrong_binding"] == pytest.approx(1 / 5)  # red square: red and square, apart
+    assert result["hallucination_wrong_colour"] == pytest.approx(1 / 5)  # green square: no green object
+    assert result["hallucination_wrong_shape"] == pytest.approx(1 / 5)  # blue star: no star
+    assert result["hallucination_rate"] == pytest.approx(3 / 5)
+    assert hallucination_breakdown({"img": "nothing here"}, objects)["hallucination_wrong_shape"] is None
 
 
 def test_hallucination_rate_pools_images_and_works_for_the_second_domain():
