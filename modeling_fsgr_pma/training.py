@@ -227,6 +227,45 @@ def generate_captions(
     return captions
 
 
+@torch.no_grad()
+def reference_cross_entropy(
+    accelerator: Accelerator,
+    model: FsgrPmaForConditionalGeneration,
+    dataloader,
+    tokenizer,
+    references: list[list[str]],
+    max_length: int,
+) -> float:
+    """Teacher-forced cross-entropy, in nats per token, of every reference caption given its image.
+
+    How well the model predicts the captions people wrote, independent of decoding: every reference of every image
+    of a prepared dataloader (rows index `references`), tokens after BOS up to and including EOS, truncated to
+    `max_length` tokens; pooled over all tokens and processes.
+    """
+    was_training = model.training
+    model.eval()
+    per_image = []  # (rows, loss sums, token counts) of each batch
+    for batch in tqdm(dataloader, desc="reference loss", disable=not accelerator.is_local_main_process, leave=False):
+        encoder_outputs = model.get_encoder()(**image_inputs_of(batch))
+        rows = batch["row"].tolist()
+        owners = torch.tensor([i for i, row in enumerate(rows) for _ in references[row]], device=batch["row"].device)
+        texts = [caption for row in rows for caption in references[row]]
+        tokens = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        ids, mask = tokens["input_ids"].to(owners.device), tokens["attention_mask"].to(owners.device)
+        memory = encoder_outputs.last_hidden_state.index_select(0, owners)  # (R, n_tokens, d)
+        logits = model(encoder_outputs=type(encoder_outputs)(last_hidden_state=memory), input_ids=ids,
+                       attention_mask=mask, use_cache=False).logits  # (R, T, V)
+        losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
+        losses = (losses.view(len(ids), -1) * mask[:, 1:]).sum(1)  # (R,)
+        sums = torch.zeros(len(rows), device=owners.device).index_add_(0, owners, losses)  # (B,)
+        counts = torch.zeros(len(rows), device=owners.device).index_add_(0, owners, mask[:, 1:].sum(1).float())
+        per_image.append(accelerator.gather_for_metrics((sums, counts)))
+    model.train(was_training)
+    total = sum(float(sums.sum()) for sums, _ in per_image)
+    tokens = sum(float(counts.sum()) for _, counts in per_image)
+    return total / tokens
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, state: dict) -> Path:

@@ -8,9 +8,11 @@ Usage:
 With `--adapter DIR` (a `scripts/finetune_peft.py` output) the adapter is loaded onto the model and merged first.
 
 Writes pycocoevalcap's metric names (`Bleu_1`..`Bleu_4`, `METEOR`, `ROUGE_L`, `CIDEr`, `SPICE`; a metric whose
-Java part is missing is `null` with its reason under `skipped`), `hallucination_rate` when the data lists the
-objects in each image (the synthetic world; `null` when no caption names a known object) with
-`objects_mentioned_per_caption`, the decoding settings, and every caption under `predictions`.
+Java part is missing is `null` with its reason under `skipped`), `reference_cross_entropy` (the teacher-forced loss
+of the reference captions, nats per token), and, when the data lists the objects in each image (the synthetic
+world), `hallucination_rate` split into `hallucination_wrong_shape`, `..._wrong_colour` and `..._wrong_binding`
+(`null` when no caption names a known object) with `objects_mentioned_per_caption`; then the decoding settings,
+and every caption under `predictions`.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from torch.utils.data import DataLoader
 from modeling_fsgr_pma.data import load_caption_split
 from modeling_fsgr_pma.loading import load_pretrained
 from modeling_fsgr_pma.metrics import compute_caption_metrics
-from modeling_fsgr_pma.synthetic import hallucination_rate, mentioned_objects
-from modeling_fsgr_pma.training import CaptionCollator, generate_captions
+from modeling_fsgr_pma.synthetic import hallucination_breakdown
+from modeling_fsgr_pma.training import CaptionCollator, generate_captions, reference_cross_entropy
 
 logger = get_logger(__name__)
 
@@ -64,21 +66,26 @@ def main(argv: list[str] | None = None) -> dict:
     model = accelerator.prepare(model)
 
     image_ids = list(data["image_id"])
-    generation_config = accelerator.unwrap_model(model).generation_config
-    num_beams = args.num_beams or generation_config.num_beams
-    max_new_tokens = args.max_new_tokens or generation_config.max_new_tokens
+    unwrapped = accelerator.unwrap_model(model)
+    num_beams = args.num_beams or unwrapped.generation_config.num_beams
+    max_new_tokens = args.max_new_tokens or unwrapped.generation_config.max_new_tokens
     predictions = generate_captions(
-        accelerator, accelerator.unwrap_model(model), loader, processor.tokenizer, image_ids,
-        num_beams=num_beams, max_new_tokens=max_new_tokens,
+        accelerator, unwrapped, loader, processor.tokenizer, image_ids, num_beams=num_beams,
+        max_new_tokens=max_new_tokens,
+    )
+    reference_loss = reference_cross_entropy(
+        accelerator, unwrapped, loader, processor.tokenizer, list(data["captions"]),
+        unwrapped.config.max_position_embeddings,
     )
     if not accelerator.is_main_process:
         return {}
     references = dict(zip(image_ids, list(data["captions"])))
     result = compute_caption_metrics(predictions, references)
+    result["reference_cross_entropy"] = reference_loss
     if "objects" in data.column_names:
-        result["hallucination_rate"] = hallucination_rate(predictions, dict(zip(image_ids, list(data["objects"]))))
-        mentions = sum(len(mentioned_objects(caption)) for caption in predictions.values())
-        result["objects_mentioned_per_caption"] = mentions / max(len(predictions), 1)
+        breakdown = hallucination_breakdown(predictions, dict(zip(image_ids, list(data["objects"]))))
+        result |= {key: value for key, value in breakdown.items() if key != "mentions"}
+        result["objects_mentioned_per_caption"] = breakdown["mentions"] / max(len(predictions), 1)
     result.update(
         split=args.split,
         num_images=len(predictions),
