@@ -85,6 +85,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--no-fsgr", action="store_true", help="ablation: plain CLIP patches, no quantisation")
     model.add_argument("--no-supcon", action="store_true", help="ablation: no local contrastive loss")
     model.add_argument("--num-prototypes", type=int, default=None, help="override the config's m")
+    model.add_argument(
+        "--config-overrides", default=None,
+        help="model config fields to override, e.g. 'memory_window=50,memory_prior=true' "
+        "(PretrainedConfig.update_from_string; applied last)",
+    )
     train = parser.add_argument_group("optimisation")
     train.add_argument("--output-dir", type=Path, required=False)
     train.add_argument("--seed", type=int, default=0)
@@ -182,7 +187,11 @@ def build_config(args: argparse.Namespace, vocab_size: int, concept_names: list[
         overrides["num_prototypes"] = args.num_prototypes
     if args.clip_pretrained is not None:
         overrides["clip_pretrained"] = args.clip_pretrained
-    return FsgrPmaConfig(**{**config.to_dict(), **overrides})
+    config = FsgrPmaConfig(**{**config.to_dict(), **overrides})
+    if args.config_overrides:
+        config.update_from_string(args.config_overrides)  # raises ValueError for an unknown field or a bad value
+        config = FsgrPmaConfig(**config.to_dict())  # validated again
+    return config
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -104,6 +104,18 @@ def test_memory_ramp_rises_from_the_first_refresh_to_one():
     assert train._memory_ramp(0, no_ramp) == 1.0
 
 
+def test_config_overrides_set_model_fields_and_are_validated(world):
+    train = load_script("train")
+    base = ["--data", "d", "--output-dir", "o", "--model-config", str(world / "model.json")]
+    args = train.parse_args([*base, "--config-overrides", "memory_window=7,memory_prior=true,dropout=0.2"])
+    config = train.build_config(args, vocab_size=64, concept_names=None)
+    assert (config.memory_window, config.memory_prior, config.dropout) == (7, True, 0.2)
+    with pytest.raises(ValueError, match="memory_windw"):
+        train.build_config(train.parse_args([*base, "--config-overrides", "memory_windw=7"]), 64, None)
+    with pytest.raises(ValueError, match="num_prototypes"):  # the overridden config is validated again
+        train.build_config(train.parse_args([*base, "--config-overrides", "num_prototypes=100000"]), 64, None)
+
+
 def test_unknown_config_key_and_missing_data_are_clear_errors(world, tmp_path):
     train = load_script("train")
     bad = tmp_path / "bad.yaml"
