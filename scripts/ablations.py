@@ -1,97 +1,211 @@
-"""Train and evaluate the ablations side by side and write the table that README shows.
+"""Paired, multi-seed ablations and sweeps: each variant's difference from the full model, with a 95% interval.
 
-Usage (after `scripts/demo.py`, whose data, CLIP, codebook and feature cache it reuses):
+Usage (after `scripts/demo.py`, whose world, CLIP, codebook, feature cache and tokenizer every run shares):
 
-    python scripts/ablations.py --demo-dir outputs/demo --output outputs/ablations.md
+    python scripts/ablations.py --demo-dir outputs/demo --seeds 0 1 2 3 4 --output outputs/ablations.json
+    python scripts/ablations.py --demo-dir outputs/demo --seeds 0 1 2 --variants full \
+        --sweep num_prototypes=4,8,16,32 --output outputs/sweep_prototypes.json
 
-Variants: the full model, `--no-memory`, `--no-fsgr`, `--no-supcon`, and `--num-prototypes` for each value of
-`--prototypes`. Each is trained with the same configuration and seed, then scored on `test` and `test_novel`
-(CIDEr-D on pycocoevalcap's scale and the hallucination rate); the table also gives each run's seconds.
+Variants: `full` (the training config as it is), `no memory`, `no FSGR` (the decoder reads projected CLIP patches:
+the interaction layers stay, the language map goes), `no SupCon`, and one per value of each `--sweep FIELD=V1,V2`
+(a model config field, set with `train.py --config-overrides`, or one of train.py's own arguments such as
+`memory-warmup-steps`). Every variant trains once per seed; for a seed, all variants share the world, the CLIP,
+the codebook and the tokenizer, and differ only in what they ablate, so each seed gives one paired difference.
+
+Evaluation runs on a world made once next to the demo's (`DEMO_DIR/ablation-data`): the demo world's own training
+images (the same seed and count, so the feature cache serves), and `--test-images` images in each of `test` and
+`test_novel`. Per run: CIDEr-D, the hallucination rate split into wrong shape / wrong colour / wrong binding, and the
+teacher-forced cross-entropy of the `test_novel` references.
+
+Writes `--output` (JSON: every run's metrics, and per variant the mean over seeds and the paired difference from
+`full` with its 95% t-interval) and the same tables as markdown next to it (`.md`). Runs whose metric files exist
+are not repeated, so an interrupted sweep resumes; `--jobs 2` trains two runs at a time, one thread each.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
-import time
+import os
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from scipy import stats
 
 SCRIPTS = Path(__file__).resolve().parent
 ROOT = SCRIPTS.parent
+# Sweepable train.py arguments; any other sweep field is a model config field (`--config-overrides`).
+TRAIN_ARGUMENTS = {"memory-warmup-steps", "memory-ramp-steps", "xe-steps", "scst-steps", "learning-rate"}
+ABLATIONS = {"full": [], "no memory": ["--no-memory"], "no FSGR": ["--no-fsgr"], "no SupCon": ["--no-supcon"]}
+METRICS = {  # (split, key in evaluate.py's output, better when)
+    "CIDEr test": ("test", "CIDEr", "higher"),
+    "CIDEr test_novel": ("test_novel", "CIDEr", "higher"),
+    "hallucination test": ("test", "hallucination_rate", "lower"),
+    "hallucination test_novel": ("test_novel", "hallucination_rate", "lower"),
+    "wrong shape test_novel": ("test_novel", "hallucination_wrong_shape", "lower"),
+    "wrong colour test_novel": ("test_novel", "hallucination_wrong_colour", "lower"),
+    "wrong binding test_novel": ("test_novel", "hallucination_wrong_binding", "lower"),
+    "reference CE test_novel": ("test_novel", "reference_cross_entropy", "lower"),
+}
+
+logger = logging.getLogger(__name__)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo-dir", type=Path, default=Path("outputs/demo"))
-    parser.add_argument("--output", type=Path, default=Path("outputs/ablations.md"))
+    parser.add_argument("--output", type=Path, default=Path("outputs/ablations.json"))
     parser.add_argument("--train-config", type=Path, default=ROOT / "configuration/train/synthetic.yaml")
-    parser.add_argument("--prototypes", type=int, nargs="*", default=[8, 128], help="extra --num-prototypes runs")
-    parser.add_argument("--xe-steps", type=int, default=None, help="override the training config")
-    parser.add_argument("--scst-steps", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--variants", nargs="+", choices=sorted(ABLATIONS), default=list(ABLATIONS))
+    parser.add_argument("--sweep", action="append", default=[], metavar="FIELD=V1,V2",
+                        help="one variant per value (repeatable)")
+    parser.add_argument("--test-images", type=int, default=1000, help="images in each of test and test_novel")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each gets 2 // jobs threads, at least 1)")
+    parser.add_argument("--train-args", default="", help="extra train.py arguments for every run, e.g. '--xe-steps 300'")
     args = parser.parse_args(argv)
-    for name in ("data", "clip.pt", "codebook.safetensors", "features", "train/tokenizer"):
+    for name in ("data/world.json", "clip.safetensors", "codebook.safetensors", "features", "train/tokenizer"):
         if not (args.demo_dir / name).exists():
             parser.error(f"{args.demo_dir / name} is missing: run scripts/demo.py first")
+    if "full" not in args.variants:
+        parser.error("--variants must include full: every difference is taken against it")
+    if len(set(args.seeds)) < 2:
+        parser.error("--seeds needs at least two distinct seeds for an interval")
+    try:
+        args.sweeps = [parse_sweep(spec) for spec in args.sweep]
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
-def run_script(name: str, argv: list[str]):
-    spec = importlib.util.spec_from_file_location(f"fsgr_pma_script_{name}", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main([str(a) for a in argv])
+def parse_sweep(spec: str) -> tuple[str, list[str]]:
+    """`"num_prototypes=4,8"` → `("num_prototypes", ["4", "8"])`."""
+    field, _, values = spec.partition("=")
+    if not field or not values or "" in values.split(","):
+        raise ValueError(f"--sweep {spec!r} must look like FIELD=V1,V2")
+    return field, values.split(",")
+
+
+def variant_flags(args: argparse.Namespace) -> dict[str, list[str]]:
+    """train.py flags of every variant; a sweep value is a train.py argument when it is one, else a config field."""
+    variants = {name: ABLATIONS[name] for name in args.variants}
+    for field, values in args.sweeps:
+        for value in values:
+            if field.replace("_", "-") in TRAIN_ARGUMENTS:
+                variants[f"{field}={value}"] = [f"--{field.replace('_', '-')}", value]
+            else:
+                variants[f"{field}={value}"] = ["--config-overrides", f"{field}={value}"]
+    return variants
+
+
+def ablation_world(demo_dir: Path, test_images: int) -> Path:
+    """The demo's training world with `test_images` images in test and test_novel (made once, then reused)."""
+    from modeling_fsgr_pma.synthetic import generate_world
+
+    world = json.loads((demo_dir / "data" / "world.json").read_text())
+    target = demo_dir / "ablation-data"
+    made = target / "world.json"
+    if made.is_file() and json.loads(made.read_text())["counts"]["test"] == test_images:
+        return target
+    train = world["counts"]["train"]
+    fractions = {"validation": world["counts"]["validation"] / train, "test": test_images / train,
+                 "test_novel": test_images / train}
+    generate_world(target, train, world["seed"], world["image_size"], world["domain"], fractions)
+    return target
+
+
+def run_variant(args: argparse.Namespace, world: Path, name: str, flags: list[str], seed: int) -> dict:
+    """Train one variant with one seed and evaluate it on test and test_novel (skipped when already done)."""
+    demo, output = args.demo_dir, args.demo_dir / "ablations" / f"seed{seed}" / name.replace(" ", "_")
+    metrics = {split: output / f"metrics_{split}.json" for split in ("test", "test_novel")}
+    if all(path.is_file() for path in metrics.values()):
+        return {split: json.loads(path.read_text()) for split, path in metrics.items()}
+    threads = str(max(1, 2 // args.jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    train = [
+        sys.executable, str(SCRIPTS / "train.py"), "--config", str(args.train_config), "--data", str(demo / "data"),
+        "--clip-pretrained", str(demo / "clip.safetensors"), "--codebook", str(demo / "codebook.safetensors"),
+        "--feature-cache", str(demo / "features"), "--tokenizer", str(demo / "train" / "tokenizer"),
+        "--output-dir", str(output), "--seed", str(seed), "--report-to", "none", *args.train_args.split(), *flags,
+    ]
+    logger.info("training %s, seed %d", name, seed)
+    _run(train, env, output / "train.log")
+    for split, path in metrics.items():
+        _run([sys.executable, str(SCRIPTS / "evaluate.py"), "--model", str(output / "model"), "--data", str(world),
+              "--split", split, "--output", str(path)], env, output / f"evaluate_{split}.log")
+    return {split: json.loads(path.read_text()) for split, path in metrics.items()}
+
+
+def _run(command: list[str], env: dict, log: Path) -> None:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as handle:
+        done = subprocess.run(command, env=env, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(command[1:3])} failed with exit status {done.returncode}; see {log}")
+
+
+def paired_summary(runs: dict[str, dict[int, dict]], seeds: list[int]) -> dict:
+    """Per variant and metric: the mean over seeds and, against `full`, the mean paired difference ± a 95% t-interval."""
+    summary = {}
+    for name, by_seed in runs.items():
+        summary[name] = {}
+        for metric, (split, key, better) in METRICS.items():
+            values = [by_seed[seed][split][key] for seed in seeds]
+            entry = {"mean": statistics.fmean(values), "sd": statistics.stdev(values), "values": values}
+            if name != "full":
+                differences = [v - runs["full"][seed][split][key] for v, seed in zip(values, seeds)]
+                half_width = stats.t.ppf(0.975, len(seeds) - 1) * statistics.stdev(differences) / len(seeds) ** 0.5
+                mean = statistics.fmean(differences)
+                entry["difference"] = {"mean": mean, "low": mean - half_width, "high": mean + half_width}
+                entry["full_better"] = (mean + half_width < 0) if better == "higher" else (mean - half_width > 0)
+            summary[name][metric] = entry
+    return summary
+
+
+def markdown(summary: dict, seeds: list[int]) -> str:
+    """Two tables: means over seeds, and each variant minus full with its 95% interval."""
+    names = list(METRICS)
+    means = ["| variant | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    differences = ["| variant − full | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for variant, metrics in summary.items():
+        means.append(f"| {variant} | " + " | ".join(f"{metrics[m]['mean']:.3f} ± {metrics[m]['sd']:.3f}" for m in names) + " |")
+        if variant != "full":
+            cells = []
+            for m in names:
+                d = metrics[m]["difference"]
+                cells.append(f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]")
+            differences.append(f"| {variant} | " + " | ".join(cells) + " |")
+    header = f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); mean ± standard deviation over seeds.\n\n"
+    note = "\n\nPaired differences (variant − full), mean [95% t-interval] over seeds.\n\n"
+    return header + "\n".join(means) + note + "\n".join(differences) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    demo = args.demo_dir
-    variants = {"full": [], "no memory": ["--no-memory"], "no FSGR": ["--no-fsgr"], "no SupCon": ["--no-supcon"]}
-    variants |= {f"{m} prototypes": ["--num-prototypes", m] for m in args.prototypes}
-    results = {}
-    for name, flags in variants.items():
-        output = demo / "ablations" / name.replace(" ", "_")
-        train = [
-            "--config", args.train_config, "--data", demo / "data", "--clip-pretrained", demo / "clip.pt",
-            "--codebook", demo / "codebook.safetensors", "--feature-cache", demo / "features",
-            "--tokenizer", demo / "train" / "tokenizer", "--output-dir", output, "--seed", args.seed, *flags,
-        ]
-        for flag, value in (("--xe-steps", args.xe_steps), ("--scst-steps", args.scst_steps)):
-            if value is not None:
-                train += [flag, value]
-        start = time.perf_counter()
-        run_script("train", train)
-        seconds = time.perf_counter() - start
-        scores = {}
-        for split in ("test", "test_novel"):
-            metrics = run_script("evaluate", [
-                "--model", output / "model", "--data", demo / "data", "--split", split,
-                "--output", output / f"metrics_{split}.json",
-            ])
-            scores[split] = {"CIDEr": metrics["CIDEr"], "hallucination_rate": metrics["hallucination_rate"]}
-        results[name] = {**scores, "train_seconds": round(seconds, 1)}
-    lines = [
-        "| variant | CIDEr test | CIDEr test_novel | hallucination test | hallucination test_novel | train s |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, r in results.items():
-        lines.append(
-            f"| {name} | {r['test']['CIDEr']:.3f} | {r['test_novel']['CIDEr']:.3f} | "
-            f"{_rate(r['test']['hallucination_rate'])} | {_rate(r['test_novel']['hallucination_rate'])} | "
-            f"{r['train_seconds']} |"
-        )
+    world = ablation_world(args.demo_dir, args.test_images)
+    variants = variant_flags(args)
+    jobs = [(name, flags, seed) for seed in args.seeds for name, flags in variants.items()]
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        results = list(pool.map(lambda job: run_variant(args, world, *job), jobs))
+    runs: dict[str, dict[int, dict]] = {}
+    for (name, _, seed), result in zip(jobs, results):
+        runs.setdefault(name, {})[seed] = {
+            split: {key: metrics[key] for _, key, _ in METRICS.values()} for split, metrics in result.items()
+        }
+    summary = paired_summary(runs, args.seeds)
+    report = {"seeds": args.seeds, "test_images": args.test_images, "train_args": args.train_args,
+              "variants": {name: flags for name, flags in variants.items()}, "runs": runs, "summary": summary}
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text("\n".join(lines) + "\n")
-    args.output.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    print("\n".join(lines))
-    return results
-
-
-def _rate(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+    args.output.write_text(json.dumps(report, indent=2))
+    table = markdown(summary, args.seeds)
+    args.output.with_suffix(".md").write_text(table)
+    print(table)
+    return report
 
 
 if __name__ == "__main__":

@@ -1,0 +1,57 @@
+"""`scripts/ablations.py`: variants and sweeps become train.py flags; paired differences and their intervals."""
+
+from __future__ import annotations
+
+import pytest
+from scipy import stats
+
+from conftest import load_script
+
+ablations = load_script("ablations")
+
+
+def _runs(full: list[float], variant: list[float]) -> dict:
+    """Runs whose every metric takes the given per-seed values."""
+    def run(value: float) -> dict:
+        return {split: {key: value for _, key, _ in ablations.METRICS.values()} for split in ("test", "test_novel")}
+    return {"full": {s: run(v) for s, v in enumerate(full)}, "variant": {s: run(v) for s, v in enumerate(variant)}}
+
+
+def test_paired_difference_and_t_interval():
+    full, variant = [1.0, 1.2, 0.9, 1.1, 1.0], [0.8, 1.1, 0.7, 1.0, 0.9]
+    summary = ablations.paired_summary(_runs(full, variant), seeds=list(range(5)))
+    cider = summary["variant"]["CIDEr test"]
+    differences = [v - f for v, f in zip(variant, full)]  # -0.2, -0.1, -0.2, -0.1, -0.1: paired, tight
+    mean = sum(differences) / 5
+    half = stats.t.ppf(0.975, 4) * stats.tstd(differences) / 5**0.5
+    assert cider["difference"]["mean"] == pytest.approx(mean)
+    assert cider["difference"]["low"] == pytest.approx(mean - half) and cider["difference"]["high"] == pytest.approx(mean + half)
+    assert cider["full_better"]  # CIDEr is higher-is-better and the whole interval lies below 0
+    assert not summary["variant"]["hallucination test"]["full_better"]  # lower-is-better: the variant is lower
+    # The unpaired spread (sd over seeds) is wider than the paired interval: pairing is what makes it tell.
+    assert summary["full"]["CIDEr test"]["sd"] > stats.tstd(differences)
+
+
+def test_an_interval_across_zero_decides_nothing():
+    summary = ablations.paired_summary(_runs([1.0, 1.2, 0.9], [1.1, 1.0, 1.0]), seeds=[0, 1, 2])
+    assert not summary["variant"]["CIDEr test"]["full_better"]
+    assert summary["variant"]["CIDEr test"]["difference"]["low"] < 0 < summary["variant"]["CIDEr test"]["difference"]["high"]
+
+
+def test_sweeps_become_config_overrides_or_train_arguments(tmp_path):
+    args = ablations.argparse.Namespace(
+        variants=["full", "no memory"], sweeps=[("num_prototypes", ["4", "8"]), ("memory-warmup-steps", ["50"])])
+    flags = ablations.variant_flags(args)
+    assert flags["full"] == [] and flags["no memory"] == ["--no-memory"]
+    assert flags["num_prototypes=4"] == ["--config-overrides", "num_prototypes=4"]
+    assert flags["memory-warmup-steps=50"] == ["--memory-warmup-steps", "50"]
+    assert ablations.parse_sweep("memory_window=20,50") == ("memory_window", ["20", "50"])
+    for bad in ("memory_window", "=4", "memory_window=4,"):
+        with pytest.raises(ValueError, match="FIELD=V1,V2"):
+            ablations.parse_sweep(bad)
+
+
+def test_missing_demo_outputs_are_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        ablations.parse_args(["--demo-dir", str(tmp_path)])
+    assert "run scripts/demo.py first" in capsys.readouterr().err
