@@ -236,14 +236,14 @@ def wait_until_served(url: str, timeout: float, process: subprocess.Popen | None
 
 @contextlib.contextmanager
 def running_app(app: Path, app_args: Sequence[str], timeout: float = 300, log: Path | None = None) -> Iterator[str]:
-    """Start `python APP APP_ARGS --port P` in its own folder, yield its URL once served; stop it afterwards."""
+    """Start `python APP APP_ARGS --port P`, yield its URL once it is served; stop it afterwards."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "NO_PROXY": "127.0.0.1,localhost"}
     with contextlib.ExitStack() as stack:
         output = stack.enter_context(open(log, "w")) if log is not None else subprocess.DEVNULL
-        process = subprocess.Popen([sys.executable, str(app), *app_args, "--port", str(port)], cwd=app.parent,
-                                   env=env, stdout=output, stderr=subprocess.STDOUT)
+        process = subprocess.Popen([sys.executable, str(app), *app_args, "--port", str(port)], env=env,
+                                   stdout=output, stderr=subprocess.STDOUT)
         try:
             wait_until_served(url, timeout, process)
             yield url
@@ -280,9 +280,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     find_browser()  # fail before starting the app
-    app_args = ["--model", str(Path(args.model).resolve()) if Path(args.model).exists() else args.model]
-    if args.adapter is not None:
-        app_args += ["--adapter", str(Path(args.adapter).resolve())]
+    app_args = ["--model", args.model] + (["--adapter", args.adapter] if args.adapter is not None else [])
     names = [path.name for path in args.images]
     times = {}
     with tempfile.TemporaryDirectory() as folder:
