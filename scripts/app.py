@@ -287,7 +287,7 @@ def build_demo(captioner: Captioner, model_id: str, examples: list[str], max_bat
             captioner.explain_figures, inputs=[images, length, explain], outputs=[figures], concurrency_id="model",
             concurrency_limit=1, show_progress="full", api_name="explain",
         )
-    return demo.queue(default_concurrency_limit=1)
+    return demo
 
 
 def serve(demo: gr.Blocks, host: str, port: int) -> None:

@@ -105,6 +105,7 @@ def image_count(driver: WebDriver) -> int:
 
 
 def wait_for_images(driver: WebDriver, count: int, timeout: float = 30) -> None:
+    """Wait until the upload field shows at least `count` images."""
     WebDriverWait(driver, timeout).until(lambda d: image_count(d) >= count)
 
 

@@ -17,6 +17,7 @@ import torch
 from huggingface_hub import SpaceCard
 from packaging.requirements import Requirement
 from PIL import Image
+from selenium.webdriver.common.by import By
 
 from conftest import fill_memory, load_script
 from modeling_fsgr_pma import FsgrPmaConfig, FsgrPmaForConditionalGeneration
@@ -32,6 +33,7 @@ BROKEN_REASON = "not an image or unreadable header"  # what `fsgr-pma caption` p
 CAPTIONS = ["a red circle above a blue square", "two green stars on a white background", "a small black ring"]
 
 app = load_script("app")
+helpers = load_script("app_screenshot")  # browser driving, app subprocesses
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +156,22 @@ def test_explain_figures_only_on_request(captioner, uploads):
     assert isinstance(figure, Image.Image) and figure.width > 800 and label.startswith("good_0.png: “")
 
 
+def test_page_queues_captioning_in_batches_and_links_the_card(captioner, tmp_path):
+    demo = app.build_demo(captioner, "someone/fsgr-pma-tiny", [], max_batch_size=3)
+    events = {fn.api_name: fn for fn in demo.fns.values()}
+    assert events["caption"].batch and events["caption"].max_batch_size == 3
+    assert not events["explain"].batch
+    # One model, one job at a time: captioning and explaining share a concurrency group of size 1.
+    assert events["caption"].concurrency_id == events["explain"].concurrency_id
+    assert events["caption"].concurrency_limit == events["explain"].concurrency_limit == 1
+    description = app.model_description("someone/fsgr-pma-tiny", captioner.model.config, 10)
+    assert "[someone/fsgr-pma-tiny](https://huggingface.co/someone/fsgr-pma-tiny) (model card)" in description
+
+    assert app.model_card(str(tmp_path)) is None and app.model_card("someone/fsgr-pma-tiny") is None
+    (tmp_path / "README.md").write_text("---\nlicense: apache-2.0\n---\n\n# A card\n")
+    assert app.model_card(str(tmp_path)) == "\n# A card\n"
+
+
 def test_parse_args_model_from_space_readme(tmp_path):
     readme = tmp_path / "README.md"
     assert app.space_model(readme) is None
@@ -173,20 +191,19 @@ def test_unloadable_model_exits_2_before_serving(tmp_path, caplog):
 # ----------------------------------------------------------------------------------------------------------------
 # The page in a real browser
 @pytest.fixture(scope="module")
-def browser_helpers():
-    helpers = load_script("app_screenshot")
+def chromium() -> None:
+    """Fail (not skip) where the browser is missing, with the command that installs it."""
     try:
         helpers.find_browser()
     except helpers.BrowserMissingError as error:
         pytest.fail(f"the browser test needs Chromium: {error}")
-    return helpers
 
 
 @pytest.fixture(scope="module")
-def served(captioner, model_dir, browser_helpers):
+def served(captioner, model_dir):
     """The app's page, served by this process on a free local port; closed afterwards."""
     demo = app.build_demo(captioner, str(model_dir), app.example_images(APP.parent / "app_examples"), 4)
-    port = browser_helpers.free_port()
+    port = helpers.free_port()
     app.serve(demo, "127.0.0.1", port)
     try:
         yield f"http://127.0.0.1:{port}/"
@@ -194,10 +211,7 @@ def served(captioner, model_dir, browser_helpers):
         demo.close()
 
 
-def test_browser_upload_caption_error_example_screenshot(served, browser_helpers, captioner, uploads, tmp_path):
-    from selenium.webdriver.common.by import By
-
-    helpers = browser_helpers
+def test_browser_upload_caption_error_example_screenshot(chromium, served, captioner, uploads, tmp_path):
     with helpers.browser(helpers.DESKTOP) as driver:
         helpers.open_page(driver, served)
         assert "FSGR-PMA" in driver.find_element(By.ID, "description").text
@@ -246,7 +260,7 @@ def _project_dependencies() -> set[str]:
     return {r.name for r in requirements if r.marker is None or "extra" not in str(r.marker)}
 
 
-def test_space_dry_run_writes_a_space_that_starts(model_dir, tmp_path, browser_helpers):
+def test_space_dry_run_writes_a_space_that_starts(model_dir, tmp_path):
     out = tmp_path / "space"
     load_script("push_to_hub").main(["--space", "someone/fsgr-pma-demo", "--repo-id", "someone/fsgr-pma-tiny",
                                      "--dry-run", str(out)])
@@ -274,7 +288,7 @@ def test_space_dry_run_writes_a_space_that_starts(model_dir, tmp_path, browser_h
 
     # On this machine (no Hub), the folder's app starts on the local model and serves its page.
     log = tmp_path / "space_app.log"
-    with browser_helpers.running_app(out / "app.py", ["--model", str(model_dir)], timeout=600, log=log) as url:
+    with helpers.running_app(out / "app.py", ["--model", str(model_dir)], timeout=600, log=log) as url:
         with urllib.request.urlopen(url + "config", timeout=30) as response:
             config = response.read().decode()
     assert "FSGR-PMA image captioning" in config
