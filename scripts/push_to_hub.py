@@ -33,6 +33,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, SpaceCard, SpaceCardData
 from packaging.requirements import Requirement
@@ -196,19 +197,21 @@ def write_space(args: argparse.Namespace, folder: Path) -> None:
     build_space_card(args).save(folder / "README.md")
 
 
-def push_space(args: argparse.Namespace) -> Path | str:
+def publish(args: argparse.Namespace, write: Callable[[Path], None], repo_id: str, repo_type: str, what: str,
+            **create_kwargs) -> Path | str:
+    """Write the folder to `--dry-run`, or create the repo (and `--revision` branch) and upload the folder."""
     if args.dry_run is not None:
-        write_space(args, args.dry_run)
-        logger.info("dry run: wrote the Space folder to %s", args.dry_run)
+        write(args.dry_run)
+        logger.info("dry run: wrote the upload folder to %s", args.dry_run)
         return args.dry_run
     api = HfApi()
-    api.create_repo(args.space, repo_type="space", space_sdk="gradio", private=args.private, exist_ok=True)
+    api.create_repo(repo_id, repo_type=repo_type, private=args.private, exist_ok=True, **create_kwargs)
     if args.revision:
-        api.create_branch(args.space, repo_type="space", branch=args.revision, exist_ok=True)
+        api.create_branch(repo_id, repo_type=repo_type, branch=args.revision, exist_ok=True)
     with tempfile.TemporaryDirectory() as staging:
-        write_space(args, Path(staging))
-        commit = api.upload_folder(repo_id=args.space, repo_type="space", folder_path=staging,
-                                   revision=args.revision, commit_message="Upload the FSGR-PMA demo")
+        write(Path(staging))
+        commit = api.upload_folder(repo_id=repo_id, repo_type=repo_type, folder_path=staging, revision=args.revision,
+                                   commit_message=f"Upload {what}")
     logger.info("uploaded to %s", commit.commit_url)
     return commit.commit_url
 
@@ -217,26 +220,13 @@ def main(argv: list[str] | None = None) -> Path | str:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.space is not None:
-        return push_space(args)
+        return publish(args, lambda folder: write_space(args, folder), args.space, "space", "the FSGR-PMA demo",
+                       space_sdk="gradio")
     model = AutoModel.from_pretrained(args.model, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
     card = build_card(model, args)
-    if args.dry_run is not None:
-        write_folder(model, processor, card, args.dry_run)
-        logger.info("dry run: wrote the upload folder to %s", args.dry_run)
-        return args.dry_run
-    api = HfApi()
-    api.create_repo(args.repo_id, private=args.private, exist_ok=True)
-    if args.revision:
-        api.create_branch(args.repo_id, branch=args.revision, exist_ok=True)
-    with tempfile.TemporaryDirectory() as staging:
-        write_folder(model, processor, card, Path(staging))
-        commit = api.upload_folder(
-            repo_id=args.repo_id, folder_path=staging, revision=args.revision,
-            commit_message="Upload FSGR-PMA model",
-        )
-    logger.info("uploaded to %s", commit.commit_url)
-    return commit.commit_url
+    return publish(args, lambda folder: write_folder(model, processor, card, folder), args.repo_id, "model",
+                   "FSGR-PMA model")
 
 
 if __name__ == "__main__":

@@ -293,3 +293,24 @@ def test_space_dry_run_writes_a_space_that_starts(model_dir, tmp_path):
             config = response.read().decode()
     assert "FSGR-PMA image captioning" in config
     assert "warm-up caption" in log.read_text()  # loaded and warmed up before serving
+
+
+def test_space_upload_creates_a_gradio_space(monkeypatch):
+    push = load_script("push_to_hub")
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create_repo", repo_id, kwargs))
+
+        def upload_folder(self, repo_id, folder_path, **kwargs):
+            calls.append(("upload_folder", repo_id, sorted(p.name for p in Path(folder_path).iterdir()), kwargs))
+            return type("Commit", (), {"commit_url": f"https://huggingface.co/spaces/{repo_id}/commit/1"})()
+
+    monkeypatch.setattr(push, "HfApi", FakeApi)
+    url = push.main(["--space", "someone/fsgr-pma-demo", "--repo-id", "someone/fsgr-pma-tiny"])
+    assert url == "https://huggingface.co/spaces/someone/fsgr-pma-demo/commit/1"
+    (create, repo, options), (upload, upload_repo, files, upload_options) = calls
+    assert create == "create_repo" and repo == upload_repo == "someone/fsgr-pma-demo"
+    assert options["repo_type"] == upload_options["repo_type"] == "space" and options["space_sdk"] == "gradio"
+    assert files == ["README.md", "app.py", "app_examples", "modeling_fsgr_pma", "requirements.txt"]
