@@ -157,6 +157,12 @@ def load_image(path: str, max_pixels: int | None):
     return image
 
 
+def error_reason(error: Exception, path: str) -> str:
+    """A `BadImageError`'s message without the file name it starts with: what `caption` prints after `ERROR: `."""
+    message, prefix = str(error), f"{path}: "
+    return message[len(prefix) :] if message.startswith(prefix) else message
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Model
 def load_model(model: str, revision: str | None, device: str, adapter: str | None = None):
@@ -209,10 +215,8 @@ def caption_command(args: argparse.Namespace) -> int:
         try:
             good.append((index, load_image(path, args.max_pixels)))
         except BadImageError as error:
-            message = str(error)
-            prefix = f"{path}: "
-            results[index].error = message[len(prefix) :] if message.startswith(prefix) else message
-            logger.debug("skipping %s", message)
+            results[index].error = error_reason(error, path)
+            logger.debug("skipping %s", error)
 
     if good:
         logger.info("captioning %d of %d files", len(good), len(files))

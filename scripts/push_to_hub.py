@@ -10,28 +10,49 @@ Usage:
 the processor and tokenizer files, `generation_config.json` and `README.md`, a model card built with
 huggingface_hub's `ModelCard` from `model_cards/fsgr_pma.md`, with a `model-index` from the `evaluate.py` JSON.
 The upload uses `HfApi.upload_folder` and the token from the usual huggingface_hub sources (never printed).
+
+A Space that demonstrates the model (the web demo `scripts/app.py`, run by Gradio):
+
+    python scripts/push_to_hub.py --space USER/fsgr-pma-demo --repo-id USER/fsgr-pma-synthetic --dry-run outputs/space
+    python outputs/space/app.py --model outputs/demo/model    # try that folder here, on a local model
+
+With `--space`, the Space is written (or uploaded) instead of the model; `--repo-id` is the model it loads and
+`--model` is not needed. The folder holds `app.py` (a copy of `scripts/app.py`), the `modeling_fsgr_pma` package
+it imports, the example images (`app_examples/`), a `requirements.txt` pinning this project's dependencies to the
+versions installed here, and a `README.md` whose metadata (huggingface_hub's `SpaceCard`) says `sdk: gradio`, the
+Gradio version, `app_file: app.py` and `models: [REPO_ID]`: the model `app.py` loads when it is given no `--model`.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
+import shutil
+import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
-from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, SpaceCard, SpaceCardData
+from packaging.requirements import Requirement
 from transformers import AutoModel, AutoProcessor
 
 logger = logging.getLogger(__name__)
-TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "fsgr_pma.md"
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE = ROOT / "model_cards" / "fsgr_pma.md"
+SPACE_FILES = {ROOT / "scripts" / "app.py": "app.py", ROOT / "scripts" / "app_examples": "app_examples",
+               ROOT / "modeling_fsgr_pma": "modeling_fsgr_pma"}
 CARD_METRICS = {"CIDEr": "cider", "Bleu_4": "bleu", "METEOR": "meteor", "ROUGE_L": "rouge", "SPICE": "spice"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="directory written by train.py (save_pretrained)")
-    parser.add_argument("--repo-id", required=True, help="USER/NAME on the Hub")
+    parser.add_argument("--model", default=None, help="directory written by train.py (save_pretrained)")
+    parser.add_argument("--repo-id", required=True, help="USER/NAME on the Hub (with --space: the model it loads)")
+    parser.add_argument("--space", default=None, metavar="USER/NAME",
+                        help="write or upload a Gradio Space running scripts/app.py on --repo-id, not the model")
     parser.add_argument("--private", action="store_true")
     parser.add_argument("--revision", default=None, help="branch to upload to (created if missing)")
     parser.add_argument("--dry-run", type=Path, default=None, help="write the upload folder here; no network")
@@ -40,8 +61,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--license", default="apache-2.0")
     parser.add_argument("--training-command", default="python scripts/demo.py")
     args = parser.parse_args(argv)
-    if "/" not in args.repo_id:
-        parser.error(f"--repo-id must look like USER/NAME, got {args.repo_id!r}")
+    for flag, repo in (("--repo-id", args.repo_id), ("--space", args.space)):
+        if repo is not None and "/" not in repo:
+            parser.error(f"{flag} must look like USER/NAME, got {repo!r}")
+    if args.space is None and args.model is None:
+        parser.error("--model is required (unless --space writes a Space for --repo-id)")
     for path in args.metrics:
         if not path.is_file():
             parser.error(f"--metrics {path} does not exist (write it with scripts/evaluate.py)")
@@ -117,28 +141,92 @@ def write_folder(model, processor, card: ModelCard, folder: Path) -> None:
     card.save(folder / "README.md")
 
 
-def main(argv: list[str] | None = None) -> Path | str:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model = AutoModel.from_pretrained(args.model, trust_remote_code=True)
-    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
-    card = build_card(model, args)
+# ----------------------------------------------------------------------------------------------------------------
+# Space
+def pinned_requirements(distribution: str = "fsgr-pma") -> list[str]:
+    """This project's dependencies (no extras), each pinned to the version installed in this environment."""
+    pins = []
+    for line in importlib.metadata.requires(distribution) or []:
+        requirement = Requirement(line)
+        if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+            continue  # an extra (cpu, gpu, dev): K-Means backends and test tools the demo does not use
+        pins.append(f"{requirement.name}=={importlib.metadata.version(requirement.name)}")
+    return pins
+
+
+def build_space_card(args: argparse.Namespace) -> SpaceCard:
+    import gradio
+
+    card_data = SpaceCardData(
+        title="FSGR-PMA image captioning",
+        emoji="🖼️",
+        colorFrom="indigo",
+        colorTo="purple",
+        sdk="gradio",
+        sdk_version=gradio.__version__,
+        python_version=f"{sys.version_info.major}.{sys.version_info.minor}",
+        app_file="app.py",
+        pinned=False,
+        license=args.license,
+        models=[args.repo_id],
+        short_description="Caption images and see what the model looked at",
+        tags=["image-captioning", "fsgr-pma"],
+    )
+    text = (
+        f"# FSGR-PMA image captioning\n\n"
+        f"A web demo of [{args.repo_id}](https://huggingface.co/{args.repo_id}): upload or drop images, choose the "
+        "beam size and maximum length, and read each caption; tick *Explain* to see the figure of what the model "
+        "looked at (per-word cross-attention, patch → concept map, prototype use).\n\n"
+        "`app.py` is `scripts/app.py` of the FSGR-PMA repository, and `modeling_fsgr_pma/` the package it imports. "
+        "It loads the model named under `models:` above; run it elsewhere with\n\n"
+        "```bash\npip install -r requirements.txt\npython app.py [--model DIR_OR_REPO]\n```\n"
+    )
+    return SpaceCard(f"---\n{card_data.to_yaml()}\n---\n\n{text}")
+
+
+def write_space(args: argparse.Namespace, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for source, name in SPACE_FILES.items():
+        if source.is_dir():
+            shutil.copytree(source, folder / name, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(source, folder / name)
+    requirements = "\n".join(pinned_requirements())
+    (folder / "requirements.txt").write_text(f"# pinned by scripts/push_to_hub.py --space\n{requirements}\n")
+    build_space_card(args).save(folder / "README.md")
+
+
+def publish(args: argparse.Namespace, write: Callable[[Path], None], repo_id: str, repo_type: str, what: str,
+            **create_kwargs) -> Path | str:
+    """Write the folder to `--dry-run`, or create the repo (and `--revision` branch) and upload the folder."""
     if args.dry_run is not None:
-        write_folder(model, processor, card, args.dry_run)
+        write(args.dry_run)
         logger.info("dry run: wrote the upload folder to %s", args.dry_run)
         return args.dry_run
     api = HfApi()
-    api.create_repo(args.repo_id, private=args.private, exist_ok=True)
+    api.create_repo(repo_id, repo_type=repo_type, private=args.private, exist_ok=True, **create_kwargs)
     if args.revision:
-        api.create_branch(args.repo_id, branch=args.revision, exist_ok=True)
+        api.create_branch(repo_id, repo_type=repo_type, branch=args.revision, exist_ok=True)
     with tempfile.TemporaryDirectory() as staging:
-        write_folder(model, processor, card, Path(staging))
-        commit = api.upload_folder(
-            repo_id=args.repo_id, folder_path=staging, revision=args.revision,
-            commit_message="Upload FSGR-PMA model",
-        )
+        write(Path(staging))
+        commit = api.upload_folder(repo_id=repo_id, repo_type=repo_type, folder_path=staging, revision=args.revision,
+                                   commit_message=f"Upload {what}")
     logger.info("uploaded to %s", commit.commit_url)
     return commit.commit_url
+
+
+def main(argv: list[str] | None = None) -> Path | str:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.space is not None:
+        return publish(args, lambda folder: write_space(args, folder), args.space, "space", "the FSGR-PMA demo",
+                       space_sdk="gradio")
+    model = AutoModel.from_pretrained(args.model, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    card = build_card(model, args)
+    return publish(args, lambda folder: write_folder(model, processor, card, folder), args.repo_id, "model",
+                   "FSGR-PMA model")
 
 
 if __name__ == "__main__":
