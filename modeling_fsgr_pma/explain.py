@@ -302,14 +302,15 @@ def _draw_concepts(ax, explanation: Explanation) -> None:
 
 
 def concept_colours(legend: Sequence[tuple[int, str, int]], palette) -> dict[int, tuple[float, float, float]]:
-    """One RGB colour per legend row: a concept named after a colour ("red", "beige") is drawn in that colour,
-    so a wrong assignment is visible at a glance; the others take the next `palette` colour."""
+    """One RGB colour per legend row: a concept whose first word is a colour ("red circle", "beige background") is
+    drawn in that colour, so a wrong assignment is visible at a glance; the others take the next `palette` colour."""
     from matplotlib.colors import is_color_like, to_rgb
 
     colours, next_colour = {}, 0
     for row, name, _ in legend:
-        if name.isalpha() and is_color_like(name):
-            colours[row] = to_rgb(name)
+        word = name.split(" ")[0]
+        if word.isalpha() and is_color_like(word):
+            colours[row] = to_rgb(word)
         else:
             colours[row] = to_rgb(palette(next_colour % palette.N))
             next_colour += 1

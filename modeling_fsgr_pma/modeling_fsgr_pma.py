@@ -267,10 +267,13 @@ class FsgrPmaVisionTower(nn.Module):
     Source: https://github.com/mlfoundations/open_clip/blob/main/src/open_clip/transformer.py (VisionTransformer).
     """
 
-    def __init__(self, config: FsgrPmaConfig):
+    def __init__(self, config: FsgrPmaConfig, visual: nn.Module | None = None):
+        """Build the ViT from `config.clip_config`, or run the given open_clip `visual` (a CLIP's, pre-training it)."""
         super().__init__()
         clip = config.clip_config
-        self.visual = _build_vision_tower(clip["embed_dim"], clip["vision_cfg"], clip.get("quick_gelu", False))
+        if visual is None:
+            visual = _build_vision_tower(clip["embed_dim"], clip["vision_cfg"], clip.get("quick_gelu", False))
+        self.visual = visual
         if getattr(self.visual, "attn_pool", None) is not None or self.visual.pool_type != "tok":
             raise ValueError("clip_config.vision_cfg must use the class-token pool ('tok') without attention pooling")
         self.first_adapted_block = config.lora_first_block

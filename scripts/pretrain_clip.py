@@ -1,43 +1,67 @@
-"""Pre-train a tiny open_clip CLIP contrastively on the synthetic world, so its concept codebook means something.
+"""Pre-train the synthetic world's tiny open_clip CLIP: captions, object phrases and patch phrases.
 
-Usage:
+Usage (the command that made the shipped `configuration/clip/tiny-synthetic.safetensors`):
 
-    python scripts/pretrain_clip.py --data outputs/demo/data --model-config configuration/model/tiny.json \
-        --output outputs/demo/clip.pt
+    python scripts/make_synthetic.py --output-dir outputs/clip-world --num-images 20000 --seed 1000
+    python scripts/pretrain_clip.py --data outputs/clip-world --model-config configuration/model/tiny.json \
+        --output configuration/clip/tiny-synthetic.safetensors
 
-Only for the bundled synthetic world: real data starts from OpenAI's weights (`--clip-pretrained openai` in
-training). The checkpoint is open_clip's format (`{"state_dict": ...}`), so training then loads it through the
-same "pretrained CLIP" path (`open_clip.load_checkpoint`). Each step pairs every image with one of its captions
-and minimises open_clip's `ClipLoss`; the log ends with image→text top-1 retrieval on the validation split.
+Only for the bundled synthetic world: real data starts from OpenAI's weights (`--clip-pretrained openai`). The
+checkpoint is an open_clip state dict in safetensors (float16), which `open_clip.load_checkpoint`, and so the
+training scripts' `--clip-pretrained PATH`, read as they are.
+
+Each step minimises three contrastive terms, all through open_clip's CLIP (its text tower encodes every caption and
+phrase; phrases are concept names of `modeling_fsgr_pma.synthetic.concept_vocabulary`, "red circle", "grey
+background"):
+
+1. **captions**: open_clip's `ClipLoss` between each image and one of its reference captions;
+2. **objects**: the image embedding against the phrases of the batch, the image's own objects and background the
+   (equally weighted) positives;
+3. **patches**: each patch's MaskCLIP dense embedding (the path the captioner's concept assignment reads,
+   `FsgrPmaVisionTower.dense_embeddings`), and its token at the tower's output projected the same way, against the
+   same phrases, the positive being the object the patch shows (`synthetic.patch_objects`) or else the image's
+   background; object and background patches are averaged apart and weigh the same (most patches are background,
+   and easy).
+
+Terms 2 and 3 stand in for what 400M web pairs give OpenAI's CLIP: an image embedding that ranks the concepts in
+the image, and dense embeddings that name what each patch shows. The held-out colour–shape pairs never occur in
+`train`, so the text tower first meets their phrases when the codebook is built. The log ends with validation
+image→caption retrieval and the share of object patches whose dense argmax over the whole vocabulary names the
+object, its shape and its colour.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from open_clip.loss import ClipLoss
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from modeling_fsgr_pma import FsgrPmaConfig
 from modeling_fsgr_pma.clip_backbone import build_clip, clip_tokenizer
 from modeling_fsgr_pma.data import load_caption_split, to_rgb
+from modeling_fsgr_pma.modeling_fsgr_pma import FsgrPmaVisionTower
 from modeling_fsgr_pma.processing_fsgr_pma import clip_image_processor
+from modeling_fsgr_pma.synthetic import background_concept, concept_vocabulary, object_concept, patch_objects
 
 logger = logging.getLogger(__name__)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", required=True, help="dataset directory (the synthetic world)")
+    parser.add_argument("--data", required=True, help="dataset directory (a synthetic world)")
     parser.add_argument("--model-config", type=Path, default=Path("configuration/model/tiny.json"))
-    parser.add_argument("--output", type=Path, required=True, help="checkpoint file to write (.pt)")
-    # Defaults: about 2 minutes on 2 CPU cores for a 2000-image world at 64 px with tiny.json.
+    parser.add_argument("--output", type=Path, required=True, help="checkpoint file to write (.safetensors)")
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (10%% warm-up, cosine decay)")
@@ -48,25 +72,142 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--epochs must be ≥ 1 and --batch-size ≥ 2 (the loss contrasts pairs within a batch)")
     if args.lr <= 0:
         parser.error("--lr must be positive")
-    if not Path(args.data).exists():
-        parser.error(f"--data {args.data} does not exist (make one with scripts/make_synthetic.py)")
+    if args.output.suffix != ".safetensors":
+        parser.error(f"--output {args.output} must end in .safetensors")
+    if not (Path(args.data) / "world.json").is_file():
+        parser.error(f"--data {args.data} is not a synthetic world (no world.json): make one with scripts/make_synthetic.py")
     if not args.model_config.is_file():
         parser.error(f"--model-config {args.model_config} does not exist")
     return args
 
 
-def pixel_tensor(image_processor, images) -> torch.Tensor:
-    return image_processor([to_rgb(im) for im in images], return_tensors="pt")["pixel_values"]
+@dataclass
+class PhraseTargets:
+    """What each image and patch of a split shows, as indices into `phrases` (the world's concept vocabulary).
+
+    Attributes:
+        phrases: concept names; the text tower's prompts are the names themselves.
+        image_phrases: per image, its objects' and its background's phrase indices.
+        patch_phrases: `(N, n_patches)` the phrase of the object each patch shows, or of the image's background.
+    """
+
+    phrases: list[str]
+    image_phrases: list[list[int]]
+    patch_phrases: torch.Tensor
+
+
+def phrase_targets(split, domain: str, config: FsgrPmaConfig) -> PhraseTargets:
+    """The phrase targets of a loaded synthetic split (it needs the `objects` and `background` columns)."""
+    if not {"objects", "background"} <= set(split.column_names):
+        raise ValueError("pre-training needs a synthetic world (`objects` and `background` columns); make one with "
+                         "scripts/make_synthetic.py")
+    phrases = concept_vocabulary(domain)
+    index = {phrase: i for i, phrase in enumerate(phrases)}
+    image_phrases, patch_phrases = [], []
+    for objects, background in zip(split["objects"], split["background"]):
+        background_id = index[background_concept(background["tone"])]
+        object_ids = [index[object_concept(o["colour"], o["shape"])] for o in objects]
+        owners = patch_objects(objects, config.image_size, config.grid_size)  # (n,), -1 = background
+        patch_phrases.append([object_ids[owner] if owner >= 0 else background_id for owner in owners])
+        image_phrases.append(sorted(set(object_ids)) + [background_id])
+    return PhraseTargets(phrases, image_phrases, torch.tensor(patch_phrases))
+
+
+class TinyClipPretraining(torch.nn.Module):
+    """open_clip's CLIP, with its vision tower also run as the captioner runs it (for the dense embeddings)."""
+
+    def __init__(self, config: FsgrPmaConfig):
+        super().__init__()
+        self.clip = build_clip(config.clip_config)
+        self.tower = FsgrPmaVisionTower(config, visual=self.clip.visual)
+
+    def encode_image(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(B, 3, H, W)` → unit image embeddings `(B, d)` (equal to `clip.encode_image`), unit MaskCLIP dense
+        embeddings `(B, n, d)` and unit projected output patch tokens `(B, n, d)`."""
+        tokens, last_input = self.tower.adapted_blocks(self.tower.frozen_prefix(pixels), with_prompts=False)
+        projected = self.clip.visual.ln_post(tokens) @ self.clip.visual.proj  # (B, 1 + n, d)
+        dense = self.tower.dense_embeddings(last_input, tokens.shape[1] - 1)  # (B, n, d)
+        return F.normalize(projected[:, 0], dim=-1), F.normalize(dense, dim=-1), F.normalize(projected[:, 1:], dim=-1)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.clip.encode_text(tokens), dim=-1)  # (L, d)
+
+
+def pretraining_loss(
+    model: TinyClipPretraining,
+    pixels: torch.Tensor,
+    caption_tokens: torch.Tensor,
+    phrase_tokens: torch.Tensor,
+    image_phrases: list[list[int]],
+    patch_phrases: torch.Tensor,
+    background_phrases: torch.Tensor,
+    clip_loss: ClipLoss,
+) -> dict[str, torch.Tensor]:
+    """The three terms for one batch of B images (see the module docstring).
+
+    Args:
+        pixels: `(B, 3, H, W)`; caption_tokens: `(B, context)`, one caption per image; phrase_tokens: `(P, context)`
+            every phrase of the vocabulary; image_phrases: per image, its phrase indices; patch_phrases: `(B, n)`;
+            background_phrases: `(P,)` True for the background phrases.
+    """
+    used = sorted({i for ids in image_phrases for i in ids} | set(patch_phrases.unique().tolist()))
+    position = torch.full((len(phrase_tokens),), -1, dtype=torch.long)
+    position[used] = torch.arange(len(used))
+    text = model.encode_text(torch.cat([caption_tokens, phrase_tokens[used]]))  # (B + U, d)
+    captions, phrases = text[: len(caption_tokens)], text[len(caption_tokens) :]  # (B, d), (U, d)
+    image, dense, tokens = model.encode_image(pixels)  # (B, d), (B, n, d), (B, n, d)
+    scale = model.clip.logit_scale.exp()
+
+    positives = torch.zeros(len(image), len(used))  # (B, U)
+    for row, ids in enumerate(image_phrases):
+        positives[row, position[ids]] = 1.0 / len(ids)
+    objects = -(positives * F.log_softmax(scale * image @ phrases.T, dim=-1)).sum(1).mean()
+    on_background = background_phrases[patch_phrases].flatten()  # (B * n,)
+    patches = 0.0
+    for embeddings in (dense, tokens):
+        losses = F.cross_entropy((scale * embeddings @ phrases.T).flatten(0, 1), position[patch_phrases].flatten(),
+                                 reduction="none")  # (B * n,)
+        patches = patches + sum(losses[part].mean() for part in (on_background, ~on_background) if part.any())
+    return {"captions": clip_loss(image, captions, scale), "objects": objects, "patches": patches}
 
 
 @torch.no_grad()
-def retrieval_accuracy(clip, tokenizer, pixels: torch.Tensor, captions: list[str]) -> float:
-    """Image→text top-1 accuracy among the given (image, caption) pairs; an identical caption text counts as a hit."""
-    clip.eval()
-    image = torch.nn.functional.normalize(clip.encode_image(pixels), dim=-1)  # (N, d)
-    text = torch.nn.functional.normalize(clip.encode_text(tokenizer(captions)), dim=-1)  # (N, d)
-    retrieved = (image @ text.T).argmax(1).tolist()  # (N,)
-    return sum(captions[j] == captions[i] for i, j in enumerate(retrieved)) / len(captions)
+def validation_report(
+    model: TinyClipPretraining,
+    tokenizer,
+    pixels: torch.Tensor,
+    captions: list[str],
+    targets: PhraseTargets,
+) -> dict[str, float]:
+    """Image→caption top-1 retrieval, and how often an object patch's dense argmax (over every phrase) is right.
+
+    A patch's phrase is right when it is the object's; `shape` and `colour` count a phrase that names the object's
+    shape (colour) whatever its other word. An identical caption text counts as a retrieval hit.
+    """
+    model.eval()
+    image, dense, _ = model.encode_image(pixels)  # (N, d), (N, n, d)
+    text = model.encode_text(tokenizer(captions))  # (N, d)
+    retrieved = (image @ text.T).argmax(1).tolist()
+    phrases = model.encode_text(tokenizer(targets.phrases))  # (P, d)
+    predicted = (dense @ phrases.T).argmax(-1)  # (N, n)
+    background = {i for i, phrase in enumerate(targets.phrases) if phrase.endswith(" background")}
+    hits = {"phrase": [], "shape": [], "colour": []}
+    for row in range(len(pixels)):
+        for patch, truth in enumerate(targets.patch_phrases[row].tolist()):
+            if truth in background:
+                continue
+            truth_colour, truth_shape = targets.phrases[truth].split(" ")
+            guess = targets.phrases[int(predicted[row, patch])].split(" ")
+            hits["phrase"].append(int(predicted[row, patch]) == truth)
+            hits["shape"].append(guess[-1] == truth_shape)
+            hits["colour"].append(guess[0] == truth_colour)
+    model.train()
+    report = {"retrieval_top1": sum(captions[j] == captions[i] for i, j in enumerate(retrieved)) / len(captions)}
+    return report | {f"object_patch_{name}": float(np.mean(values)) for name, values in hits.items()}
+
+
+def pixel_tensor(image_processor, images) -> torch.Tensor:
+    return image_processor([to_rgb(im) for im in images], return_tensors="pt")["pixel_values"]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -74,50 +215,61 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.manual_seed(args.seed)
     config = FsgrPmaConfig.from_json_file(args.model_config)
-    clip, tokenizer = build_clip(config.clip_config), clip_tokenizer(config.clip_config)
+    model, tokenizer = TinyClipPretraining(config), clip_tokenizer(config.clip_config)
     image_processor = clip_image_processor(config)
 
     train = load_caption_split(args.data, "train")
     validation = load_caption_split(args.data, "validation")
-    pixels = pixel_tensor(image_processor, train["image"])  # (N, 3, H, W), preprocessed once
-    # Tokenize every reference caption once: one (captions of the image, context) tensor per image.
-    captions = [tokenizer(list(refs)) for refs in train["captions"]]
+    domain = json.loads((Path(args.data) / "world.json").read_text())["domain"]
+    targets, validation_targets = phrase_targets(train, domain, config), phrase_targets(validation, domain, config)
     if len(train) < args.batch_size:
         raise ValueError(f"{len(train)} training images: fewer than one batch of {args.batch_size}")
-    steps_per_epoch = len(train) // args.batch_size
-    optimizer = torch.optim.AdamW(clip.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    total_steps = args.epochs * steps_per_epoch
-    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=max(1, total_steps // 10), num_training_steps=total_steps)
-    loss_fn = ClipLoss()
+    pixels = pixel_tensor(image_processor, train["image"])  # (N, 3, H, W), preprocessed once
+    captions = [tokenizer(list(refs)) for refs in train["captions"]]  # per image (refs, context)
+    phrase_tokens = tokenizer(targets.phrases)  # (P, context)
+    background_phrases = torch.tensor([phrase.endswith(" background") for phrase in targets.phrases])  # (P,)
 
-    clip.train()
+    steps_per_epoch = len(train) // args.batch_size
+    total_steps = args.epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=max(1, total_steps // 10), num_training_steps=total_steps)
+    clip_loss = ClipLoss()
+    validation_pixels = pixel_tensor(image_processor, validation["image"])  # (N_val, 3, H, W)
+    validation_captions = [refs[0] for refs in validation["captions"]]
+    model.train()
     start = time.perf_counter()
     for epoch in range(args.epochs):
         rng = np.random.default_rng([args.seed, epoch])
         order = rng.permutation(len(train))
-        losses = []
+        sums = {}
         for step in tqdm(range(steps_per_epoch), desc=f"epoch {epoch}", leave=False):
             index = order[step * args.batch_size : (step + 1) * args.batch_size]
             texts = torch.stack([captions[i][rng.integers(len(captions[i]))] for i in index])  # (B, context)
-            image_features, text_features, logit_scale = clip(pixels[index], texts)
-            loss = loss_fn(image_features, text_features, logit_scale)
-            loss.backward()
+            losses = pretraining_loss(
+                model, pixels[index], texts, phrase_tokens, [targets.image_phrases[i] for i in index],
+                targets.patch_phrases[index], background_phrases, clip_loss,
+            )
+            sum(losses.values()).backward()
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0.0) + value.item() / steps_per_epoch
+        few = PhraseTargets(validation_targets.phrases, [], validation_targets.patch_phrases[:256])
+        progress = validation_report(model, tokenizer, validation_pixels[:256], validation_captions[:256], few)
         logger.info(
-            "epoch %d: contrastive loss %.3f (%.0f s elapsed)", epoch, float(np.mean(losses)), time.perf_counter() - start
+            "epoch %d: %s; on 256 validation images %s (%.0f s elapsed)", epoch,
+            ", ".join(f"{k} loss {v:.3f}" for k, v in sums.items()),
+            ", ".join(f"{k} {v:.3f}" for k, v in progress.items()), time.perf_counter() - start,
         )
 
-    references = [refs[0] for refs in validation["captions"]]
-    accuracy = retrieval_accuracy(clip, tokenizer, pixel_tensor(image_processor, validation["image"]), references)
-    chance = sum(references.count(caption) for caption in references) / len(references) ** 2
-    logger.info("validation image→text top-1: %.3f (chance %.3f)", accuracy, chance)
+    report = validation_report(model, tokenizer, validation_pixels, validation_captions, validation_targets)
+    logger.info("validation: %s", ", ".join(f"{k} {v:.3f}" for k, v in report.items()))
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": clip.state_dict(), "epoch": args.epochs}, args.output)
+    state = {name: tensor.detach().half().contiguous() for name, tensor in model.clip.state_dict().items()}
+    save_file(state, str(args.output), metadata={"epochs": str(args.epochs), "seed": str(args.seed)})
     logger.info("saved %s", args.output)
-    return {"retrieval_top1": accuracy}
+    return report
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ def load_script(name: str):
     """Import `scripts/NAME.py` by path (putting scripts/ on sys.path would shadow libraries: evaluate.py)."""
     spec = importlib.util.spec_from_file_location(f"scripts_{name}", SCRIPTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as importlib's recipe does: dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import load_script
 from modeling_fsgr_pma import FsgrPmaConfig, FsgrPmaForConditionalGeneration
@@ -31,9 +32,9 @@ def workspace(tmp_path_factory) -> dict[str, Path]:
     # The bare default config: a 32 px, 2-block tower of width 32 (the smallest preset).
     FsgrPmaConfig(lora_first_block=1, concept_top_k=4, dropout=0.0).to_json_file(model_config)
     paths = {
-        "data": root / "world" / "data",
+        "data": root / "world",
         "model_config": model_config,
-        "clip": root / "clip.pt",
+        "clip": root / "clip.safetensors",
         "codebook": root / "codebook.safetensors",
         "features": root / "features",
     }
@@ -43,7 +44,7 @@ def workspace(tmp_path_factory) -> dict[str, Path]:
     )  # fmt: skip
     load_script("build_codebook").main(
         ["--model-config", str(model_config), "--clip-pretrained", str(paths["clip"]),
-         "--vocabulary", str(VOCABULARY), "--output", str(paths["codebook"])]
+         "--vocabulary", str(VOCABULARY), "--output", str(paths["codebook"]), "--templates", "{}"]
     )  # fmt: skip
     load_script("extract_features").main(
         ["--model-config", str(model_config), "--clip-pretrained", str(paths["clip"]),
@@ -54,13 +55,41 @@ def workspace(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_pretrain_checkpoint_loads_with_open_clip(workspace):
-    checkpoint = torch.load(workspace["clip"], map_location="cpu", weights_only=True)
-    assert set(checkpoint) >= {"state_dict", "epoch"} and checkpoint["epoch"] == 1
+    checkpoint = load_file(workspace["clip"])
+    assert all(tensor.dtype == torch.float16 for tensor in checkpoint.values())
     config = FsgrPmaConfig.from_json_file(workspace["model_config"])
     clip = build_clip(config.clip_config)
     open_clip.load_checkpoint(clip, str(workspace["clip"]))
+    assert set(clip.state_dict()) == set(checkpoint)
     for name, tensor in clip.state_dict().items():
-        torch.testing.assert_close(tensor, checkpoint["state_dict"][name])
+        torch.testing.assert_close(tensor, checkpoint[name].float())
+
+
+def test_pretraining_image_embedding_is_clips_and_dense_embeddings_are_the_captioners(workspace):
+    pretrain = load_script("pretrain_clip")
+    config = FsgrPmaConfig.from_json_file(workspace["model_config"])
+    model = pretrain.TinyClipPretraining(config).eval()
+    pixels = torch.randn(3, 3, config.image_size, config.image_size)
+    with torch.no_grad():
+        image, dense, _ = model.encode_image(pixels)
+        torch.testing.assert_close(image, torch.nn.functional.normalize(model.clip.encode_image(pixels), dim=-1))
+        captioner = FsgrPmaForConditionalGeneration(FsgrPmaConfig(**{**config.to_dict(), "lora_merged": True}))
+        captioner.load_clip_vision_weights(model.clip.visual.state_dict())
+        expected = captioner.encoder.encode_image(captioner.encoder.tower.frozen_prefix(pixels))[3]
+    torch.testing.assert_close(dense, torch.nn.functional.normalize(expected, dim=-1))
+
+
+def test_pretraining_targets_name_each_patchs_object_or_background(workspace):
+    pretrain = load_script("pretrain_clip")
+    config = FsgrPmaConfig.from_json_file(workspace["model_config"])
+    split = load_caption_split(workspace["data"], "train").select(range(8))
+    targets = pretrain.phrase_targets(split, "synthetic", config)
+    assert targets.patch_phrases.shape == (8, config.num_patches)
+    for row, (objects, background) in enumerate(zip(split["objects"], split["background"])):
+        names = {targets.phrases[i] for i in targets.patch_phrases[row].tolist()}
+        expected = {f"{o['colour']} {o['shape']}" for o in objects} | {f"{background['tone']} background"}
+        assert names <= expected and f"{background['tone']} background" in names
+        assert {targets.phrases[i] for i in targets.image_phrases[row]} == expected
 
 
 def test_codebook_shape_unit_rows_and_names(workspace):

@@ -1,0 +1,218 @@
+"""What the vision side sees: linear probes of shape and colour, and whether the FSGR concepts name the objects.
+
+Usage (after `scripts/demo.py`; without `--model`, the CLIP alone, its LoRA untrained):
+
+    python scripts/probe_vision.py --model outputs/demo/model --clip-pretrained outputs/demo/clip.safetensors \
+        --data outputs/demo/data --output outputs/demo/probe_vision.json
+
+Linear probes: for every object of a synthetic-world image, the features of the 3×3 patches around the patch that
+holds its centre are concatenated, and a multinomial logistic regression (standardised features, L2 penalty,
+L-BFGS) fitted on the objects of `--fit-split` predicts its shape and its colour on the objects of each `--splits`
+entry. Probed points, from the input upwards:
+
+- `frozen_blocks`: the output of the blocks below `lora_first_block` (what the feature cache stores);
+- `pretrained_tower`: the tower's patch tokens (after `ln_post`) with the pre-trained CLIP weights;
+- `adapted_tower`: the same with the trained captioner's tower (its LoRA merged), with `--model`;
+- `encoder_output`: the visual memory Z the decoder cross-attends to (after the FSGR interaction layers).
+
+FSGR concept path, per object (a concept is named "colour shape" or "tone background"):
+
+- `topk_has_shape` / `topk_has_object`: one of the image's `concept_top_k` pre-selected concepts names the object's
+  shape / is the object's concept;
+- `dense_argmax_shape` / `dense_argmax_colour`: the pseudo-label of the object's centre patch (the frozen tower's
+  dense embedding's argmax over the whole codebook, as SupCon uses it) names its shape / colour;
+- `assigned_shape` / `assigned_colour`: the concept the quantiser assigns to that patch (argmax among the
+  pre-selected; the trained tower with `--model`).
+
+Writes one JSON with every figure per split, the objects counted, and the goals of issue 11 (shape ≥ 0.90 and colour
+≥ 0.95 at every probed point; top-k shape ≥ 0.90; dense argmax shape ≥ 0.70 and colour ≥ 0.90).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from modeling_fsgr_pma import FsgrPmaConfig, FsgrPmaForConditionalGeneration
+from modeling_fsgr_pma.clip_backbone import load_codebook, load_pretrained_clip
+from modeling_fsgr_pma.data import load_caption_split, to_rgb
+from modeling_fsgr_pma.loading import load_pretrained
+from modeling_fsgr_pma.processing_fsgr_pma import clip_image_processor
+
+logger = logging.getLogger(__name__)
+
+GOALS = {"probe_shape": 0.90, "probe_colour": 0.95, "topk_has_shape": 0.90, "dense_argmax_shape": 0.70,
+         "dense_argmax_colour": 0.90}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="trained captioner directory (save_pretrained)")
+    parser.add_argument("--clip-pretrained", required=True, help="the CLIP checkpoint the captioner started from")
+    parser.add_argument("--model-config", type=Path, default=None, help="without --model: the model preset")
+    parser.add_argument("--codebook", type=Path, default=None, help="without --model: build_codebook.py's output")
+    parser.add_argument("--data", required=True, help="a synthetic world (scripts/make_synthetic.py)")
+    parser.add_argument("--fit-split", default="train")
+    parser.add_argument("--fit-images", type=int, default=2000, help="images of --fit-split the probes are fitted on")
+    parser.add_argument("--splits", nargs="+", default=["test", "test_novel"])
+    parser.add_argument("--max-images", type=int, default=1000, help="images per evaluated split")
+    parser.add_argument("--output", type=Path, required=True)
+    args = parser.parse_args(argv)
+    if args.model is None and (args.model_config is None or args.codebook is None):
+        parser.error("without --model, pass --model-config and --codebook (the CLIP is probed on its own)")
+    return args
+
+
+def build_models(args: argparse.Namespace) -> dict[str, FsgrPmaForConditionalGeneration]:
+    """`pretrained` (the CLIP's tower, its LoRA at zero) and, with `--model`, `trained`; both in eval mode."""
+    if args.model is not None:
+        trained, _ = load_pretrained(args.model)
+        config = FsgrPmaConfig(**{**trained.config.to_dict(), "lora_merged": True})
+        pretrained = FsgrPmaForConditionalGeneration(config)
+        pretrained.load_state_dict(trained.state_dict())  # decoder, codebook, interaction layers as trained
+    else:
+        codebook, names = load_codebook(args.codebook)
+        config = FsgrPmaConfig.from_json_file(args.model_config)
+        config = FsgrPmaConfig(**{**config.to_dict(), "num_concepts": len(names), "concept_names": names,
+                                  "concept_top_k": min(config.concept_top_k, len(names)), "lora_merged": True})
+        pretrained, trained = FsgrPmaForConditionalGeneration(config), None
+        pretrained.set_codebook(codebook, names)
+    clip = load_pretrained_clip(config.clip_config, config.clip_model_name, args.clip_pretrained)
+    pretrained.load_clip_vision_weights(clip.visual.state_dict())
+    models = {"pretrained": pretrained.eval()}
+    if trained is not None:
+        models["trained"] = trained.eval()
+    return models
+
+
+def centre_patches(objects: list[dict], grid: int) -> list[int]:
+    """Index of the patch holding each object's centre."""
+    return [min(int(o["y"] * grid), grid - 1) * grid + min(int(o["x"] * grid), grid - 1) for o in objects]
+
+
+def neighbourhood(features: torch.Tensor, centre: int, grid: int) -> torch.Tensor:
+    """The `(n, d)` patch features of the 3×3 patches around `centre` (clamped at the border), concatenated `(9d,)`."""
+    row, column = divmod(centre, grid)
+    rows = [min(max(row + dy, 0), grid - 1) for dy in (-1, 0, 1)]
+    columns = [min(max(column + dx, 0), grid - 1) for dx in (-1, 0, 1)]
+    return features[[r * grid + c for r in rows for c in columns]].flatten()
+
+
+@torch.no_grad()
+def describe_split(models: dict, data, processor, batch_size: int = 100) -> dict:
+    """Per object: its shape, colour, neighbourhood features at every probed point, and its concept-path facts."""
+    config = models["pretrained"].config
+    grid, n = config.grid_size, config.num_patches
+    names = [name.split(" ") for name in config.concept_names]  # ["red", "circle"] or ["grey", "background"]
+    rows = {"shape": [], "colour": [], "features": {}, "concepts": {}}
+    for start in tqdm(range(0, len(data), batch_size), desc="probing", leave=False):
+        batch = data[start : start + batch_size]
+        pixels = processor([to_rgb(image) for image in batch["image"]], return_tensors="pt")["pixel_values"]
+        points, facts = {}, {}
+        for which, model in models.items():
+            encoder = model.encoder
+            prefix = encoder.frozen_prefix(pixels, None)  # (B, 1 + n, d_v)
+            patches, _, global_embedding, dense = encoder.encode_image(prefix)
+            _, patch_concepts, selected, _ = encoder.quantize(dense, global_embedding)
+            memory = encoder(pixel_values=pixels).last_hidden_state[:, :n]  # (B, n, d)
+            if which == "pretrained":
+                points["frozen_blocks"] = prefix[:, 1:]
+                points["pretrained_tower"] = patches
+                facts["pretrained"] = (selected, encoder.pseudo_labels(prefix), patch_concepts)
+            else:
+                points["adapted_tower"] = patches
+                facts["trained"] = (selected, encoder.pseudo_labels(prefix), patch_concepts)
+            points["encoder_output"] = memory  # the trained model's, when there is one (it comes last)
+        for image, objects in enumerate(batch["objects"]):
+            for obj, centre in zip(objects, centre_patches(objects, grid)):
+                rows["shape"].append(obj["shape"])
+                rows["colour"].append(obj["colour"])
+                for point, features in points.items():
+                    rows["features"].setdefault(point, []).append(neighbourhood(features[image], centre, grid))
+                for which, (selected, labels, assigned) in facts.items():
+                    top = [names[int(i)] for i in selected[image]]
+                    dense, quantised = names[int(labels[image, centre])], names[int(assigned[image, centre])]
+                    checks = {
+                        "topk_has_shape": any(name[-1] == obj["shape"] for name in top),
+                        "topk_has_object": [obj["colour"], obj["shape"]] in top,
+                        "dense_argmax_shape": dense[-1] == obj["shape"],
+                        "dense_argmax_colour": dense[0] == obj["colour"],
+                        "assigned_shape": quantised[-1] == obj["shape"],
+                        "assigned_colour": quantised[0] == obj["colour"],
+                    }
+                    for key, hit in checks.items():
+                        rows["concepts"].setdefault(which, {}).setdefault(key, []).append(hit)
+    rows["features"] = {point: torch.stack(values).float() for point, values in rows["features"].items()}
+    return rows
+
+
+def fit_probe(features: torch.Tensor, labels: list[str], weight_decay: float = 1e-3) -> tuple:
+    """A multinomial logistic regression on standardised features (full-batch L-BFGS); returns what `predict` needs."""
+    classes = sorted(set(labels))
+    targets = torch.tensor([classes.index(label) for label in labels])
+    mean, std = features.mean(0), features.std(0) + 1e-6
+    x = (features - mean) / std  # (N, D)
+    linear = torch.nn.Linear(x.shape[1], len(classes))
+    optimizer = torch.optim.LBFGS(linear.parameters(), lr=1, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(linear(x), targets) + weight_decay * linear.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return linear, mean, std, classes
+
+
+@torch.no_grad()
+def probe_accuracy(probe: tuple, features: torch.Tensor, labels: list[str]) -> float:
+    linear, mean, std, classes = probe
+    predicted = linear((features - mean) / std).argmax(1).tolist()
+    return sum(classes[p] == label for p, label in zip(predicted, labels)) / len(labels)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.manual_seed(0)
+    models = build_models(args)
+    processor = clip_image_processor(models["pretrained"].config)
+
+    def load(split: str, limit: int):
+        data = load_caption_split(args.data, split)
+        if "objects" not in data.column_names or "x" not in data.features["objects"].feature:
+            raise ValueError(f"{args.data} has no object centres: regenerate it with scripts/make_synthetic.py")
+        return data.select(range(min(limit, len(data))))
+
+    fitted = describe_split(models, load(args.fit_split, args.fit_images), processor)
+    probes = {
+        (point, attribute): fit_probe(features, fitted[attribute])
+        for point, features in fitted["features"].items()
+        for attribute in ("shape", "colour")
+    }
+    report = {"fit": {"split": args.fit_split, "objects": len(fitted["shape"])}, "goals": GOALS, "splits": {}}
+    for split in args.splits:
+        rows = describe_split(models, load(split, args.max_images), processor)
+        result = {"objects": len(rows["shape"]), "probes": {}, "concepts": {}}
+        for (point, attribute), probe in probes.items():
+            accuracy = probe_accuracy(probe, rows["features"][point], rows[attribute])
+            result["probes"].setdefault(point, {})[attribute] = round(accuracy, 4)
+        for which, checks in rows["concepts"].items():
+            result["concepts"][which] = {key: round(sum(hits) / len(hits), 4) for key, hits in checks.items()}
+        report["splits"][split] = result
+        logger.info("%s: %s", split, json.dumps(result))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2))
+    logger.info("wrote %s", args.output)
+    return report
+
+
+if __name__ == "__main__":
+    main()
