@@ -48,7 +48,8 @@ def workspace(tmp_path_factory) -> dict[str, Path]:
     load_script("extract_features").main(
         ["--model-config", str(model_config), "--clip-pretrained", str(paths["clip"]),
          "--codebook", str(paths["codebook"]), "--data", str(paths["data"]),
-         "--splits", "train", "validation", "--output-dir", str(paths["features"]), "--batch-size", "16"]
+         "--splits", "train", "validation", "--output-dir", str(paths["features"]), "--batch-size", "16",
+         "--num-workers", "0"]
     )  # fmt: skip
     return paths
 
@@ -102,8 +103,9 @@ def _cached_model(workspace) -> tuple[FsgrPmaForConditionalGeneration, FsgrPmaCo
 def test_cached_features_give_the_same_logits(workspace):
     model, config = _cached_model(workspace)
     data = load_caption_split(workspace["data"], "validation")
-    image_ids, hidden, labels = load_feature_cache(workspace["features"], "validation")
-    assert image_ids == list(data["image_id"])
+    cache = load_feature_cache(workspace["features"], "validation")
+    hidden, labels = cache.read(range(len(cache)))
+    assert cache.image_ids == list(data["image_id"])
     assert hidden.dtype == torch.float16 and hidden.shape == (len(data), 1 + config.num_patches, config.vision_width)
     assert labels.dtype == torch.int64 and labels.shape == (len(data), config.num_patches)
     assert int(labels.min()) >= 0 and int(labels.max()) < config.num_concepts
