@@ -266,7 +266,7 @@ def _from_json(path: Path, split: str, image_root: str | Path | None, fold_restv
         raise ValueError(f"{path} is not valid JSON ({error})") from error
     images = content.get("images") if isinstance(content, dict) else None
     if not images:
-        raise ValueError(f"{path} has no `images` list: expected Karpathy's dataset_coco.json or COCO-format image info")
+        raise ValueError(f"{path} has no `images` list: expected Karpathy's {KARPATHY_FILE} or COCO-format image info")
     if "sentences" in images[0]:
         return _from_karpathy_json(path, images, split, image_root, fold_restval)
     if "file_name" in images[0] and "id" in images[0]:
@@ -488,7 +488,9 @@ class _SplitIndex:
         paths = [None if inside else path for inside, path in zip(embedded, pc.struct_field(image, "path").to_pylist())]
         stats = self._stats(paths, workers)
         if not layout.embedded and stats and all(stat == (-1, -1) for stat in stats):
-            raise ValueError(f"None of the {len(stats)} images exists, e.g. {paths[0]}: check image_root (--image-root)")
+            raise ValueError(
+                f"None of the {len(stats)} images exists, e.g. {paths[0]}: check image_root (--image-root)"
+            )
         names = [f"{path or 'embedded image'} (row {i})" for path, i in zip(paths, records["image_id"], strict=True)]
         previous = self._reusable(state, fresh)
         results = self._validate_all(records, names, paths, stats, previous, max_pixels, workers)

@@ -150,7 +150,7 @@ class FeatureCacheWriter:
         """
         rows = self.rows(shard)
         if len(hidden) != len(rows) or len(labels) != len(rows):
-            raise ValueError(f"shard {shard} holds {len(rows)} images, got {len(hidden)} hidden and {len(labels)} labels")
+            raise ValueError(f"shard {shard} holds {len(rows)} images, got {len(hidden)} hidden, {len(labels)} labels")
         if hidden.ndim != 3 or labels.shape != (hidden.shape[0], hidden.shape[1] - 1):
             raise ValueError(f"hidden states {tuple(hidden.shape)} and patch labels {tuple(labels.shape)} do not match")
         stored = hidden.to(DTYPES[self.dtype]).contiguous()
@@ -182,8 +182,8 @@ class FeatureCache:
         missing = [k for k in range(index["num_shards"]) if not _shard_path(split_dir, k).is_file()]
         if missing:
             raise ValueError(
-                f"The feature cache {split_dir} is incomplete ({len(missing)} of {index['num_shards']} shards missing): "
-                "run scripts/extract_features.py again to finish it"
+                f"The feature cache {split_dir} is incomplete ({len(missing)} of {index['num_shards']} shards "
+                "missing): run scripts/extract_features.py again to finish it"
             )
         self.image_ids: list[str] = index["image_ids"]
         self.shard_size: int = index["shard_size"]

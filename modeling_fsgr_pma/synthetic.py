@@ -524,12 +524,14 @@ def generate_coco_world(
     for _ in range(sizes["test2014"]):
         cocoid += 1
         name = f"COCO_test2014_{cocoid:012d}.jpg"
-        servers["test2014"].append((cocoid, name, _CocoImage(f"test2014/{name}", "test", take("test"), cocoid % 4 == 0)))
+        image = _CocoImage(f"test2014/{name}", "test", take("test"), portrait=cocoid % 4 == 0)
+        servers["test2014"].append((cocoid, name, image))
     for part, folder in (("nocaps_val", "validation"), ("nocaps_test", "test")):
         for i in range(sizes[part]):
             scene_split = "test" if i % 2 == 0 else "test_novel"  # in-domain and out-domain alternate
             name = f"{hashlib.sha256(f'{seed}-{part}-{i}'.encode()).hexdigest()[:16]}.jpg"
-            servers[part].append((i, name, _CocoImage(f"nocaps/{folder}/{name}", scene_split, take(scene_split), False)))
+            image = _CocoImage(f"nocaps/{folder}/{name}", scene_split, take(scene_split), portrait=False)
+            servers[part].append((i, name, image))
 
     jobs = [entry[-1] for entry in karpathy] + [entry[-1] for part in servers.values() for entry in part]
     written = _render_parallel(jobs, output_dir, seed, domain, image_size, num_workers)
@@ -594,7 +596,9 @@ def _render_parallel(
     with ProcessPoolExecutor(workers) as pool, tqdm(
         total=len(jobs), desc="rendering JPEGs", leave=False, disable=len(jobs) < 500
     ) as progress:
-        render = partial(_write_coco_images, output_dir=str(output_dir), seed=seed, domain=domain, short_side=image_size)
+        render = partial(
+            _write_coco_images, output_dir=str(output_dir), seed=seed, domain=domain, short_side=image_size
+        )
         for chunk in pool.map(render, chunks):
             written += chunk
             progress.update(len(chunk))

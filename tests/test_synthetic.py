@@ -199,7 +199,8 @@ def test_coco_world_test_server_and_nocaps_files(coco_world):
     assert [image["domain"] for image in validation["images"]] == ["in-domain", "out-domain"]
     assert {a["image_id"] for a in validation["annotations"]} == {0, 1}
     test = json.loads((coco_world / "nocaps" / "nocaps_test_image_info.json").read_text())
-    assert "annotations" not in test and all((coco_world / "nocaps" / "test" / i["file_name"]).is_file() for i in test["images"])
+    assert "annotations" not in test
+    assert all((coco_world / "nocaps" / "test" / image["file_name"]).is_file() for image in test["images"])
     held_out = set(domain_spec("synthetic").held_out_pairs())
     by_id = {a["image_id"]: a["caption"] for a in validation["annotations"]}
     assert {m for m in mentioned_objects(by_id[1]) if m[0]} & held_out  # out-domain: a held-out pair
