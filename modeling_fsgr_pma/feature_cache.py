@@ -142,6 +142,13 @@ class FeatureCacheWriter:
         """Shards not written yet (a `.tmp` left by a killed write does not count)."""
         return [shard for shard in range(self.num_shards) if not _shard_path(self.split_dir, shard).is_file()]
 
+    def remove_partial(self) -> list[Path]:
+        """Delete the `.tmp` files killed writes left (call it when no other process is writing this split)."""
+        partial = sorted(self.split_dir.glob("shard-*.tmp"))
+        for path in partial:
+            path.unlink()
+        return partial
+
     def write(self, shard: int, hidden: torch.Tensor, labels: torch.Tensor) -> Path:
         """Store shard `shard`: `hidden` `(N_k, 1 + n, d_v)` (any float dtype) and `labels` `(N_k, n)`.
 

@@ -480,7 +480,8 @@ def generate_coco_world(
 
     Layout (under `output_dir`): `dataset_coco.json` (Karpathy's format: `images[]` with `filepath`, `filename`,
     `cocoid`, `split` in train/restval/val/test, `sentences[].raw`), `train2014/` (the `train` images) and `val2014/`
-    (restval, val, test) named `COCO_{folder}_{cocoid:012d}.jpg`; the COCO test server's `test2014/` with
+    (restval, val, test) named `COCO_{folder}_{cocoid:012d}.jpg`, with `annotations/captions_val2014.json` (COCO's
+    format: the val2014 images and their captions); the COCO test server's `test2014/` with
     `annotations/image_info_test2014.json`; nocaps' `nocaps/validation/` and `nocaps/test/` with
     `nocaps/nocaps_val_4500_captions.json` (captions, and a `domain` per image: in-domain scenes as in training,
     out-domain ones with a held-out colour–shape pair) and `nocaps/nocaps_test_image_info.json` (no captions); and
@@ -563,6 +564,15 @@ def generate_coco_world(
 
     (output_dir / "annotations" / "image_info_test2014.json").write_text(
         json.dumps({"images": image_info(servers["test2014"], domains=False), "categories": []})
+    )
+    val2014 = [(cocoid, name, job) for _, folder, name, cocoid, job in karpathy if folder == "val2014"]
+    captions_val2014 = [
+        {"image_id": cocoid, "id": 10 * cocoid + k, "caption": caption}
+        for cocoid, _, job in val2014
+        for k, caption in enumerate(results[job.path][0])
+    ]
+    (output_dir / "annotations" / "captions_val2014.json").write_text(
+        json.dumps({"images": image_info(val2014, domains=False), "annotations": captions_val2014})
     )
     annotations = [
         {"image_id": image_id, "id": 10 * image_id + k, "caption": caption}

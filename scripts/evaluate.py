@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
         data = data.select(range(min(args.max_images, len(data))))
     image_ids = list(data["image_id"])
     references = dict(zip(image_ids, list(data["captions"])))
-    scored = reference_status(references)
+    scored = args.output is not None and reference_status(references)  # a results file alone is not scored
     if args.results_file is not None:
         server_ids(image_ids)  # fail before captioning when the ids cannot be the servers'
     data = data.add_column("row", list(range(len(data))))
@@ -106,7 +106,9 @@ def main(argv: list[str] | None = None) -> dict:
         result["per_domain"] = {}
         for domain in sorted(set(domains.values())):
             ids = [image_id for image_id in image_ids if domains[image_id] == domain]
-            scores = compute_caption_metrics({i: predictions[i] for i in ids}, {i: references[i] for i in ids})
+            scores = compute_caption_metrics(
+                {i: predictions[i] for i in ids}, {i: references[i] for i in ids}, names=("CIDEr", "SPICE")
+            )
             result["per_domain"][domain] = {"CIDEr": scores["CIDEr"], "SPICE": scores["SPICE"], "num_images": len(ids)}
     if "objects" in data.column_names:
         result["hallucination_rate"] = hallucination_rate(predictions, dict(zip(image_ids, list(data["objects"]))))

@@ -149,6 +149,9 @@ def main(argv: list[str] | None = None) -> None:
                 progress.update(1)
         progress.close()
         accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            for path in writer.remove_partial():
+                logger.info(f"removed {path.name}, left by a killed extraction")
         logger.info(f"cached {len(data)} {split} images in {args.output_dir / split}")
 
 

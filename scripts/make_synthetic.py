@@ -13,8 +13,8 @@ fine-tuning. Read the result with `modeling_fsgr_pma.data.load_caption_split(OUT
 
 `--layout coco-karpathy` writes the same world as a COCO user has it: `dataset_coco.json` (Karpathy's splits
 train/restval/val/test; `--num-images` = train + restval), JPEGs in `train2014/` and `val2014/` (640×480 by
-default: `--image-size` is the short side), the COCO test server's `test2014/` and
-`annotations/image_info_test2014.json`, and nocaps' `nocaps/{validation,test}/` with
+default: `--image-size` is the short side) with `annotations/captions_val2014.json`, the COCO test server's
+`test2014/` and `annotations/image_info_test2014.json`, and nocaps' `nocaps/{validation,test}/` with
 `nocaps_val_4500_captions.json` and `nocaps_test_image_info.json` (see `generate_coco_world`). Read it with
 `load_caption_split(OUTPUT_DIR / "dataset_coco.json", "train", image_root=OUTPUT_DIR)`.
 """

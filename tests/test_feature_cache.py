@@ -65,6 +65,7 @@ def test_a_new_writer_finds_the_finished_shards(tmp_path):
     (tmp_path / "train" / "shard-00001.safetensors.123.tmp").write_bytes(b"half a shard")  # a killed write
     resumed = FeatureCacheWriter(tmp_path, "train", IDS, 3, "float16")
     assert resumed.pending() == [1, 2] and finished.is_file()
+    assert [path.name for path in resumed.remove_partial()] == ["shard-00001.safetensors.123.tmp"]
     with pytest.raises(ValueError, match=r"incomplete \(2 of 3 shards missing\).*again"):
         load_feature_cache(tmp_path, "train")
     with pytest.raises(ValueError, match="different image_ids"):

@@ -191,6 +191,9 @@ def test_coco_world_has_karpathy_json_and_jpeg_folders(coco_world):
 
 
 def test_coco_world_test_server_and_nocaps_files(coco_world):
+    val2014 = json.loads((coco_world / "annotations" / "captions_val2014.json").read_text())
+    assert [image["id"] for image in val2014["images"]] == list(range(8, 15))  # restval, val and test
+    assert {a["image_id"] for a in val2014["annotations"]} == set(range(8, 15))
     test2014 = json.loads((coco_world / "annotations" / "image_info_test2014.json").read_text())
     assert "annotations" not in test2014 and len(test2014["images"]) == 2
     assert all((coco_world / "test2014" / image["file_name"]).is_file() for image in test2014["images"])
