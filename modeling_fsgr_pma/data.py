@@ -522,8 +522,10 @@ class _SplitIndex:
 
     @staticmethod
     def _stats(paths: list[str | None], workers: int) -> list[tuple[int, int]]:
+        """`_file_stat` of every path, in threads (a network file system answers slowly), a chunk per task."""
         with ThreadPoolExecutor(workers) as pool:
-            return list(pool.map(_file_stat, paths))
+            chunks = pool.map(lambda chunk: [_file_stat(path) for path in chunk], _chunks(paths, CHUNK))
+            return [stat for chunk in chunks for stat in chunk]
 
     @staticmethod
     def _reusable(state: dict | None, fresh: bool) -> dict:
