@@ -8,8 +8,12 @@ Layout: `DIRECTORY/cache.json` (what the cache is valid for, `write_manifest`) a
 `DIRECTORY/{split}/shard-{k:05d}.safetensors`, each holding `vision_hidden_states` `(N_k, 1 + n, d_v)` in float16
 or bfloat16, int32 `patch_labels` `(N_k, n)` and its image ids in the metadata. A shard is written to a `.tmp`
 file and renamed when complete, so an extraction killed at any point resumes with the shards still missing.
-Shards are read memory-mapped (safetensors): a batch copies its own rows only, so a training process's memory
-does not grow with the corpus; the pages read stay in the kernel's page cache, which it reclaims.
+
+Reading copies the rows a batch needs, with one positioned read (`os.pread`) per row at the offset the shard's
+safetensors header gives, so a training process's memory does not grow with the corpus. The pages read stay in
+the kernel's page cache (shared by the processes of a node, reclaimed under pressure) without counting in the
+process's RSS. Memory-mapping the shards (safetensors' `safe_open`) counts every mapped page in the RSS, which then
+grows with the corpus: readahead maps far more than the rows read, and an epoch maps the whole cache.
 """
 
 from __future__ import annotations
@@ -18,11 +22,11 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .configuration_fsgr_pma import FsgrPmaConfig
@@ -31,6 +35,7 @@ MANIFEST = "cache.json"
 INDEX = "index.json"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 LABEL_DTYPE = torch.int32
+_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32}
 
 
 def codebook_hash(codebook: torch.Tensor) -> str:
@@ -174,10 +179,40 @@ class FeatureCacheWriter:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Reading
-class FeatureCache:
-    """One split of a cache, memory-mapped: `image_ids`, `read(rows)`, and `aligned(ids)` for a data collator.
+@dataclass(frozen=True)
+class _RowLayout:
+    """Where the rows of one tensor of a shard file are: row `i` is `row_bytes` bytes at `start + i * row_bytes`."""
 
-    Pickles as its location (a data-loader worker reopens the shards instead of copying them).
+    start: int
+    row_bytes: int
+    row_shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def _shard_layout(path: Path) -> tuple[dict[str, _RowLayout], dict[str, str]]:
+    """The row layout of every tensor of a safetensors file, and its metadata.
+
+    The format (https://github.com/huggingface/safetensors#format): an 8-byte little-endian header length, a JSON
+    header with each tensor's dtype, shape and `data_offsets` (from the end of the header), then the data.
+    """
+    with open(path, "rb") as file:
+        length = int.from_bytes(file.read(8), "little")
+        header = json.loads(file.read(length))
+    metadata = header.pop("__metadata__", {})
+    layouts = {}
+    for name, tensor in header.items():
+        begin, end = tensor["data_offsets"]
+        rows, *row_shape = tensor["shape"]
+        dtype = _SAFETENSORS_DTYPES[tensor["dtype"]]
+        layouts[name] = _RowLayout(8 + length + begin, (end - begin) // rows, tuple(row_shape), dtype)
+    return layouts, metadata
+
+
+class FeatureCache:
+    """One split of a cache: `image_ids`, `read(rows)`, and `aligned(ids)` for a data collator.
+
+    Rows are read from the shard files when asked for (see the module docstring); the object pickles as its
+    location, so a data-loader worker opens the shards itself.
     """
 
     def __init__(self, directory: str | Path, split: str):
@@ -194,14 +229,13 @@ class FeatureCache:
             )
         self.image_ids: list[str] = index["image_ids"]
         self.shard_size: int = index["shard_size"]
-        self._files = [safe_open(str(_shard_path(split_dir, k)), framework="pt") for k in range(index["num_shards"])]
-        self._hidden, self._labels = [], []
-        for k, file in enumerate(self._files):
-            expected = self.image_ids[k * self.shard_size : (k + 1) * self.shard_size]
-            if json.loads(file.metadata()["image_ids"]) != expected:
+        self._layouts: list[dict[str, _RowLayout]] = []
+        for k in range(index["num_shards"]):
+            layouts, metadata = _shard_layout(_shard_path(split_dir, k))
+            if json.loads(metadata["image_ids"]) != self.image_ids[k * self.shard_size : (k + 1) * self.shard_size]:
                 raise ValueError(f"{_shard_path(split_dir, k)} holds other images than {INDEX} lists: re-extract it")
-            self._hidden.append(file.get_tensor("vision_hidden_states"))  # memory-mapped, not read yet
-            self._labels.append(file.get_tensor("patch_labels"))
+            self._layouts.append(layouts)
+        self._files = [open(_shard_path(split_dir, k), "rb", buffering=0) for k in range(index["num_shards"])]
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -217,10 +251,19 @@ class FeatureCache:
         return self.gather("vision_hidden_states", rows), self.gather("patch_labels", rows)
 
     def gather(self, name: str, rows: Sequence[int]) -> torch.Tensor:
-        """Rows of `vision_hidden_states` (stored dtype) or `patch_labels` (int64), copied out of the shards."""
-        shards = self._hidden if name == "vision_hidden_states" else self._labels
-        where = [divmod(int(row), self.shard_size) for row in rows]
-        gathered = torch.stack([shards[shard][offset] for shard, offset in where])
+        """Rows of `vision_hidden_states` (stored dtype) or `patch_labels` (int64), read from the shards."""
+        first = self._layouts[0][name]  # every shard has the same row shape and dtype
+        if len(rows) == 0:
+            return torch.empty(0, *first.row_shape, dtype=first.dtype if name == "vision_hidden_states" else torch.long)
+        buffer = bytearray(len(rows) * first.row_bytes)
+        for i, row in enumerate(rows):
+            shard, offset = divmod(int(row), self.shard_size)
+            layout = self._layouts[shard][name]
+            data = os.pread(self._files[shard].fileno(), layout.row_bytes, layout.start + offset * layout.row_bytes)
+            if len(data) != layout.row_bytes:
+                raise ValueError(f"{self._files[shard].name} is shorter than its header says: re-extract it")
+            buffer[i * first.row_bytes : (i + 1) * first.row_bytes] = data
+        gathered = torch.frombuffer(buffer, dtype=torch.uint8).view(first.dtype).view(len(rows), *first.row_shape)
         return gathered if name == "vision_hidden_states" else gathered.long()
 
     def aligned(self, image_ids: list[str]) -> dict[str, _AlignedColumn]:
@@ -253,5 +296,5 @@ class _AlignedColumn:
 
 
 def load_feature_cache(directory: str | Path, split: str) -> FeatureCache:
-    """Open one split of a cache memory-mapped; a `ValueError` when it is missing or incomplete."""
+    """Open one split of a cache (rows are read when asked for); a `ValueError` when it is missing or incomplete."""
     return FeatureCache(directory, split)

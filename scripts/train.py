@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_features = eval_features = None
     if args.feature_cache is not None:
         check_cache_matches(args.feature_cache, config, codebook)
-        # Memory-mapped shards, indexed by dataset row: a batch reads its own rows only.
+        # Shards indexed by dataset row: a batch reads its own rows from disk (the page cache), nothing more.
         train_features = load_feature_cache(args.feature_cache, args.train_split).aligned(list(train_data["image_id"]))
         eval_features = load_feature_cache(args.feature_cache, args.eval_split).aligned(list(eval_data["image_id"]))
         # The cache replaces the pixels: without the image column, reading a row no longer decodes its image.

@@ -1,4 +1,4 @@
-"""The sharded feature cache: round trip, resumable writes, memory-mapped reads, and the errors that protect it."""
+"""The sharded feature cache: round trip, resumable writes, reads of the rows asked for, and the errors that guard it."""
 
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ def test_aligned_columns_follow_the_dataset_rows_and_pickle_as_a_location(tmp_pa
     assert len(pickle.dumps(columns["vision_hidden_states"])) < 1000  # not the tensors
     again = pickle.loads(pickle.dumps(columns["vision_hidden_states"]))
     torch.testing.assert_close(again[[0]], hidden[[5]].half())
+    assert columns["patch_labels"][[]].shape == (0, CONFIG.num_patches)
     with pytest.raises(ValueError, match="no features for 1 images, e.g. img-9"):
         load_feature_cache(tmp_path, "train").aligned(["img-1", "img-9"])
 
