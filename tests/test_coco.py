@@ -8,7 +8,6 @@ Karpathy test, the COCO server's val2014 and test2014, nocaps validation and tes
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import re
 import shlex
@@ -22,7 +21,6 @@ import torch
 from accelerate.commands.config.config_args import ClusterConfig
 from safetensors.torch import load_file
 
-import modeling_fsgr_pma.feature_cache as feature_cache
 from conftest import load_script, tiny_config
 from modeling_fsgr_pma.clip_backbone import build_clip
 from modeling_fsgr_pma.feature_cache import load_feature_cache
@@ -87,20 +85,23 @@ def launch(command: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(argv, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
-def extract_and_die_on_third_shard(argv: list[str]) -> None:
-    """Run in a forked child (its imports already done): extract, and SIGKILL itself halfway through writing the
-    third shard, leaving two finished shards and a half-written `.tmp` file."""
-    written, save_file = [], feature_cache.save_file
-
-    def save_and_die(tensors, path, metadata=None):
-        written.append(path)
-        save_file(tensors, path, metadata=metadata)
-        if len(written) == 3:
-            os.truncate(path, os.path.getsize(path) // 2)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    feature_cache.save_file = save_and_die
-    load_script("extract_features").main(argv)
+# Extract, and SIGKILL the process halfway through writing the third shard: two finished shards and a half-written
+# `.tmp` file stay behind. A fresh interpreter, not a fork: a forked pytest-xdist worker can inherit a held lock.
+KILL_ON_THIRD_SHARD = """
+import os, signal, sys
+sys.path.insert(0, "tests")
+import modeling_fsgr_pma.feature_cache as feature_cache
+from conftest import load_script
+written, save_file = [], feature_cache.save_file
+def save_and_die(tensors, path, metadata=None):
+    written.append(path)
+    save_file(tensors, path, metadata=metadata)
+    if len(written) == 3:
+        os.truncate(path, os.path.getsize(path) // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+feature_cache.save_file = save_and_die
+load_script("extract_features").main(sys.argv[1:])
+"""
 
 
 @pytest.fixture(scope="module")
@@ -136,10 +137,9 @@ def test_the_readme_recipe_runs_end_to_end(values, monkeypatch):
     # Feature cache: killed by SIGKILL while writing its third shard, then the same command again
     extract = for_here(commands[1], values)
     _, extract_args = script_args(extract)
-    killed = multiprocessing.get_context("fork").Process(target=extract_and_die_on_third_shard, args=(extract_args,))
-    killed.start()
-    killed.join(timeout=300)
-    assert killed.exitcode == -signal.SIGKILL
+    killed = subprocess.run([sys.executable, "-c", KILL_ON_THIRD_SHARD, *extract_args], cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     shards = out / "features" / "train"
     finished = {path.name: path.stat().st_mtime_ns for path in shards.glob("shard-*.safetensors")}
     assert sorted(finished) == ["shard-00000.safetensors", "shard-00001.safetensors"]

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 
 from conftest import load_script
 
@@ -30,6 +31,8 @@ def test_arguments_are_checked(monkeypatch):
 
 
 def test_cpu_smoke_run_reports_every_figure(tmp_path):
+    # The script sets bf16 when it builds its Accelerator: a state another test of this process left must go.
+    AcceleratorState._reset_state(reset_partial_state=True)
     output = tmp_path / "check.json"
     result = gpu_check.main(["--device", "cpu", "--tiny", "--steps", "1", "--output", str(output)])
     assert json.loads(output.read_text()) == result
@@ -38,3 +41,4 @@ def test_cpu_smoke_run_reports_every_figure(tmp_path):
     assert result["train_loss_finite"] and result["train_images_per_s"] > 0 and result["captions_per_s"] > 0
     assert result["caption_tokens"] == 21  # BOS + 20 new tokens
     assert result["train_peak_memory_gib"] is None  # measured on CUDA only
+    AcceleratorState._reset_state(reset_partial_state=True)  # and leave none with bf16 to the next test
