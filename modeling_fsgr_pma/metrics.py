@@ -182,7 +182,10 @@ def _java_metric(
 
 
 def compute_caption_metrics(
-    predictions: dict[str, str], references: dict[str, list[str]], tokenize: bool = True
+    predictions: dict[str, str],
+    references: dict[str, list[str]],
+    tokenize: bool = True,
+    names: tuple[str, ...] = METRIC_NAMES,
 ) -> dict:
     """COCO caption metrics of `predictions` against `references`, as pycocoevalcap's COCOEvalCap computes them.
 
@@ -193,6 +196,7 @@ def compute_caption_metrics(
         references: A non-empty list of reference captions per image id; the same ids as `predictions`.
         tokenize: PTB-tokenise (lowercase, punctuation removed) both sides first, as COCOEvalCap does; False when
             the captions are tokenised already.
+        names: the metrics to compute (of `METRIC_NAMES`); the others are left out of the result.
 
     Returns:
         `Bleu_1`..`Bleu_4`, `METEOR`, `ROUGE_L`, `CIDEr`, `SPICE` (pycocoevalcap's names), each a float or None;
@@ -203,14 +207,23 @@ def compute_caption_metrics(
         ValueError: If an image id is in only one of the dicts or has no reference captions.
     """
     _validate_inputs(predictions, references)
+    unknown = sorted(set(names) - set(METRIC_NAMES))
+    if unknown:
+        raise ValueError(f"Unknown metrics {unknown}; choose from {METRIC_NAMES}")
     skipped: dict[str, str] = {}
     gts, res, tokenizer = _tokenize(predictions, references, tokenize, skipped)
-    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    result: dict = {f"Bleu_{n + 1}": float(score) for n, score in enumerate(bleu)}
-    result["METEOR"] = _java_metric("METEOR", _meteor_score, _METEOR_JARS, gts, res, skipped)
-    result["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
-    result["CIDEr"] = float(Cider().compute_score(gts, res)[0])
-    result["SPICE"] = _java_metric("SPICE", _spice_score, _SPICE_JARS, gts, res, skipped)
+    result: dict = {}
+    if any(name.startswith("Bleu") for name in names):
+        bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+        result.update({f"Bleu_{n + 1}": float(score) for n, score in enumerate(bleu) if f"Bleu_{n + 1}" in names})
+    if "METEOR" in names:
+        result["METEOR"] = _java_metric("METEOR", _meteor_score, _METEOR_JARS, gts, res, skipped)
+    if "ROUGE_L" in names:
+        result["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
+    if "CIDEr" in names:
+        result["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+    if "SPICE" in names:
+        result["SPICE"] = _java_metric("SPICE", _spice_score, _SPICE_JARS, gts, res, skipped)
     for name, reason in skipped.items():
         logger.warning("%s skipped: %s", name, reason)
     result.update(skipped=skipped, tokenizer=tokenizer)

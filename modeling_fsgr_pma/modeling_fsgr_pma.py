@@ -284,6 +284,7 @@ class FsgrPmaVisionTower(nn.Module):
             if config.num_prompt_tokens
             else None
         )
+        self.gradient_checkpointing = False  # set by `activation_checkpointing_enable()` (with its function)
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -319,7 +320,10 @@ class FsgrPmaVisionTower(nn.Module):
                 rest = x[:, 1 + n_prompts :] if i else x[:, 1:]  # drop the previous block's prompts
                 x = torch.cat([x[:, :1], prompt, rest], dim=1)  # (B, 1 + P + n, d_v)
             last_input = x
-            x = block(x)
+            if self.gradient_checkpointing and torch.is_grad_enabled():  # the trained blocks dominate the memory
+                x = self._gradient_checkpointing_func(block, x)
+            else:
+                x = block(x)
         return torch.cat([x[:, :1], x[:, 1 + n_prompts :]], dim=1), last_input
 
     def dense_embeddings(self, last_input: torch.Tensor, n_patches: int) -> torch.Tensor:

@@ -9,11 +9,15 @@ Everything is deterministic for a seed. Training-side code: the remote-code mode
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
+import os
 import re
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -379,20 +383,24 @@ def split_sizes(num_images: int, split_fractions: dict[str, float] | None = None
     return {"train": num_images} | {split: max(1, round(fractions[split] * num_images)) for split in SPLITS[1:]}
 
 
+def sample_example(spec: Domain, split: str, index: int, seed: int) -> tuple[dict, np.random.Generator]:
+    """The scene of image `index` of `split` and its generator, seeded by (seed, split, index), for rendering and
+    captioning next. `test_novel` scenes contain one held-out pair (and may contain more); others never do."""
+    held_out = spec.held_out_pairs()
+    rng = np.random.default_rng([seed, SPLITS.index(split), index])
+    if split == "test_novel":
+        return sample_scene(spec, rng, must_include=held_out[int(rng.integers(len(held_out)))], exclude=set()), rng
+    return sample_scene(spec, rng, must_include=None, exclude=set(held_out)), rng
+
+
 def generate_split(split: str, count: int, seed: int, image_size: int, spec: Domain) -> Dataset:
     """Render `count` images of `split`; image i draws from its own generator seeded by (seed, split, i).
 
     `test_novel` images each contain one held-out pair (and may contain more); the other splits never do.
     """
-    held_out = spec.held_out_pairs()
     records = {"image_id": [], "image": [], "captions": [], "objects": [], "background": []}
-    split_index = SPLITS.index(split)
     for i in tqdm(range(count), desc=f"rendering {split}", disable=count < 500, leave=False):
-        rng = np.random.default_rng([seed, split_index, i])
-        if split == "test_novel":
-            scene = sample_scene(spec, rng, must_include=held_out[int(rng.integers(len(held_out)))], exclude=set())
-        else:
-            scene = sample_scene(spec, rng, must_include=None, exclude=set(held_out))
+        scene, rng = sample_example(spec, split, i, seed)
         buffer = io.BytesIO()
         render_scene(scene, spec, image_size, rng).save(buffer, format="PNG")
         records["image_id"].append(f"{spec.name}-{split}-{seed}-{i:06d}")
@@ -449,6 +457,218 @@ def generate_world(
     }
     (output_dir / "world.json").write_text(json.dumps(world, indent=2))
     return world
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The world with COCO's files: Karpathy's dataset_coco.json, JPEG folders, the test servers' image info
+COCO_RENDER_SIDE = 96  # scenes are drawn this small and upscaled: rendering at 640×480 would dominate the time
+# Sensor-like grain, so that the JPEGs are as large (about 140 KiB at 640×480, COCO's average is about 160 KiB) and
+# as slow to decode as photographs; an upscaled drawing alone compresses to about 20 KiB.
+COCO_GRAIN = 30
+COCO_FRACTIONS = {"restval": 0.27, "val": 0.1, "test": 0.1, "test2014": 0.1, "nocaps_val": 0.1, "nocaps_test": 0.1}
+
+
+@dataclass(frozen=True)
+class _CocoImage:
+    """One JPEG to write: where it goes, which synthetic scene it shows, and its orientation."""
+
+    path: str  # relative to the output directory
+    scene_split: str  # the synthetic split whose image sequence it is drawn from
+    scene_index: int
+    portrait: bool
+
+
+def coco_split_sizes(num_images: int) -> dict[str, int]:
+    """Images per part of the COCO-shaped world: `num_images` Karpathy training images (`train` + `restval`, split
+    73:27 as in COCO's 82,783 + 30,504), and a tenth of that (at least 2) for each evaluation part."""
+    if num_images < 2:
+        raise ValueError(f"num_images must be at least 2 (train and restval), got {num_images}")
+    sizes = {name: max(2, round(fraction * num_images)) for name, fraction in COCO_FRACTIONS.items()}
+    sizes["restval"] = min(sizes["restval"], num_images - 1)
+    return {"train": num_images - sizes["restval"], **sizes}
+
+
+def render_coco_image(scene: dict, spec: Domain, short_side: int, portrait: bool, rng: np.random.Generator):
+    """The scene drawn at `COCO_RENDER_SIDE`, upscaled to a square of `short_side` and centred on a 4:3 canvas of the
+    background's tone (landscape, or portrait), with grain: a CLIP centre crop sees exactly the square scene."""
+    scene_image = render_scene(scene, spec, COCO_RENDER_SIDE, rng).resize((short_side, short_side), PILImage.BILINEAR)
+    long_side = round(short_side * 4 / 3)
+    size = (short_side, long_side) if portrait else (long_side, short_side)
+    canvas = PILImage.new("RGB", size, spec.tones[scene["tone"]])
+    canvas.paste(scene_image, ((size[0] - short_side) // 2, (size[1] - short_side) // 2))
+    grain = _grain(long_side)  # (2L, 2L, 3); a random window of it per image
+    top, left = (int(offset) for offset in rng.integers(0, long_side, size=2))
+    pixels = np.asarray(canvas, dtype=np.int16) + grain[top : top + size[1], left : left + size[0]]  # (H, W, 3)
+    return PILImage.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+@lru_cache(maxsize=4)
+def _grain(long_side: int) -> np.ndarray:
+    """Uniform noise in ±`COCO_GRAIN`, `(2L, 2L, 3)` int16, the same in every process."""
+    rng = np.random.default_rng([COCO_GRAIN, long_side])
+    return rng.integers(-COCO_GRAIN, COCO_GRAIN + 1, size=(2 * long_side, 2 * long_side, 3), dtype=np.int16)
+
+
+def _write_coco_images(
+    images: list[_CocoImage], output_dir: str, seed: int, domain: str, short_side: int
+) -> list[tuple[list[str], list[dict], tuple[int, int]]]:
+    """Render and save a chunk of JPEGs (a worker process's job); returns captions, objects and size per image."""
+    spec = domain_spec(domain)
+    written = []
+    for image in images:
+        scene, rng = sample_example(spec, image.scene_split, image.scene_index, seed)
+        picture = render_coco_image(scene, spec, short_side, image.portrait, rng)
+        picture.save(Path(output_dir) / image.path, format="JPEG", quality=90)
+        objects = [{k: o[k] for k in ("shape", "colour", "size")} for o in scene["objects"]]
+        written.append((make_captions(scene, rng), objects, picture.size))
+    return written
+
+
+def generate_coco_world(
+    output_dir: str | Path,
+    num_images: int,
+    seed: int,
+    image_size: int = 480,
+    domain: str = "synthetic",
+    num_workers: int | None = None,
+) -> dict:
+    """Write the synthetic world in the files COCO users have: JPEGs at COCO-like sizes and the annotation files.
+
+    Layout (under `output_dir`): `dataset_coco.json` (Karpathy's format: `images[]` with `filepath`, `filename`,
+    `cocoid`, `split` in train/restval/val/test, `sentences[].raw`), `train2014/` (the `train` images) and `val2014/`
+    (restval, val, test) named `COCO_{folder}_{cocoid:012d}.jpg`, with `annotations/captions_val2014.json` (COCO's
+    format: the val2014 images and their captions); the COCO test server's `test2014/` with
+    `annotations/image_info_test2014.json`; nocaps' `nocaps/validation/` and `nocaps/test/` with
+    `nocaps/nocaps_val_4500_captions.json` (captions, and a `domain` per image: in-domain scenes as in training,
+    out-domain ones with a held-out colour–shape pair) and `nocaps/nocaps_test_image_info.json` (no captions); and
+    `world.json`. Images are 4:3 with `image_size` as the short side (640×480 by default), every fourth portrait.
+
+    Args:
+        output_dir: created if missing; existing files are overwritten.
+        num_images: Karpathy training images (train + restval); see `coco_split_sizes` for the other parts.
+        seed: the same seed (and arguments) gives the same files, whatever `num_workers`.
+        image_size: short side of the images in pixels.
+        domain: `"synthetic"` or `"synthetic-b"`.
+        num_workers: processes rendering JPEGs (default: the CPUs this process may use).
+
+    Returns:
+        The content of `world.json`: domain, seed, image size, counts per part, vocabulary, held-out pairs.
+    """
+    spec = domain_spec(domain)
+    sizes = coco_split_sizes(num_images)
+    output_dir = Path(output_dir)
+    for folder in ("train2014", "val2014", "test2014", "annotations", "nocaps/validation", "nocaps/test"):
+        (output_dir / folder).mkdir(parents=True, exist_ok=True)
+
+    # Which scene every file shows: each part takes its own stretch of a synthetic split's image sequence.
+    karpathy, servers = [], {"test2014": [], "nocaps_val": [], "nocaps_test": []}
+    offsets = {"train": 0, "validation": 0, "test": 0, "test_novel": 0}
+
+    def take(scene_split: str) -> int:
+        offsets[scene_split] += 1
+        return offsets[scene_split] - 1
+
+    cocoid = 0
+    for part, scene_split, folder in (
+        ("train", "train", "train2014"), ("restval", "train", "val2014"), ("val", "validation", "val2014"),
+        ("test", "test", "val2014"),
+    ):  # fmt: skip
+        for _ in range(sizes[part]):
+            cocoid += 1
+            name = f"COCO_{folder}_{cocoid:012d}.jpg"
+            image = _CocoImage(f"{folder}/{name}", scene_split, take(scene_split), portrait=cocoid % 4 == 0)
+            karpathy.append((part, folder, name, cocoid, image))
+    for _ in range(sizes["test2014"]):
+        cocoid += 1
+        name = f"COCO_test2014_{cocoid:012d}.jpg"
+        image = _CocoImage(f"test2014/{name}", "test", take("test"), portrait=cocoid % 4 == 0)
+        servers["test2014"].append((cocoid, name, image))
+    for part, folder in (("nocaps_val", "validation"), ("nocaps_test", "test")):
+        for i in range(sizes[part]):
+            scene_split = "test" if i % 2 == 0 else "test_novel"  # in-domain and out-domain alternate
+            name = f"{hashlib.sha256(f'{seed}-{part}-{i}'.encode()).hexdigest()[:16]}.jpg"
+            image = _CocoImage(f"nocaps/{folder}/{name}", scene_split, take(scene_split), portrait=False)
+            servers[part].append((i, name, image))
+
+    jobs = [entry[-1] for entry in karpathy] + [entry[-1] for part in servers.values() for entry in part]
+    written = _render_parallel(jobs, output_dir, seed, domain, image_size, num_workers)
+    results = dict(zip((job.path for job in jobs), written, strict=True))
+
+    images, sentence_id = [], 0
+    for imgid, (part, folder, name, cocoid, job) in enumerate(karpathy):
+        captions = results[job.path][0]
+        sentences = [
+            {"tokens": caption.split(), "raw": caption, "imgid": imgid, "sentid": sentence_id + k}
+            for k, caption in enumerate(captions)
+        ]
+        images.append({
+            "filepath": folder, "filename": name, "imgid": imgid, "split": part, "cocoid": cocoid,
+            "sentids": [s["sentid"] for s in sentences], "sentences": sentences,
+        })  # fmt: skip
+        sentence_id += len(sentences)
+    (output_dir / "dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
+
+    def image_info(entries: list, domains: bool) -> list[dict]:
+        info = []
+        for image_id, name, job in entries:
+            width, height = results[job.path][2]
+            record = {"id": image_id, "file_name": name, "width": width, "height": height}
+            if domains:
+                record["domain"] = "in-domain" if job.scene_split == "test" else "out-domain"
+            info.append(record)
+        return info
+
+    (output_dir / "annotations" / "image_info_test2014.json").write_text(
+        json.dumps({"images": image_info(servers["test2014"], domains=False), "categories": []})
+    )
+    val2014 = [(cocoid, name, job) for _, folder, name, cocoid, job in karpathy if folder == "val2014"]
+    captions_val2014 = [
+        {"image_id": cocoid, "id": 10 * cocoid + k, "caption": caption}
+        for cocoid, _, job in val2014
+        for k, caption in enumerate(results[job.path][0])
+    ]
+    (output_dir / "annotations" / "captions_val2014.json").write_text(
+        json.dumps({"images": image_info(val2014, domains=False), "annotations": captions_val2014})
+    )
+    annotations = [
+        {"image_id": image_id, "id": 10 * image_id + k, "caption": caption}
+        for image_id, _, job in servers["nocaps_val"]
+        for k, caption in enumerate(results[job.path][0])
+    ]
+    (output_dir / "nocaps" / "nocaps_val_4500_captions.json").write_text(
+        json.dumps({"images": image_info(servers["nocaps_val"], domains=True), "annotations": annotations})
+    )
+    (output_dir / "nocaps" / "nocaps_test_image_info.json").write_text(
+        json.dumps({"images": image_info(servers["nocaps_test"], domains=True)})
+    )
+    world = {
+        "layout": "coco-karpathy", "domain": domain, "seed": seed, "image_size": image_size, "counts": sizes,
+        "shapes": list(spec.shapes), "colours": list(spec.colours), "sizes": list(SIZES),
+        "textures": list(spec.textures), "tones": list(spec.tones),
+        "held_out_pairs": [list(pair) for pair in spec.held_out_pairs()],
+    }  # fmt: skip
+    (output_dir / "world.json").write_text(json.dumps(world, indent=2))
+    logger.info("wrote %d JPEGs and the COCO annotation files to %s", len(jobs), output_dir)
+    return world
+
+
+def _render_parallel(
+    jobs: list[_CocoImage], output_dir: Path, seed: int, domain: str, image_size: int, num_workers: int | None
+) -> list[tuple[list[str], list[dict], tuple[int, int]]]:
+    """`_write_coco_images` over chunks of `jobs` in worker processes, results in the order of `jobs`."""
+    workers = num_workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    chunks = [jobs[start : start + 256] for start in range(0, len(jobs), 256)]
+    written = []
+    with ProcessPoolExecutor(workers) as pool, tqdm(
+        total=len(jobs), desc="rendering JPEGs", leave=False, disable=len(jobs) < 500
+    ) as progress:
+        render = partial(
+            _write_coco_images, output_dir=str(output_dir), seed=seed, domain=domain, short_side=image_size
+        )
+        for chunk in pool.map(render, chunks):
+            written += chunk
+            progress.update(len(chunk))
+    return written
 
 
 # ----------------------------------------------------------------------------------------------------------------

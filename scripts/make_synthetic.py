@@ -1,14 +1,22 @@
-"""Generate the bundled synthetic captioning world (Parquet, HF Hub layout), with no downloads.
+"""Generate the bundled synthetic captioning world, with no downloads: as Parquet (HF Hub layout) or as COCO's files.
 
 Usage (from the repository root):
 
     python scripts/make_synthetic.py --output-dir outputs/demo/data --num-images 2000 --seed 0
+    python scripts/make_synthetic.py --layout coco-karpathy --output-dir outputs/coco-synthetic --num-images 2000
 
-Writes `OUTPUT_DIR/data/{train,validation,test,test_novel}-00000-of-00001.parquet` (columns `image_id`, `image`,
-`captions`, `objects`) and `OUTPUT_DIR/world.json` (vocabulary, held-out colour–shape pairs, counts). `--num-images`
-counts training images; validation, test and test_novel get a tenth of that each (at least one). `--domain
-synthetic-b` makes the second domain (other shapes, colours and backgrounds) for PEFT fine-tuning. Read the result
-with `modeling_fsgr_pma.data.load_caption_split(OUTPUT_DIR, split)`.
+`--layout parquet` (default) writes `OUTPUT_DIR/data/{train,validation,test,test_novel}-00000-of-00001.parquet`
+(columns `image_id`, `image`, `captions`, `objects`) and `OUTPUT_DIR/world.json` (vocabulary, held-out colour–shape
+pairs, counts). `--num-images` counts training images; validation, test and test_novel get a tenth of that each
+(at least one). `--domain synthetic-b` makes the second domain (other shapes, colours and backgrounds) for PEFT
+fine-tuning. Read the result with `modeling_fsgr_pma.data.load_caption_split(OUTPUT_DIR, split)`.
+
+`--layout coco-karpathy` writes the same world as a COCO user has it: `dataset_coco.json` (Karpathy's splits
+train/restval/val/test; `--num-images` = train + restval), JPEGs in `train2014/` and `val2014/` (640×480 by
+default: `--image-size` is the short side) with `annotations/captions_val2014.json`, the COCO test server's
+`test2014/` and `annotations/image_info_test2014.json`, and nocaps' `nocaps/{validation,test}/` with
+`nocaps_val_4500_captions.json` and `nocaps_test_image_info.json` (see `generate_coco_world`). Read it with
+`load_caption_split(OUTPUT_DIR / "dataset_coco.json", "train", image_root=OUTPUT_DIR)`.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from modeling_fsgr_pma.synthetic import DOMAINS, generate_world
+from modeling_fsgr_pma.synthetic import DOMAINS, generate_coco_world, generate_world
 
 logger = logging.getLogger(__name__)
 
@@ -26,15 +34,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and check the command line; errors exit before anything is written."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", type=Path, required=True, help="dataset directory to write")
+    parser.add_argument("--layout", choices=["parquet", "coco-karpathy"], default="parquet")
     parser.add_argument("--num-images", type=int, default=2000, help="training images; other splits get 10%% each")
     parser.add_argument("--seed", type=int, default=0, help="same seed, same files")
-    parser.add_argument("--image-size", type=int, default=64, help="side of the square images in pixels")
+    parser.add_argument(
+        "--image-size", type=int, default=None,
+        help="side of the square images (parquet, default 64) or short side of the 4:3 JPEGs (coco-karpathy, 480)",
+    )  # fmt: skip
     parser.add_argument("--domain", choices=sorted(DOMAINS), default="synthetic")
+    parser.add_argument("--num-workers", type=int, default=None, help="coco-karpathy: rendering processes")
     args = parser.parse_args(argv)
-    if args.num_images < 1:
-        parser.error("--num-images must be at least 1")
+    if args.image_size is None:
+        args.image_size = 64 if args.layout == "parquet" else 480
+    if args.num_images < (1 if args.layout == "parquet" else 2):
+        parser.error(f"--num-images must be at least {1 if args.layout == 'parquet' else 2} for --layout {args.layout}")
     if args.image_size < 16:
         parser.error("--image-size must be at least 16")
+    if args.num_workers is not None and args.num_workers < 1:
+        parser.error("--num-workers must be positive")
     return args
 
 
@@ -42,16 +59,17 @@ def main(argv: list[str] | None = None) -> dict:
     """Generate the world; returns the content of `world.json`."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    world = generate_world(args.output_dir, args.num_images, args.seed, args.image_size, args.domain)
+    if args.layout == "coco-karpathy":
+        world = generate_coco_world(
+            args.output_dir, args.num_images, args.seed, args.image_size, args.domain, args.num_workers
+        )
+    else:
+        world = generate_world(args.output_dir, args.num_images, args.seed, args.image_size, args.domain)
     logger.info(
-        "wrote the %s world (seed %d, %d px) to %s: %s images, %d held-out pairs in test_novel",
-        world["domain"],
-        world["seed"],
-        world["image_size"],
-        args.output_dir,
-        world["counts"],
+        "wrote the %s world (%s, seed %d, %d px) to %s: %s images, %d held-out pairs",
+        world["domain"], args.layout, world["seed"], world["image_size"], args.output_dir, world["counts"],
         len(world["held_out_pairs"]),
-    )
+    )  # fmt: skip
     return world
 
 

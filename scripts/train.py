@@ -43,6 +43,7 @@ from modeling_fsgr_pma.data import load_caption_split
 from modeling_fsgr_pma.feature_cache import check_cache_matches, load_feature_cache
 from modeling_fsgr_pma.metrics import TokenizedCiderD
 from modeling_fsgr_pma.processing_fsgr_pma import FsgrPmaProcessor
+from modeling_fsgr_pma.throughput import ThroughputMeter
 from modeling_fsgr_pma.tokenization import train_caption_tokenizer
 from modeling_fsgr_pma.training import (
     CaptionCollator,
@@ -75,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="tokens, BOS and EOS included (default: the model's max_position_embeddings)",
     )
     data.add_argument("--augment", action="store_true", help="random resized crops (not with --feature-cache)")
+    data.add_argument("--num-workers", type=int, default=0, help="data-loader processes decoding images")
     model = parser.add_argument_group("model")
     model.add_argument("--model-config", type=Path, default=Path("configuration/model/tiny.json"))
     model.add_argument("--clip-pretrained", type=str, default=None, help="open_clip tag (e.g. openai) or checkpoint")
@@ -89,6 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--config-overrides", default=None,
         help="model config fields to override, e.g. 'memory_window=50,memory_prior=true' "
         "(PretrainedConfig.update_from_string; applied last)",
+    )
+    model.add_argument(
+        "--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)"
     )
     train = parser.add_argument_group("optimisation")
     train.add_argument("--output-dir", type=Path, required=False)
@@ -133,6 +138,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--scst-samples must be at least 2 (the baseline is the mean of the other samples)")
     if args.feature_cache is not None and not args.feature_cache.is_dir():
         parser.error(f"--feature-cache {args.feature_cache} is not a directory")
+    if args.num_workers < 0:
+        parser.error("--num-workers must be 0 (decode in the training process) or more")
     if args.feature_cache is not None and args.augment:
         parser.error("--augment cannot be used with --feature-cache: the cache holds one fixed view of each image")
     return args
@@ -208,9 +215,10 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(args.seed)
     logger.info(accelerator.state, main_process_only=False)
 
-    # Data
-    train_data = load_caption_split(args.data, args.train_split, args.image_root, args.bad_images)
-    eval_data = load_caption_split(args.data, args.eval_split, args.image_root, args.bad_images)
+    # Data (validated and indexed once by the main process; the others read its cache)
+    with accelerator.main_process_first():
+        train_data = load_caption_split(args.data, args.train_split, args.image_root, args.bad_images)
+        eval_data = load_caption_split(args.data, args.eval_split, args.image_root, args.bad_images)
     if args.eval_max_images is not None:
         eval_data = eval_data.select(range(min(args.eval_max_images, len(eval_data))))
     train_data = train_data.add_column("row", list(range(len(train_data))))
@@ -227,6 +235,8 @@ def main(argv: list[str] | None = None) -> dict:
         model.load_clip_vision_weights(clip.visual.state_dict())
     if codebook is not None:
         model.set_codebook(codebook, concept_names)
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_enable()
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id,
@@ -251,8 +261,9 @@ def main(argv: list[str] | None = None) -> dict:
     train_features = eval_features = None
     if args.feature_cache is not None:
         check_cache_matches(args.feature_cache, config, codebook)
-        train_features = _cached_features(args.feature_cache, args.train_split, list(train_data["image_id"]))
-        eval_features = _cached_features(args.feature_cache, args.eval_split, list(eval_data["image_id"]))
+        # Shards indexed by dataset row: a batch reads its own rows from disk (the page cache), nothing more.
+        train_features = load_feature_cache(args.feature_cache, args.train_split).aligned(list(train_data["image_id"]))
+        eval_features = load_feature_cache(args.feature_cache, args.eval_split).aligned(list(eval_data["image_id"]))
         # The cache replaces the pixels: without the image column, reading a row no longer decodes its image.
         train_data, eval_data = train_data.remove_columns("image"), eval_data.remove_columns("image")
     collator = CaptionCollator(
@@ -261,13 +272,14 @@ def main(argv: list[str] | None = None) -> dict:
     eval_collator = CaptionCollator(processor, max_caption_length, features=eval_features, with_captions=False)
     # Loaders own their generators: creating an iterator (which a resumed run does mid-epoch) would otherwise
     # draw from the global RNG and shift dropout and Gumbel noise away from the uninterrupted run.
+    # Workers are not persistent: each epoch's iterator copies the collator with its new `epoch`.
     train_loader = DataLoader(
         train_data, batch_size=args.batch_size, shuffle=True, collate_fn=collator, drop_last=True,
-        generator=torch.Generator().manual_seed(args.seed),
+        generator=torch.Generator().manual_seed(args.seed), num_workers=args.num_workers,
     )
     eval_loader = DataLoader(
         eval_data, batch_size=args.eval_batch_size, collate_fn=eval_collator,
-        generator=torch.Generator().manual_seed(args.seed),
+        generator=torch.Generator().manual_seed(args.seed), num_workers=args.num_workers,
     )
 
     # Optimisation
@@ -310,6 +322,8 @@ def main(argv: list[str] | None = None) -> dict:
         total=total_steps, initial=global_step, desc="training", disable=not accelerator.is_local_main_process
     )
     model.train()
+    meter = ThroughputMeter(accelerator)
+    images = tokens = 0  # this process's, since the last optimiser step
     while global_step < total_steps:
         epoch, step_in_epoch = divmod(global_step, steps_per_epoch)
         train_loader.set_epoch(epoch)
@@ -321,6 +335,8 @@ def main(argv: list[str] | None = None) -> dict:
             scst = global_step >= args.xe_steps
             if unwrapped.config.use_memory:
                 unwrapped.set_memory_ramp(_memory_ramp(global_step, args))
+            images += len(batch["row"])
+            tokens += int(batch["attention_mask"][:, 1:].sum())  # targets: every token after BOS
             with accelerator.accumulate(model):
                 if scst:
                     for group in optimizer.param_groups:
@@ -350,6 +366,8 @@ def main(argv: list[str] | None = None) -> dict:
             global_step += 1
             progress.update(1)
             logs["lr"] = optimizer.param_groups[0]["lr"]
+            logs.update(meter.step(images, None if scst else tokens))
+            images = tokens = 0
 
             if global_step % args.eval_every == 0 or global_step == total_steps:
                 if unwrapped.config.use_memory:
@@ -375,6 +393,7 @@ def main(argv: list[str] | None = None) -> dict:
                 save_checkpoint(accelerator, args.output_dir, global_step, state)
             if global_step >= total_steps:
                 break
+            meter.restart()
     progress.close()
     accelerator.end_training()
     summary = {"best_cider": best_cider, "history": history, "steps": global_step}
@@ -397,17 +416,6 @@ def _memory_ramp(completed_steps: int, args: argparse.Namespace) -> float:
     if args.memory_ramp_steps == 0:
         return 1.0
     return min(1.0, max(1, completed_steps - args.memory_warmup_steps + 1) / args.memory_ramp_steps)
-
-
-def _cached_features(cache_dir: Path, split: str, image_ids: list[str]) -> dict[str, torch.Tensor]:
-    """The cache's tensors reordered to the dataset's rows."""
-    cached_ids, hidden, labels = load_feature_cache(cache_dir, split)
-    position = {image_id: i for i, image_id in enumerate(cached_ids)}
-    missing = [image_id for image_id in image_ids if image_id not in position]
-    if missing:
-        raise ValueError(f"The feature cache {cache_dir} has no features for {len(missing)} images, e.g. {missing[0]}")
-    order = torch.tensor([position[image_id] for image_id in image_ids])
-    return {"vision_hidden_states": hidden[order], "patch_labels": labels[order]}
 
 
 def save_release(accelerator: Accelerator, model: FsgrPmaForConditionalGeneration, processor, directory: Path) -> None:

@@ -1,4 +1,5 @@
-"""scripts/benchmark.py --quick runs on a tiny config and writes every key (the goals are read from its JSON)."""
+"""scripts/benchmark.py --quick runs on a tiny config and writes every key (the goals are read from its JSON); the
+parts of scripts/benchmark_data.py run on a tiny corpus."""
 
 from __future__ import annotations
 
@@ -34,3 +35,22 @@ def test_memory_macs_ratio_grows_linearly_with_the_prototypes():
     ratio = benchmark.memory_macs_ratio(config)
     doubled = benchmark.memory_macs_ratio(tiny_config(num_prototypes=16, memory_window=8))
     assert ratio > 1 and doubled - 1 == pytest.approx(2 * (ratio - 1))
+
+
+def test_data_benchmark_probes_measure_loading_and_training_from_the_cache(tmp_path):
+    """scripts/benchmark_data.py's parts on a tiny corpus (its full run writes 20,001 JPEGs: a script, not a test)."""
+    benchmark = load_script("benchmark_data")
+    args = benchmark.parse_args(["--corpus", str(tmp_path / "coco"), "--num-images", "8", "--image-size", "32"])
+    corpus = benchmark.ensure_corpus(args)
+    assert corpus["karpathy_images"] == 12 and corpus["corpus_jpegs"] == 18 and corpus["corpus_generation_s"] > 0
+    quarter = json.loads((tmp_path / "coco" / "dataset_coco_quarter.json").read_text())["images"]
+    assert [image["split"] for image in quarter] == ["train", "train", "train", "val", "test"]
+    first = benchmark.probe_load(str(tmp_path / "coco" / "dataset_coco.json"), str(tmp_path / "coco"),
+                                 str(tmp_path / "index"), threads=2)  # fmt: skip
+    assert first["images"] == 12 and first["seconds"] > 0 and first["peak_rss_mib"] > 0
+    config = tiny_config(vocab_size=64, max_position_embeddings=24)
+    config.to_json_file(tmp_path / "model.json")
+    benchmark.write_random_cache(tmp_path / "cache", tmp_path / "model.json", 40)
+    for eager in ("no", "yes"):
+        run = benchmark.probe_cache_train(str(tmp_path / "cache"), str(tmp_path / "model.json"), eager)
+        assert run["images"] == 40 and run["peak_rss_mib"] > 0

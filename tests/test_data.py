@@ -1,22 +1,25 @@
-"""The caption loader: three layouts through one code path, and every kind of bad image."""
+"""The caption loader: five layouts through one code path, every kind of bad image, and the validation cache."""
 
 from __future__ import annotations
 
 import io
 import json
 import logging
+import shutil
 import struct
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+import modeling_fsgr_pma.data as data_module
 from modeling_fsgr_pma.data import BadImageError, decode_image, load_caption_split, to_rgb
-from modeling_fsgr_pma.synthetic import generate_world
+from modeling_fsgr_pma.synthetic import generate_coco_world, generate_world
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **params) -> bytes:
@@ -271,3 +274,132 @@ def test_to_rgb_conversions():
     assert to_rgb(image) is image
     with pytest.raises(BadImageError, match="x: no image data"):
         decode_image({"bytes": None, "path": None}, name="x")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# COCO as users have it: Karpathy's dataset_coco.json and COCO-format image info (nocaps, the test server)
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory) -> Path:
+    """The COCO-shaped synthetic world: 7 train + 3 restval, 2 val, 2 test, 2 test2014, 2 + 2 nocaps images."""
+    directory = tmp_path_factory.mktemp("coco")
+    generate_coco_world(directory, num_images=10, seed=0, image_size=32, num_workers=1)
+    return directory
+
+
+def test_karpathy_json_splits(coco, tmp_path):
+    cache = tmp_path / "cache"
+    train = load_caption_split(coco / "dataset_coco.json", "train", image_root=coco, cache_dir=cache)
+    assert len(train) == 10 and train["image_id"][:3] == ["1", "2", "3"]  # cocoids; restval folded in
+    assert train[0]["image"].size == (43, 32) and train[0]["image"].mode == "RGB"
+    assert len(train[0]["captions"]) >= 5
+    only_train = load_caption_split(coco, "train", image_root=coco, fold_restval=False, cache_dir=cache)
+    assert len(only_train) == 7  # the directory holding dataset_coco.json works as well
+    assert load_caption_split(coco, "validation", image_root=coco, cache_dir=cache)["image_id"][:] == ["11", "12"]
+    assert len(load_caption_split(coco, "restval", image_root=coco, cache_dir=cache)) == 3
+    with pytest.raises(ValueError, match=r"No split 'test_novel'.*\['restval', 'test', 'train', 'val'\]"):
+        load_caption_split(coco, "test_novel", image_root=coco, cache_dir=cache)
+    with pytest.raises(ValueError, match="image_root"):
+        load_caption_split(coco, "test", cache_dir=cache)
+    with pytest.raises(ValueError, match=r"None of the 2 images exists, e\.g\. .*val2014.*--image-root"):
+        load_caption_split(coco, "test", image_root=coco / "nocaps", cache_dir=cache)
+
+
+def test_coco_format_image_info(coco, tmp_path):
+    cache = tmp_path / "cache"
+    nocaps = coco / "nocaps"
+    validation = load_caption_split(
+        nocaps / "nocaps_val_4500_captions.json", "validation", image_root=nocaps / "validation", cache_dir=cache
+    )
+    assert validation.column_names == ["image_id", "image", "captions", "domain"]
+    assert validation["image_id"][:] == ["0", "1"] and validation["domain"][:] == ["in-domain", "out-domain"]
+    assert len(validation[0]["captions"]) >= 5
+    test_file = nocaps / "nocaps_test_image_info.json"
+    with pytest.raises(ValueError, match="Row '0' has no captions"):
+        load_caption_split(test_file, "test", image_root=nocaps / "test", cache_dir=cache)
+    test = load_caption_split(test_file, "test", image_root=nocaps / "test", require_captions=False, cache_dir=cache)
+    assert len(test) == 2 and test["captions"][:] == [[], []]
+    server = load_caption_split(
+        coco / "annotations" / "image_info_test2014.json", "test", image_root=coco / "test2014",
+        require_captions=False, cache_dir=cache,
+    )  # fmt: skip
+    assert server["image_id"][:] == ["15", "16"] and server[1]["image"].mode == "RGB"
+
+
+def test_bad_json_inputs_are_clear_errors(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="neither a dataset directory nor a JSON file"):
+        load_caption_split(tmp_path / "notes.txt", "train")
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_caption_split(tmp_path / "broken.json", "train", image_root=tmp_path)
+    (tmp_path / "other.json").write_text(json.dumps({"images": [{"url": "x"}]}))
+    with pytest.raises(ValueError, match="neither Karpathy's"):
+        load_caption_split(tmp_path / "other.json", "train", image_root=tmp_path)
+    orphan = {"images": [{"id": 1, "file_name": "a.png"}], "annotations": [{"image_id": 9, "caption": "x"}]}
+    (tmp_path / "orphan.json").write_text(json.dumps(orphan))
+    with pytest.raises(ValueError, match="annotations name images not in `images`, e.g. 9"):
+        load_caption_split(tmp_path / "orphan.json", "test", image_root=tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation once, cached by size and modification time
+def count_validations(monkeypatch) -> list[str]:
+    """Record the name of every image the loader decodes to validate it."""
+    validated = []
+    original = data_module._validate
+
+    def recording(item, max_pixels):
+        validated.append(item[1])
+        return original(item, max_pixels)
+
+    monkeypatch.setattr(data_module, "_validate", recording)
+    return validated
+
+
+def test_second_load_validates_nothing_and_a_changed_file_alone(coco, tmp_path, monkeypatch):
+    validated = count_validations(monkeypatch)
+    corpus = tmp_path / "corpus"
+    shutil.copytree(coco, corpus)
+    cache = tmp_path / "cache"
+    first = load_caption_split(corpus, "train", image_root=corpus, cache_dir=cache, num_workers=2)
+    assert len(validated) == 10
+    again = load_caption_split(corpus, "train", image_root=corpus, cache_dir=cache)
+    assert len(validated) == 10  # nothing decoded
+    assert again["image_id"][:] == first["image_id"][:] and again["captions"][:] == first["captions"][:]
+    assert list(again[4]["image"].getdata()) == list(first[4]["image"].getdata())
+    changed = corpus / "train2014" / "COCO_train2014_000000000003.jpg"
+    changed.write_bytes(encode(rgb(40), "JPEG"))  # other size and time: revalidated, alone
+    reloaded = load_caption_split(corpus, "train", image_root=corpus, cache_dir=cache)
+    assert validated[10:] == [f"{changed} (row 3)"] and reloaded[2]["image"].size == (40, 40)
+    changed.write_bytes(b"")  # now bad: skipped, and named again on the next (cached) load
+    assert "3" not in load_caption_split(corpus, "train", image_root=corpus, cache_dir=cache)["image_id"]
+    with pytest.raises(BadImageError, match=r"COCO_train2014_000000000003\.jpg \(row 3\): zero-byte"):
+        load_caption_split(corpus, "train", image_root=corpus, cache_dir=cache, bad_images="error")
+    assert len(validated) == 12
+
+
+def test_index_holds_paths_not_pixels(coco, tmp_path):
+    data = load_caption_split(coco, "train", image_root=coco, cache_dir=tmp_path)
+    images = data.data.column("image")
+    assert pc.all(pc.is_null(pc.struct_field(images, "bytes"))).as_py()  # decoded when a row is read
+    assert data.cache_files and data.cache_files[0]["filename"].startswith(str(tmp_path))  # memory-mapped
+
+
+def test_parquet_layout_reuses_validation_by_row(tmp_path, monkeypatch):
+    validated = count_validations(monkeypatch)
+    generate_world(tmp_path / "world", 4, seed=0)
+    first = load_caption_split(tmp_path / "world", "train", cache_dir=tmp_path / "cache")
+    again = load_caption_split(tmp_path / "world", "train", cache_dir=tmp_path / "cache")
+    assert len(validated) == 4 and again["image_id"][:] == first["image_id"][:]
+    generate_world(tmp_path / "world", 4, seed=1)  # rewritten Parquet: validated again
+    load_caption_split(tmp_path / "world", "train", cache_dir=tmp_path / "cache")
+    assert len(validated) == 8
+
+
+def test_conversions_survive_the_cache(tmp_path):
+    files = {"good.png": encode(rgb()), "rgba.png": encode(Image.new("RGBA", (24, 24), (0, 0, 0, 0)))}
+    folder = write_folder(tmp_path / "folder", files)
+    for _ in range(2):  # built, then from the cache
+        loaded = load_caption_split(folder, "train", cache_dir=tmp_path / "cache")
+        rows = dict(zip(loaded["image_id"], loaded["image"]))
+        assert np.asarray(rows["rgba"]).min() == 255  # to_rgb's white background, not PIL's black

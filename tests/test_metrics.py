@@ -51,6 +51,18 @@ def test_keys_are_pycocoevalcap_names(corpus_result):
     assert corpus_result["tokenizer"] == "PTBTokenizer"
 
 
+def test_a_subset_of_metrics_gives_the_same_values(corpus_result, monkeypatch):
+    def no_java_metric(*args, **kwargs):
+        raise AssertionError("METEOR was computed although not asked for")
+
+    monkeypatch.setattr(metrics, "_meteor_score", no_java_metric)
+    subset = compute_caption_metrics(PREDICTIONS, REFERENCES, names=("CIDEr", "Bleu_2"))
+    assert set(subset) == {"CIDEr", "Bleu_2", "skipped", "tokenizer"}
+    assert subset["CIDEr"] == corpus_result["CIDEr"] and subset["Bleu_2"] == corpus_result["Bleu_2"]
+    with pytest.raises(ValueError, match="Unknown metrics"):
+        compute_caption_metrics(PREDICTIONS, REFERENCES, names=("CIDEr-D",))
+
+
 def test_bleu_1_matches_hand_computation(corpus_result):
     assert corpus_result["Bleu_1"] == pytest.approx(BLEU_1, rel=1e-6)
     assert 0 < corpus_result["Bleu_4"] <= corpus_result["Bleu_1"]

@@ -82,7 +82,8 @@ def test_gradient_checkpointing_gives_same_loss_and_gradients():
         loss = model(pixel_values=pixel_values, input_ids=ids, labels=ids).loss
         loss.backward()
         losses.append(loss.detach())
-        grads.append(model.decoder.layers[0].self_attn.qkv_proj.weight.grad.clone())
+        lora = [p for n, p in model.encoder.tower.named_parameters() if "lora_B" in n]  # the checkpointed blocks
+        grads.append([model.decoder.layers[0].self_attn.qkv_proj.weight.grad.clone(), *(p.grad for p in lora)])
     torch.testing.assert_close(losses[0], losses[1])
     torch.testing.assert_close(grads[0], grads[1])
 

@@ -49,7 +49,8 @@ def workspace(tmp_path_factory) -> dict[str, Path]:
     load_script("extract_features").main(
         ["--model-config", str(model_config), "--clip-pretrained", str(paths["clip"]),
          "--codebook", str(paths["codebook"]), "--data", str(paths["data"]),
-         "--splits", "train", "validation", "--output-dir", str(paths["features"]), "--batch-size", "16"]
+         "--splits", "train", "validation", "--output-dir", str(paths["features"]), "--batch-size", "16",
+         "--num-workers", "0"]
     )  # fmt: skip
     return paths
 
@@ -131,8 +132,9 @@ def _cached_model(workspace) -> tuple[FsgrPmaForConditionalGeneration, FsgrPmaCo
 def test_cached_features_give_the_same_logits(workspace):
     model, config = _cached_model(workspace)
     data = load_caption_split(workspace["data"], "validation")
-    image_ids, hidden, labels = load_feature_cache(workspace["features"], "validation")
-    assert image_ids == list(data["image_id"])
+    cache = load_feature_cache(workspace["features"], "validation")
+    hidden, labels = cache.read(range(len(cache)))
+    assert cache.image_ids == list(data["image_id"])
     assert hidden.dtype == torch.float16 and hidden.shape == (len(data), 1 + config.num_patches, config.vision_width)
     assert labels.dtype == torch.int64 and labels.shape == (len(data), config.num_patches)
     assert int(labels.min()) >= 0 and int(labels.max()) < config.num_concepts
@@ -178,3 +180,23 @@ def test_train_from_the_feature_cache_never_reads_an_image(workspace, tmp_path, 
          "--num-beams", "1", "--xe-steps", "3", "--scst-steps", "1", "--scst-samples", "2", "--eval-every", "4"]
     )  # fmt: skip
     assert summary["steps"] == 4 and summary["history"]
+
+
+@torch.no_grad()
+def test_clip_pretrained_file_for_the_vit_b16_preset(tmp_path):
+    """`--clip-pretrained FILE` with an open_clip ViT-B/16 checkpoint (fp16 safetensors, as open_clip's Hub copies of
+    OpenAI's weights are stored): every weight arrives, and the captioner's tower computes what open_clip's does."""
+    from safetensors.torch import save_file
+
+    config = FsgrPmaConfig.from_json_file(Path(__file__).resolve().parents[1] / "configuration/model/vit-b16.json")
+    torch.manual_seed(0)
+    written = build_clip(config.clip_config)
+    checkpoint = tmp_path / "open_clip_vit_b16.safetensors"
+    save_file({name: tensor.half().contiguous() for name, tensor in written.state_dict().items()}, str(checkpoint))
+    clip = load_pretrained_clip(config.clip_config, config.clip_model_name, str(checkpoint))
+    for name, tensor in written.state_dict().items():
+        torch.testing.assert_close(clip.state_dict()[name], tensor.half().float(), msg=name)
+    model = FsgrPmaForConditionalGeneration(config).eval()
+    model.load_clip_vision_weights(clip.visual.state_dict())
+    pixels = torch.randn(1, 3, 224, 224)
+    torch.testing.assert_close(model.encoder.tower.visual(pixels), clip.visual(pixels))  # LoRA starts as identity

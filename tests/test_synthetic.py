@@ -15,6 +15,7 @@ from conftest import load_script
 from modeling_fsgr_pma.synthetic import (
     DOMAINS,
     SPLITS,
+    coco_split_sizes,
     concept_vocabulary,
     domain_spec,
     patch_objects,
@@ -208,3 +209,67 @@ def test_make_synthetic_script(tmp_path):
     assert json.loads((tmp_path / "world.json").read_text())["counts"]["train"] == 3
     with pytest.raises(SystemExit):
         make_synthetic.parse_args(["--output-dir", str(tmp_path), "--num-images", "0"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The COCO-shaped world
+@pytest.fixture(scope="module")
+def coco_world(tmp_path_factory) -> Path:
+    """10 Karpathy training images (7 train + 3 restval) and 2 in every evaluation part, short side 48."""
+    directory = tmp_path_factory.mktemp("coco_world")
+    make_synthetic.main(
+        ["--layout", "coco-karpathy", "--output-dir", str(directory), "--num-images", "10", "--image-size", "48",
+         "--num-workers", "2"]
+    )  # fmt: skip
+    return directory
+
+
+def test_coco_world_has_karpathy_json_and_jpeg_folders(coco_world):
+    images = json.loads((coco_world / "dataset_coco.json").read_text())["images"]
+    assert [image["split"] for image in images] == ["train"] * 7 + ["restval"] * 3 + ["val"] * 2 + ["test"] * 2
+    assert len({image["cocoid"] for image in images}) == len(images)
+    for image in images:
+        assert set(image) >= {"filepath", "filename", "cocoid", "split", "sentences", "imgid", "sentids"}
+        assert image["filepath"] == ("train2014" if image["split"] == "train" else "val2014")
+        assert image["filename"] == f"COCO_{image['filepath']}_{image['cocoid']:012d}.jpg"
+        assert len(image["sentences"]) >= 5 and all(s["raw"] and s["tokens"] for s in image["sentences"])
+        picture = Image.open(coco_world / image["filepath"] / image["filename"])
+        assert picture.format == "JPEG" and picture.mode == "RGB"
+        assert picture.size == ((48, 64) if image["cocoid"] % 4 == 0 else (64, 48))  # 4:3, every fourth portrait
+
+
+def test_coco_world_test_server_and_nocaps_files(coco_world):
+    val2014 = json.loads((coco_world / "annotations" / "captions_val2014.json").read_text())
+    assert [image["id"] for image in val2014["images"]] == list(range(8, 15))  # restval, val and test
+    assert {a["image_id"] for a in val2014["annotations"]} == set(range(8, 15))
+    test2014 = json.loads((coco_world / "annotations" / "image_info_test2014.json").read_text())
+    assert "annotations" not in test2014 and len(test2014["images"]) == 2
+    assert all((coco_world / "test2014" / image["file_name"]).is_file() for image in test2014["images"])
+    validation = json.loads((coco_world / "nocaps" / "nocaps_val_4500_captions.json").read_text())
+    assert [image["id"] for image in validation["images"]] == [0, 1]
+    assert [image["domain"] for image in validation["images"]] == ["in-domain", "out-domain"]
+    assert {a["image_id"] for a in validation["annotations"]} == {0, 1}
+    test = json.loads((coco_world / "nocaps" / "nocaps_test_image_info.json").read_text())
+    assert "annotations" not in test
+    assert all((coco_world / "nocaps" / "test" / image["file_name"]).is_file() for image in test["images"])
+    held_out = set(domain_spec("synthetic").held_out_pairs())
+    by_id = {a["image_id"]: a["caption"] for a in validation["annotations"]}
+    assert {m for m in mentioned_objects(by_id[1]) if m[0]} & held_out  # out-domain: a held-out pair
+    assert not {m for m in mentioned_objects(by_id[0]) if m[0]} & held_out
+
+
+def test_coco_world_is_the_same_with_one_worker(coco_world, tmp_path):
+    make_synthetic.main(["--layout", "coco-karpathy", "--output-dir", str(tmp_path), "--num-images", "10",
+                         "--image-size", "48", "--num-workers", "1"])  # fmt: skip
+    assert (tmp_path / "dataset_coco.json").read_text() == (coco_world / "dataset_coco.json").read_text()
+    for name in ("train2014/COCO_train2014_000000000001.jpg", "test2014/COCO_test2014_000000000015.jpg"):
+        assert (tmp_path / name).read_bytes() == (coco_world / name).read_bytes()
+
+
+def test_coco_split_sizes_follow_coco():
+    sizes = coco_split_sizes(1000)
+    assert sizes["train"] + sizes["restval"] == 1000 and sizes["restval"] == 270
+    assert all(sizes[part] == 100 for part in ("val", "test", "test2014", "nocaps_val", "nocaps_test"))
+    with pytest.raises(ValueError, match="at least 2"):
+        coco_split_sizes(1)
+    assert make_synthetic.parse_args(["--output-dir", "x", "--layout", "coco-karpathy"]).image_size == 480
