@@ -243,8 +243,10 @@ def test_memory_attention_is_one_softmax_over_sequence_and_prototypes(num_protot
     padding = torch.ones(2, 5, dtype=torch.bool)
     padding[1, :2] = False  # left padding
     mask = model.decoder.causal_mask(padding, 5)  # (B, 1, T, S)
+    out_fast, _ = attention(x, mask)  # SDPA, the default
+    model.set_attn_implementation("eager")  # the implementation that returns the weights
     out, weights = attention(x, mask, output_attentions=True)
-    out_fast, _ = attention(x, mask)
+    model.set_attn_implementation("sdpa")
     expected, expected_weights = _paper_memory_attention(attention, x, mask)
     torch.testing.assert_close(weights, expected_weights)
     torch.testing.assert_close(out, expected)
@@ -379,6 +381,7 @@ def test_generation_stops_at_eos():
 
 def test_cross_attention_and_concept_outputs_for_visualisation(model_with_memory):
     config = model_with_memory.config
+    model_with_memory.set_attn_implementation("eager")  # the implementation that returns the weights
     pixel_values, _ = random_batch(config, batch=1)
     out = _generate(
         model_with_memory, pixel_values, output_attentions=True, return_dict_in_generate=True, max_new_tokens=4
