@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from open_clip.model import _build_vision_tower
 from open_clip.pos_embed import get_2d_sincos_pos_embed
-from open_clip.transformer import LayerScale, ResidualAttentionBlock, VisionTransformer
+from open_clip.transformer import LayerScale, VisionTransformer
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
+from peft.tuners.lora.layer import MultiheadAttention as LoraMultiheadAttention
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
@@ -297,6 +298,42 @@ class FsgrPmaCrossAttention(nn.Module):
 # ==============================================================================================================
 # Vision tower: open_clip ViT with LoRA, deep prompts and MaskCLIP dense embeddings
 # ==============================================================================================================
+class FsgrPmaLoraMultiheadAttention(LoraMultiheadAttention):
+    """PEFT's LoRA `nn.MultiheadAttention` (same modules and state-dict names), made traceable.
+
+    PEFT's forward writes W + ΔW into the wrapped module at every call and restores it after (deleting and
+    re-registering the parameters), and re-registers them again whenever the modules are listed; under `torch.export`
+    (which lists them with its fake tensors swapped in) that leaves fake tensors in the model. Here the adapted
+    weights are passed to the base module functionally (`torch.func.functional_call`), and parameters are
+    re-registered only after PEFT's own merge or unmerge. The weights are exactly PEFT's (0.21): W_in + ΔW_in, and
+    W_out + 2 ΔW_out, because PEFT's forward and merge add the output projection's delta a second time through the
+    wrapped `lora.Linear`'s own merge, an in-place write that autograd does not see (its gradient is that of one
+    ΔW_out). Matching it keeps outputs, gradients and LoRA-merged checkpoints what PEFT gives.
+    Source: https://github.com/huggingface/peft/blob/main/src/peft/tuners/lora/layer.py (MultiheadAttention).
+    """
+
+    def forward(self, query: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        adapters = [name for name in self.active_adapters if name in self.lora_A]
+        if self.disable_adapters or self.merged or not adapters:
+            return super().forward(query, *args, **kwargs)
+        base = self.get_base_layer()  # nn.MultiheadAttention
+        out_proj = base.out_proj  # PEFT lora.Linear
+        in_weight, out_weight = base.in_proj_weight, out_proj.get_base_layer().weight
+        for name in adapters:
+            in_weight = in_weight + self.get_delta_weight(name).to(in_weight.dtype)  # (3 d_v, d_v)
+            out_delta = out_proj.get_delta_weight(name).to(out_weight.dtype)  # (d_v, d_v)
+            out_weight = out_weight + out_delta + out_delta.detach()
+        adapted = {"in_proj_weight": in_weight, "out_proj.base_layer.weight": out_weight}
+        result = torch.func.functional_call(base, adapted, (query, *args), kwargs)
+        return result[0].to(query.dtype), (result[1].to(query.dtype) if result[1] is not None else None)
+
+    def _restore_weights(self) -> None:
+        base = self.get_base_layer()
+        weights = (base.in_proj_weight, base.out_proj.get_base_layer().weight)
+        if not all(isinstance(weight, nn.Parameter) for weight in weights):  # after PEFT's merge or unmerge
+            super()._restore_weights()
+
+
 class FsgrPmaVisionTower(nn.Module):
     """The open_clip ViT, run block by block so that the frozen prefix can be cached and prompts inserted.
 
@@ -333,40 +370,6 @@ class FsgrPmaVisionTower(nn.Module):
         x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)  # (B, 1 + n, d_v)
         return visual.ln_pre(x)
 
-    @staticmethod
-    def run_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """One open_clip `ResidualAttentionBlock` on `(B, L, d_v)` tokens.
-
-        When the block's attention carries active, unmerged LoRA adapters, the adapted weights are handed to its
-        `nn.MultiheadAttention` functionally (`torch.func.functional_call`). PEFT's LoRA `MultiheadAttention` writes
-        them into the module at every call instead (deleting and re-registering the parameters, then subtracting the
-        deltas again), which `torch.export` and `torch.compile` cannot trace. The weights are exactly PEFT's (0.21):
-        W_in + ΔW_in, and W_out + 2 ΔW_out, because PEFT's forward and merge add the output projection's delta a
-        second time through the wrapped `lora.Linear`'s own merge, an in-place write that autograd does not see (so
-        its gradient is that of one ΔW_out). Matching it keeps outputs, gradients and LoRA-merged checkpoints as PEFT
-        gives them.
-        Source: https://github.com/huggingface/peft/blob/main/src/peft/tuners/lora/layer.py (MultiheadAttention).
-        """
-        attn = block.attn
-        if (
-            not isinstance(block, ResidualAttentionBlock)
-            or not isinstance(attn, BaseTunerLayer)
-            or attn.merged
-            or attn.disable_adapters
-        ):
-            return block(x)
-        base, out_proj = attn.get_base_layer(), attn.get_base_layer().out_proj  # MHA, PEFT lora.Linear
-        in_weight, out_weight = base.in_proj_weight, out_proj.get_base_layer().weight
-        for name in [name for name in attn.active_adapters if name in attn.lora_A]:
-            in_weight = in_weight + attn.get_delta_weight(name).to(in_weight.dtype)  # (3 d_v, d_v)
-            out_delta = out_proj.get_delta_weight(name).to(out_weight.dtype)  # (d_v, d_v)
-            out_weight = out_weight + out_delta + out_delta.detach()
-        adapted = {"in_proj_weight": in_weight, "out_proj.base_layer.weight": out_weight}
-        normed = block.ln_1(x)
-        attended = torch.func.functional_call(base, adapted, (normed, normed, normed), {"need_weights": False})[0]
-        x = x + block.ls_1(attended)  # (B, L, d_v)
-        return x + block.ls_2(block.mlp(block.ln_2(x)))
-
     def frozen_prefix(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Output of the frozen blocks below `lora_first_block`, `(B, 1 + n, d_v)`; what the feature cache stores."""
         x = self.embed(pixel_values)
@@ -388,7 +391,7 @@ class FsgrPmaVisionTower(nn.Module):
                 rest = x[:, 1 + n_prompts :] if i else x[:, 1:]  # drop the previous block's prompts
                 x = torch.cat([x[:, :1], prompt, rest], dim=1)  # (B, 1 + P + n, d_v)
             last_input = x
-            x = self.run_block(block, x)
+            x = block(x)
         return torch.cat([x[:, :1], x[:, 1 + n_prompts :]], dim=1), last_input
 
     def dense_embeddings(self, last_input: torch.Tensor, n_patches: int) -> torch.Tensor:
@@ -400,7 +403,7 @@ class FsgrPmaVisionTower(nn.Module):
         """
         patches = last_input[:, -n_patches:]  # (B, n, d_v)
         batch, _, width = patches.shape
-        x = self.run_block(self.blocks[-1], patches.reshape(batch * n_patches, 1, width))  # (B * n, 1, d_v)
+        x = self.blocks[-1](patches.reshape(batch * n_patches, 1, width))  # (B * n, 1, d_v)
         return self.visual.ln_post(x.view(batch, n_patches, width)) @ self.visual.proj  # (B, n, d_clip)
 
     def set_adapters_enabled(self, enabled: bool) -> None:
@@ -1285,12 +1288,14 @@ class FsgrPmaForConditionalGeneration(FsgrPmaPreTrainedModel, GenerationMixin):
         config = self.config
         blocks = "|".join(str(i) for i in range(config.lora_first_block, config.vision_layers))
         names = "|".join(name.replace(".", r"\.") for name in config.lora_target_modules)
-        return LoraConfig(
+        lora_config = LoraConfig(
             r=config.lora_rank,
             lora_alpha=config.lora_alpha,
             lora_dropout=config.lora_dropout,
             target_modules=rf"transformer\.resblocks\.({blocks})\.({names})",
         )
+        lora_config._register_custom_module({nn.MultiheadAttention: FsgrPmaLoraMultiheadAttention})
+        return lora_config
 
     def merge_encoder_lora(self) -> None:
         """Fold the tower's LoRA deltas into its weights and drop the adapters (`config.lora_merged = True`).
