@@ -1178,13 +1178,16 @@ class FsgrPmaPreTrainedModel(PreTrainedModel):
             else:  # fixed 2-D sine-cosine positions
                 positions = get_2d_sincos_pos_embed(width, config.grid_size, cls_token=True)  # (1 + n, d_v)
                 init.copy_(module.positional_embedding, torch.from_numpy(positions).float())
+            # LoRA's init (PEFT `init_lora_weights=True`): A like nn.Linear's default, B zero, so that the adapters start
+            # at 0. Done here, after the blocks: transformers skips remote-code modules without parameters of their own,
+            # such as PEFT's LoRA layers.
+            for layer in module.modules():
+                if isinstance(layer, LoraLayer):
+                    for name in layer.lora_A:
+                        init.kaiming_uniform_(layer.lora_A[name].weight, a=math.sqrt(5))
+                        init.zeros_(layer.lora_B[name].weight)
         elif isinstance(module, LayerScale):
             init.constant_(module.gamma, config.vision_cfg["ls_init_value"])
-        elif isinstance(module, LoraLayer):
-            # LoRA's init (PEFT `init_lora_weights=True`): A like nn.Linear's default, B zero, so the adapter starts at 0
-            for name in module.lora_A:
-                init.kaiming_uniform_(module.lora_A[name].weight, a=math.sqrt(5))
-                init.zeros_(module.lora_B[name].weight)
         elif isinstance(module, FsgrPmaVisionTower) and module.prompts is not None:
             init.normal_(module.prompts, std=std)
         elif isinstance(module, FsgrPmaConceptCodebook):
