@@ -90,6 +90,31 @@ class FsgrPmaEncoderOutput(ModelOutput):
 
 
 @dataclass
+class FsgrPmaModelOutput(ModelOutput):
+    """Output of [`FsgrPmaModel`] (the fields of transformers' `Seq2SeqModelOutput`, then ours).
+
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(B, T, hidden_size)`): the decoder's final hidden states.
+        past_key_values, decoder_hidden_states, decoder_attentions, cross_attentions, encoder_last_hidden_state,
+        encoder_hidden_states, encoder_attentions, patch_concepts: as in [`FsgrPmaOutput`].
+        supcon_features (`torch.FloatTensor` of shape `(B, n_patches, supcon_dim)`), patch_labels
+            (`torch.LongTensor` of shape `(B, n_patches)`): the SupCon head's features and pseudo-labels (training).
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    decoder_attentions: tuple[torch.FloatTensor, ...] | None = None
+    cross_attentions: tuple[torch.FloatTensor, ...] | None = None
+    encoder_last_hidden_state: torch.FloatTensor | None = None
+    encoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    encoder_attentions: tuple[torch.FloatTensor, ...] | None = None
+    patch_concepts: torch.LongTensor | None = None
+    supcon_features: torch.FloatTensor | None = None
+    patch_labels: torch.LongTensor | None = None
+
+
+@dataclass
 class FsgrPmaOutput(ModelOutput):
     """Output of [`FsgrPmaForConditionalGeneration`] (the fields of transformers' `Seq2SeqLMOutput`, then ours).
 
@@ -1159,12 +1184,6 @@ class FsgrPmaPreTrainedModel(PreTrainedModel):
         never overwrite a loaded tensor. Besides transformers' defaults: open_clip's init of the ViT's own parameters,
         LoRA's (A as `nn.Linear`, B zero), and the buffers' initial values (placeholder codebook, empty memory).
         """
-        if isinstance(module, (nn.MultiheadAttention, nn.modules.linear.NonDynamicallyQuantizableLinear)) and any(
-            getattr(tensor, "_is_hf_initialized", False) for tensor in module.parameters(recurse=False)
-        ):
-            # Loaded. PEFT's LoRA MultiheadAttention re-registers its two weights as new Parameters whenever its modules
-            # are listed, which drops their "loaded" flag; the biases keep it.
-            return
         super()._init_weights(module)  # Linear, Conv2d, Embedding, norms, and nn.MultiheadAttention's own init
         config = self.config
         std = config.initializer_range
@@ -1201,56 +1220,6 @@ class FsgrPmaPreTrainedModel(PreTrainedModel):
             if config.memory_prior:
                 init.constant_(module.prototype_log_prior, -math.log(config.num_prototypes))
 
-
-class FsgrPmaForConditionalGeneration(FsgrPmaPreTrainedModel, GenerationMixin):
-    """FSGR-PMA captioner: FSGR image encoder + PMA-Net decoder with a tied LM head.
-
-    Example:
-        ```python
-        >>> config = FsgrPmaConfig.from_json_file("configuration/model/tiny.json")
-        >>> model = FsgrPmaForConditionalGeneration(config)
-        >>> out = model(pixel_values=px, input_ids=ids, labels=ids)  # out.loss, out.logits
-        >>> captions = model.generate(pixel_values=px, num_beams=3, max_new_tokens=20)
-        ```
-    """
-
-    _tied_weights_keys = {"lm_head.weight": "decoder.embed_tokens.weight"}
-
-    def __init__(self, config: FsgrPmaConfig):
-        super().__init__(config)
-        self.encoder = FsgrPmaEncoder(config)
-        self.encoder.tower.visual.requires_grad_(False)  # the CLIP tower is frozen; LoRA and prompts train
-        if config.lora_rank > 0 and not config.lora_merged:
-            inject_adapter_in_model(self.encoder_lora_config(), self.encoder.tower.visual)
-        self.decoder = FsgrPmaDecoder(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
-
-    # -- HF plumbing --------------------------------------------------------------------------------------------
-    def get_encoder(self, modality: str | None = None) -> nn.Module:
-        """The FSGR image encoder, for `modality` None (the encoder `generate` runs) or `"image"`.
-
-        Other modalities follow `PreTrainedModel.get_encoder`: the model has none, so it returns itself.
-        """
-        if modality in (None, "image"):
-            return self.encoder
-        return super().get_encoder(modality=modality)
-
-    def get_decoder(self) -> FsgrPmaDecoder:
-        return self.decoder
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.decoder.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.decoder.embed_tokens = value
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.lm_head = value
-
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """`PreTrainedModel.from_pretrained`, refusing a checkpoint that lacks any weight or buffer.
@@ -1278,14 +1247,49 @@ class FsgrPmaForConditionalGeneration(FsgrPmaPreTrainedModel, GenerationMixin):
             layer._is_ready()  # read the loaded flag now, so that a compiled or exported forward sees the memory
         return (model, info) if want_info else model
 
-    def save_pretrained(self, *args, **kwargs):
-        """`PreTrainedModel.save_pretrained`; `auto_map` also names this class for `AutoModelForImageTextToText`."""
-        auto_map = dict(getattr(self.config, "auto_map", None) or {})
-        auto_map["AutoModelForImageTextToText"] = f"modeling_fsgr_pma.{type(self).__name__}"
-        self.config.auto_map = auto_map
-        return super().save_pretrained(*args, **kwargs)
+    def memory_layers(self) -> list[FsgrPmaPrototypeMemoryAttention]:
+        return [layer.self_attn for layer in self.decoder.layers if layer.self_attn.memory_enabled]
 
-    # -- model-owned policy ---------------------------------------------------------------------------------------
+    def new_cache(self) -> FsgrPmaCache:
+        # Layers are added as they are first written (every layer is full attention): `DynamicCache(config=...)`
+        # would deep-copy the config to find the layer types, at every `generate` call.
+        return FsgrPmaCache(DynamicCache(), DynamicCache())
+
+
+class FsgrPmaModel(FsgrPmaPreTrainedModel):
+    """The bare FSGR-PMA model: the FSGR image encoder and the PMA-Net decoder, without the LM head.
+
+    Returns the decoder's final hidden states ([`FsgrPmaModelOutput`]); [`FsgrPmaForConditionalGeneration`] holds one
+    as `model` (its `base_model`) and adds the tied LM head and the loss.
+    """
+
+    def __init__(self, config: FsgrPmaConfig):
+        super().__init__(config)
+        self.encoder = FsgrPmaEncoder(config)
+        self.encoder.tower.visual.requires_grad_(False)  # the CLIP tower is frozen; LoRA and prompts train
+        if config.lora_rank > 0 and not config.lora_merged:
+            inject_adapter_in_model(self.encoder_lora_config(), self.encoder.tower.visual)
+        self.decoder = FsgrPmaDecoder(config)
+        self.post_init()
+
+    def get_encoder(self, modality: str | None = None) -> nn.Module:
+        """The FSGR image encoder, for `modality` None (the encoder `generate` runs) or `"image"`.
+
+        Other modalities follow `PreTrainedModel.get_encoder`: the model has none, so it returns itself.
+        """
+        if modality in (None, "image"):
+            return self.encoder
+        return super().get_encoder(modality=modality)
+
+    def get_decoder(self) -> FsgrPmaDecoder:
+        return self.decoder
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.decoder.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.decoder.embed_tokens = value
+
     def encoder_lora_config(self) -> LoraConfig:
         """PEFT `LoraConfig` for the vision blocks from `lora_first_block` up."""
         config = self.config
@@ -1300,6 +1304,146 @@ class FsgrPmaForConditionalGeneration(FsgrPmaPreTrainedModel, GenerationMixin):
         lora_config._register_custom_module({nn.MultiheadAttention: FsgrPmaLoraMultiheadAttention})
         return lora_config
 
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        encoder_outputs: FsgrPmaEncoderOutput | None = None,
+        past_key_values: Cache | None = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        vision_hidden_states: torch.Tensor | None = None,
+        patch_labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> FsgrPmaModelOutput | tuple:
+        """Encode the images and decode the captions; the arguments are [`FsgrPmaForConditionalGeneration.forward`]'s
+        without `labels`."""
+        decoder_input_ids = decoder_input_ids if decoder_input_ids is not None else input_ids
+        decoder_attention_mask = decoder_attention_mask if decoder_attention_mask is not None else attention_mask
+        if decoder_input_ids is None:
+            raise ValueError("Pass caption tokens as `input_ids` / `decoder_input_ids` (or `labels`)")
+        config = self.config
+        vocab = config.vocab_size
+        outside = (decoder_input_ids < 0) | (decoder_input_ids >= vocab)  # (B, T)
+        # a check that torch.compile / torch.export can trace (no data-dependent Python branch)
+        torch_compilable_check(
+            ~outside.any(),
+            lambda: f"input_ids contain token id {decoder_input_ids[outside][0].item()}, outside the vocabulary "
+            f"[0, {vocab})",
+        )
+        use_cache = use_cache if use_cache is not None else (not self.training and config.use_cache)
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+
+        if encoder_outputs is None:
+            encoder_outputs = self.encoder(
+                pixel_values=pixel_values,
+                vision_hidden_states=vision_hidden_states,
+                patch_labels=patch_labels,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+            )
+        if use_cache and past_key_values is None:
+            past_key_values = self.new_cache()
+        if not use_cache:
+            past_key_values = None
+
+        hidden_states, all_hidden, all_self, all_cross = self.decoder(
+            decoder_input_ids,
+            encoder_outputs.last_hidden_state,
+            decoder_attention_mask,
+            past_key_values,
+            output_attentions,
+            output_hidden_states,
+        )
+        if self.training:
+            for layer in self.memory_layers():
+                layer.commit_to_bank()
+        return FsgrPmaModelOutput(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values,
+            decoder_hidden_states=all_hidden,
+            decoder_attentions=all_self,
+            cross_attentions=all_cross,
+            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
+            encoder_hidden_states=encoder_outputs.hidden_states,
+            encoder_attentions=encoder_outputs.attentions,
+            patch_concepts=encoder_outputs.patch_concepts,
+            supcon_features=encoder_outputs.supcon_features,
+            patch_labels=encoder_outputs.patch_labels,
+        )
+
+
+def _add_base_model_prefix(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """`load_state_dict` pre-hook: a state dict saved before [`FsgrPmaModel`] existed names `encoder.*` and `decoder.*`
+    what is now `model.encoder.*` and `model.decoder.*` (training checkpoints; `from_pretrained` maps these keys
+    itself through `base_model_prefix`)."""
+    for key in [key for key in state_dict if key.startswith((prefix + "encoder.", prefix + "decoder."))]:
+        state_dict[prefix + "model." + key[len(prefix) :]] = state_dict.pop(key)
+
+
+class FsgrPmaForConditionalGeneration(FsgrPmaPreTrainedModel, GenerationMixin):
+    """FSGR-PMA captioner: [`FsgrPmaModel`] (FSGR image encoder + PMA-Net decoder) with a tied LM head.
+
+    Example:
+        ```python
+        >>> config = FsgrPmaConfig.from_json_file("configuration/model/tiny.json")
+        >>> model = FsgrPmaForConditionalGeneration(config)
+        >>> out = model(pixel_values=px, input_ids=ids, labels=ids)  # out.loss, out.logits
+        >>> captions = model.generate(pixel_values=px, num_beams=3, max_new_tokens=20)
+        ```
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.decoder.embed_tokens.weight"}
+
+    def __init__(self, config: FsgrPmaConfig):
+        super().__init__(config)
+        self.model = FsgrPmaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.register_load_state_dict_pre_hook(_add_base_model_prefix)
+        self.post_init()
+
+    @property
+    def encoder(self) -> FsgrPmaEncoder:
+        return self.model.encoder
+
+    @property
+    def decoder(self) -> FsgrPmaDecoder:
+        return self.model.decoder
+
+    # -- HF plumbing --------------------------------------------------------------------------------------------
+    def get_encoder(self, modality: str | None = None) -> nn.Module:
+        """The FSGR image encoder, for `modality` None (the encoder `generate` runs) or `"image"`; else the model."""
+        return self.model.get_encoder(modality) if modality in (None, "image") else super().get_encoder(modality)
+
+    def get_decoder(self) -> FsgrPmaDecoder:
+        return self.model.decoder
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def save_pretrained(self, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`; `auto_map` also names this class for `AutoModelForImageTextToText`."""
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        auto_map["AutoModelForImageTextToText"] = f"modeling_fsgr_pma.{type(self).__name__}"
+        self.config.auto_map = auto_map
+        return super().save_pretrained(*args, **kwargs)
+
+    # -- model-owned policy ---------------------------------------------------------------------------------------
     def merge_encoder_lora(self) -> None:
         """Fold the tower's LoRA deltas into its weights and drop the adapters (`config.lora_merged = True`).
 
@@ -1343,9 +1487,6 @@ class FsgrPmaForConditionalGeneration(FsgrPmaPreTrainedModel, GenerationMixin):
             self.config.concept_names = list(concept_names)
         buffer = self.encoder.codebook.embeddings
         buffer.copy_(F.normalize(embeddings.float(), dim=-1).to(buffer))
-
-    def memory_layers(self) -> list[FsgrPmaPrototypeMemoryAttention]:
-        return [layer.self_attn for layer in self.decoder.layers if layer.self_attn.memory_enabled]
 
     @torch.no_grad()
     def refresh_memory(self, seed: int, backend: str = "auto") -> None:
@@ -1417,76 +1558,43 @@ class FsgrPmaForConditionalGeneration(FsgrPmaPreTrainedModel, GenerationMixin):
         decoder_attention_mask = decoder_attention_mask if decoder_attention_mask is not None else attention_mask
         if decoder_input_ids is None and labels is not None:
             decoder_input_ids = labels.masked_fill(labels == -100, self.config.pad_token_id)
-        if decoder_input_ids is None:
-            raise ValueError("Pass caption tokens as `input_ids` / `decoder_input_ids` (or `labels`)")
-        config = self.config
-        vocab = config.vocab_size
-        outside = (decoder_input_ids < 0) | (decoder_input_ids >= vocab)  # (B, T)
-        # a check that torch.compile / torch.export can trace (no data-dependent Python branch)
-        torch_compilable_check(
-            ~outside.any(),
-            lambda: f"input_ids contain token id {decoder_input_ids[outside][0].item()}, outside the vocabulary "
-            f"[0, {vocab})",
+        outputs = self.model(
+            pixel_values=pixel_values,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            encoder_outputs=encoder_outputs,
+            past_key_values=past_key_values,
+            vision_hidden_states=vision_hidden_states,
+            patch_labels=patch_labels,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
-        use_cache = use_cache if use_cache is not None else (not self.training and config.use_cache)
-        output_attentions = config.output_attentions if output_attentions is None else output_attentions
-        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
-
-        if encoder_outputs is None:
-            encoder_outputs = self.encoder(
-                pixel_values=pixel_values,
-                vision_hidden_states=vision_hidden_states,
-                patch_labels=patch_labels,
-                output_attentions=output_attentions,
-                output_hidden_states=output_hidden_states,
-            )
-        if use_cache and past_key_values is None:
-            past_key_values = self.new_cache()
-        if not use_cache:
-            past_key_values = None
-
-        hidden_states, all_hidden, all_self, all_cross = self.decoder(
-            decoder_input_ids,
-            encoder_outputs.last_hidden_state,
-            decoder_attention_mask,
-            past_key_values,
-            output_attentions,
-            output_hidden_states,
-        )
-        logits = self.lm_head(hidden_states)  # (B, T, V)
-        if self.training:
-            for layer in self.memory_layers():
-                layer.commit_to_bank()
+        logits = self.lm_head(outputs.last_hidden_state)  # (B, T, V)
 
         loss = xe_loss = contrastive = None
         if labels is not None:
             xe_loss = self.caption_loss(logits, labels, decoder_attention_mask)
             loss = xe_loss
-            if encoder_outputs.supcon_features is not None and encoder_outputs.patch_labels is not None:
-                features = encoder_outputs.supcon_features.flatten(0, 1)  # (B * n, supcon_dim)
-                contrastive = supcon_loss(
-                    features, encoder_outputs.patch_labels.flatten(), self.config.supcon_temperature
-                )
+            if outputs.supcon_features is not None and outputs.patch_labels is not None:
+                features = outputs.supcon_features.flatten(0, 1)  # (B * n, supcon_dim)
+                contrastive = supcon_loss(features, outputs.patch_labels.flatten(), self.config.supcon_temperature)
                 loss = loss + self.config.supcon_weight * contrastive
         return FsgrPmaOutput(
             loss=loss,
             logits=logits,
-            past_key_values=past_key_values,
-            decoder_hidden_states=all_hidden,
-            decoder_attentions=all_self,
-            cross_attentions=all_cross,
-            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
-            encoder_hidden_states=encoder_outputs.hidden_states,
-            encoder_attentions=encoder_outputs.attentions,
-            patch_concepts=encoder_outputs.patch_concepts,
+            past_key_values=outputs.past_key_values,
+            decoder_hidden_states=outputs.decoder_hidden_states,
+            decoder_attentions=outputs.decoder_attentions,
+            cross_attentions=outputs.cross_attentions,
+            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
+            encoder_hidden_states=outputs.encoder_hidden_states,
+            encoder_attentions=outputs.encoder_attentions,
+            patch_concepts=outputs.patch_concepts,
             xe_loss=xe_loss,
             supcon_loss=contrastive,
         )
-
-    def new_cache(self) -> FsgrPmaCache:
-        # Layers are added as they are first written (every layer is full attention): `DynamicCache(config=...)`
-        # would deep-copy the config to find the layer types, at every `generate` call.
-        return FsgrPmaCache(DynamicCache(), DynamicCache())
 
     def generate(self, *args, **kwargs):
         """`GenerationMixin.generate`, with an [`FsgrPmaCache`] unless a cache is given or caching is off."""
@@ -1555,6 +1663,8 @@ __all__ = [
     "FsgrPmaEncoder",
     "FsgrPmaEncoderOutput",
     "FsgrPmaForConditionalGeneration",
+    "FsgrPmaModel",
+    "FsgrPmaModelOutput",
     "FsgrPmaOutput",
     "FsgrPmaPreTrainedModel",
     "FsgrPmaPrototypeMemoryAttention",

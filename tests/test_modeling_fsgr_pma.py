@@ -65,7 +65,7 @@ def test_tower_is_frozen_except_lora_and_prompts():
 
 def test_no_gradient_reaches_codebook_or_prototypes(model_with_memory):
     buffers = dict(model_with_memory.named_buffers())
-    for name in ("encoder.codebook.embeddings", "decoder.layers.0.self_attn.prototype_keys"):
+    for name in ("model.encoder.codebook.embeddings", "model.decoder.layers.0.self_attn.prototype_keys"):
         assert not buffers[name].requires_grad
         assert name not in dict(model_with_memory.named_parameters())
 

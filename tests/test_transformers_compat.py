@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
 from conftest import fill_memory, random_batch, tiny_model
-from modeling_fsgr_pma import FsgrPmaForConditionalGeneration
+from modeling_fsgr_pma import FsgrPmaForConditionalGeneration, FsgrPmaModel
 
 MEMORY = pytest.mark.parametrize("memory", ["empty", "filled"])
 
@@ -270,3 +270,28 @@ def test_an_empty_memorys_parameters_get_exact_zero_gradients_and_change_nothing
         torch.testing.assert_close(model(pixel_values=pixel_values, input_ids=ids, labels=ids).loss, loss)
     fill_memory(model)
     assert all(layer.idle_parameters() == [] for layer in model.memory_layers())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 7. The base model
+def test_the_captioner_is_a_base_model_plus_the_lm_head():
+    model = _model("filled")
+    assert isinstance(model.base_model, FsgrPmaModel) and model.base_model is model.model
+    assert model.encoder is model.model.encoder and model.decoder is model.model.decoder
+    assert model.lm_head.weight is model.model.decoder.embed_tokens.weight  # tied
+    assert not [name for name, _ in model.named_parameters() if not name.startswith(("model.", "lm_head."))]
+    pixel_values, ids = random_batch(model.config)
+    with torch.no_grad():
+        hidden = model.model(pixel_values=pixel_values, input_ids=ids).last_hidden_state
+        torch.testing.assert_close(model.lm_head(hidden), model(pixel_values=pixel_values, input_ids=ids).logits)
+
+
+def test_a_base_model_checkpoint_loads_into_the_captioner(tmp_path):
+    model = _model("filled")
+    model.base_model.save_pretrained(tmp_path)
+    loaded, info = FsgrPmaForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]  # the head's only weight is tied
+    pixel_values, ids = random_batch(model.config)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(pixel_values=pixel_values, input_ids=ids).logits,
+                                   model(pixel_values=pixel_values, input_ids=ids).logits)
