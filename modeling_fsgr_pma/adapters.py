@@ -115,7 +115,7 @@ def save_adapter(peft_model: PeftModel, directory: str | Path, base_name: str, f
 
 
 def current_name(name: str) -> str:
-    """A state-dict name in the layout with `FsgrPmaModel` (`decoder.x` → `model.decoder.x`; current names unchanged)."""
+    """A state-dict name in the layout with `FsgrPmaModel` (`decoder.x` → `model.decoder.x`; current names stay)."""
     for pattern, replacement in KEYS_BEFORE_THE_BASE_MODEL.items():
         name = re.sub(pattern, replacement, name)
     return name

@@ -36,7 +36,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import ModelOutput, can_return_tuple, logging, torch_compilable_check
+from transformers.utils import ModelOutput, can_return_tuple, logging
 
 from .configuration_fsgr_pma import FsgrPmaConfig
 
@@ -202,8 +202,7 @@ class FsgrPmaMLP(nn.Module):
 
 
 # Adapted from transformers' `eager_attention_forward` (e.g. models/llama/modeling_llama.py): the reference
-# implementation behind `attn_implementation="eager"`, the one that returns the weights. SDPA is transformers'
-# `sdpa_attention_forward` (integrations/sdpa_attention.py), reached through `ALL_ATTENTION_FUNCTIONS`.
+# implementation behind `attn_implementation="eager"`, the one that returns the weights.
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -267,9 +266,36 @@ def attend_with_prototypes(
     return sequence_weights @ value + read, (weights if output_attentions else None)
 
 
+# Adapted from transformers' `sdpa_attention_forward` (integrations/sdpa_attention.py).
+def sdpa_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    output_attentions: bool = False,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """`F.scaled_dot_product_attention` with `eager_attention_forward`'s arguments and output layout `(B, T, h, hd)`.
+
+    transformers' `sdpa_attention_forward` does the same behind checks for features this model has none of (grouped
+    key/value heads, paged caches, `is_causal`); at every layer of every decoding step they cost more than the
+    attention itself at small sizes. Computes no weights.
+    """
+    if output_attentions:
+        logger.warning_once("SDPA computes no attention weights: load the model with attn_implementation='eager'")
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
+    return out.transpose(1, 2), None
+
+
 def attention_function(config: FsgrPmaConfig) -> Callable:
-    """The attention function `config._attn_implementation` names ("sdpa", the default, or "eager")."""
-    return ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
+    """The attention function `config._attn_implementation` names: SDPA (the default) or eager."""
+    implementation = config._attn_implementation
+    if implementation == "sdpa":
+        return sdpa_attention_forward
+    return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
 
 
 class FsgrPmaCrossAttention(nn.Module):
@@ -281,7 +307,6 @@ class FsgrPmaCrossAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
         self.scaling = self.head_dim**-0.5
-        self.is_causal = False
         self.layer_idx = layer_idx
         self.dropout = config.dropout
         self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
@@ -826,7 +851,6 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = d // config.num_attention_heads
         self.scaling = self.head_dim**-0.5
-        self.is_causal = False  # the masks below are explicit
         self.dropout = config.dropout
         self.qkv_proj = nn.Linear(d, 3 * d)
         self.out_proj = nn.Linear(d, d)
@@ -1197,9 +1221,9 @@ class FsgrPmaPreTrainedModel(PreTrainedModel):
             else:  # fixed 2-D sine-cosine positions
                 positions = get_2d_sincos_pos_embed(width, config.grid_size, cls_token=True)  # (1 + n, d_v)
                 init.copy_(module.positional_embedding, torch.from_numpy(positions).float())
-            # LoRA's init (PEFT `init_lora_weights=True`): A like nn.Linear's default, B zero, so that the adapters start
-            # at 0. Done here, after the blocks: transformers skips remote-code modules without parameters of their own,
-            # such as PEFT's LoRA layers.
+            # LoRA's init (PEFT `init_lora_weights=True`): A like nn.Linear's default, B zero, so that the adapters
+            # start at 0. Done here, after the blocks: transformers skips remote-code modules without parameters of
+            # their own, such as PEFT's LoRA layers.
             for layer in module.modules():
                 if isinstance(layer, LoraLayer):
                     for name in layer.lora_A:
@@ -1325,17 +1349,53 @@ class FsgrPmaModel(FsgrPmaPreTrainedModel):
         without `labels`."""
         decoder_input_ids = decoder_input_ids if decoder_input_ids is not None else input_ids
         decoder_attention_mask = decoder_attention_mask if decoder_attention_mask is not None else attention_mask
+        hidden_states, all_hidden, all_self, all_cross, encoder_outputs, past_key_values = self.encode_and_decode(
+            pixel_values, decoder_input_ids, decoder_attention_mask, encoder_outputs, past_key_values,
+            vision_hidden_states, patch_labels, use_cache, output_attentions, output_hidden_states,
+        )  # fmt: skip
+        return FsgrPmaModelOutput(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values,
+            decoder_hidden_states=all_hidden,
+            decoder_attentions=all_self,
+            cross_attentions=all_cross,
+            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
+            encoder_hidden_states=encoder_outputs.hidden_states,
+            encoder_attentions=encoder_outputs.attentions,
+            patch_concepts=encoder_outputs.patch_concepts,
+            supcon_features=encoder_outputs.supcon_features,
+            patch_labels=encoder_outputs.patch_labels,
+        )
+
+    def encode_and_decode(
+        self,
+        pixel_values: torch.FloatTensor | None,
+        decoder_input_ids: torch.LongTensor | None,
+        decoder_attention_mask: torch.Tensor | None,
+        encoder_outputs: FsgrPmaEncoderOutput | None,
+        past_key_values: Cache | None,
+        vision_hidden_states: torch.Tensor | None,
+        patch_labels: torch.LongTensor | None,
+        use_cache: bool | None,
+        output_attentions: bool | None,
+        output_hidden_states: bool | None,
+    ) -> tuple[torch.Tensor, tuple | None, tuple | None, tuple | None, FsgrPmaEncoderOutput, Cache | None]:
+        """The body of `forward`, returning its parts; the captioner's forward wraps them in its own output.
+
+        One `ModelOutput` per decoding step instead of two: building one costs about as much as a small layer.
+
+        Returns:
+            the decoder's final hidden states `(B, T, d)`, its hidden states, self- and cross-attentions (or None),
+            the encoder output and the cache (None without `use_cache`).
+        """
         if decoder_input_ids is None:
             raise ValueError("Pass caption tokens as `input_ids` / `decoder_input_ids` (or `labels`)")
         config = self.config
         vocab = config.vocab_size
-        outside = (decoder_input_ids < 0) | (decoder_input_ids >= vocab)  # (B, T)
-        # a check that torch.compile / torch.export can trace (no data-dependent Python branch)
-        torch_compilable_check(
-            ~outside.any(),
-            lambda: f"input_ids contain token id {decoder_input_ids[outside][0].item()}, outside the vocabulary "
-            f"[0, {vocab})",
-        )
+        # Checked in eager mode only: a traced graph cannot branch on the data (torch.compile, torch.export).
+        if not torch.compiler.is_compiling() and ((decoder_input_ids < 0) | (decoder_input_ids >= vocab)).any():
+            bad = decoder_input_ids[(decoder_input_ids < 0) | (decoder_input_ids >= vocab)][0].item()
+            raise ValueError(f"input_ids contain token id {bad}, outside the vocabulary [0, {vocab})")
         use_cache = use_cache if use_cache is not None else (not self.training and config.use_cache)
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
@@ -1364,19 +1424,7 @@ class FsgrPmaModel(FsgrPmaPreTrainedModel):
         if self.training:
             for layer in self.memory_layers():
                 layer.commit_to_bank()
-        return FsgrPmaModelOutput(
-            last_hidden_state=hidden_states,
-            past_key_values=past_key_values,
-            decoder_hidden_states=all_hidden,
-            decoder_attentions=all_self,
-            cross_attentions=all_cross,
-            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
-            encoder_hidden_states=encoder_outputs.hidden_states,
-            encoder_attentions=encoder_outputs.attentions,
-            patch_concepts=encoder_outputs.patch_concepts,
-            supcon_features=encoder_outputs.supcon_features,
-            patch_labels=encoder_outputs.patch_labels,
-        )
+        return hidden_states, all_hidden, all_self, all_cross, encoder_outputs, past_key_values
 
 
 def _add_base_model_prefix(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
@@ -1558,40 +1606,33 @@ class FsgrPmaForConditionalGeneration(FsgrPmaPreTrainedModel, GenerationMixin):
         decoder_attention_mask = decoder_attention_mask if decoder_attention_mask is not None else attention_mask
         if decoder_input_ids is None and labels is not None:
             decoder_input_ids = labels.masked_fill(labels == -100, self.config.pad_token_id)
-        outputs = self.model(
-            pixel_values=pixel_values,
-            decoder_input_ids=decoder_input_ids,
-            decoder_attention_mask=decoder_attention_mask,
-            encoder_outputs=encoder_outputs,
-            past_key_values=past_key_values,
-            vision_hidden_states=vision_hidden_states,
-            patch_labels=patch_labels,
-            use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-        )
-        logits = self.lm_head(outputs.last_hidden_state)  # (B, T, V)
+        hidden_states, all_hidden, all_self, all_cross, encoder_outputs, past_key_values = self.model.encode_and_decode(
+            pixel_values, decoder_input_ids, decoder_attention_mask, encoder_outputs, past_key_values,
+            vision_hidden_states, patch_labels, use_cache, output_attentions, output_hidden_states,
+        )  # fmt: skip
+        logits = self.lm_head(hidden_states)  # (B, T, V)
 
         loss = xe_loss = contrastive = None
         if labels is not None:
             xe_loss = self.caption_loss(logits, labels, decoder_attention_mask)
             loss = xe_loss
-            if outputs.supcon_features is not None and outputs.patch_labels is not None:
-                features = outputs.supcon_features.flatten(0, 1)  # (B * n, supcon_dim)
-                contrastive = supcon_loss(features, outputs.patch_labels.flatten(), self.config.supcon_temperature)
+            if encoder_outputs.supcon_features is not None and encoder_outputs.patch_labels is not None:
+                features = encoder_outputs.supcon_features.flatten(0, 1)  # (B * n, supcon_dim)
+                contrastive = supcon_loss(
+                    features, encoder_outputs.patch_labels.flatten(), self.config.supcon_temperature
+                )
                 loss = loss + self.config.supcon_weight * contrastive
         return FsgrPmaOutput(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
-            decoder_hidden_states=outputs.decoder_hidden_states,
-            decoder_attentions=outputs.decoder_attentions,
-            cross_attentions=outputs.cross_attentions,
-            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
-            encoder_hidden_states=outputs.encoder_hidden_states,
-            encoder_attentions=outputs.encoder_attentions,
-            patch_concepts=outputs.patch_concepts,
+            past_key_values=past_key_values,
+            decoder_hidden_states=all_hidden,
+            decoder_attentions=all_self,
+            cross_attentions=all_cross,
+            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
+            encoder_hidden_states=encoder_outputs.hidden_states,
+            encoder_attentions=encoder_outputs.attentions,
+            patch_concepts=encoder_outputs.patch_concepts,
             xe_loss=xe_loss,
             supcon_loss=contrastive,
         )

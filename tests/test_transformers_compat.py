@@ -205,7 +205,9 @@ def _seeded_init(monkeypatch) -> None:
     monkeypatch.setattr(PreTrainedModel, "_initialize_weights", seeded)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"num_prompt_tokens": 2, "memory_prior": True}], ids=["default", "prompts-prior"])
+@pytest.mark.parametrize(
+    "overrides", [{}, {"num_prompt_tokens": 2, "memory_prior": True}], ids=["default", "prompts-prior"]
+)
 def test_meta_device_init_weights_equals_construction(monkeypatch, overrides):
     _seeded_init(monkeypatch)
     config = tiny_model(**overrides).config
