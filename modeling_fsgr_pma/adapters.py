@@ -16,10 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 logger = logging.getLogger(__name__)
@@ -28,6 +30,10 @@ BASE_FILE = "fsgr_pma_base.json"
 PROTOTYPES_FILE = "prototypes.safetensors"
 # Tensors that identify a trained base: its vocabulary embeddings, its concept codebook and its patch embedding.
 FINGERPRINT_TENSORS = ("decoder.embed_tokens.weight", "encoder.codebook.embeddings", "encoder.tower.visual.conv1.weight")
+# Before the captioner held an `FsgrPmaModel` as `model`, its modules were `encoder.*` and `decoder.*`, and so are the
+# names in adapters trained then (their weights and their `target_modules` pattern).
+BASE_MODEL_PREFIX = "model."
+KEYS_BEFORE_THE_BASE_MODEL = {r"^(encoder|decoder)\.": r"model.\1."}
 
 
 def read_lora_config(path: str | Path) -> LoraConfig:
@@ -61,8 +67,11 @@ def new_word_token_ids(captions: list[str], tokenizer) -> list[int]:
 
 
 def base_fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of the base model's identity (architecture and a few trained tensors)."""
-    state = model.state_dict()
+    """A short hash of the base model's identity (architecture and a few trained tensors).
+
+    Names are hashed without the `model.` prefix, as they were before it existed, so adapters trained then still match.
+    """
+    state = {name.removeprefix(BASE_MODEL_PREFIX): tensor for name, tensor in model.state_dict().items()}
     digest = hashlib.sha256(json.dumps({k: list(v.shape) for k, v in state.items()}, sort_keys=True).encode())
     for name in FINGERPRINT_TENSORS:
         if name in state:
@@ -105,6 +114,20 @@ def save_adapter(peft_model: PeftModel, directory: str | Path, base_name: str, f
         save_file(prototype_state(peft_model.get_base_model()), str(directory / PROTOTYPES_FILE))
 
 
+def current_name(name: str) -> str:
+    """A state-dict name in the layout with `FsgrPmaModel` (`decoder.x` → `model.decoder.x`; current names stay)."""
+    for pattern, replacement in KEYS_BEFORE_THE_BASE_MODEL.items():
+        name = re.sub(pattern, replacement, name)
+    return name
+
+
+def saved_before_the_base_model(directory: Path) -> bool:
+    """Whether the adapter's weights name the captioner's modules `encoder.*` / `decoder.*` (the layout before
+    `FsgrPmaModel`), rather than `model.encoder.*` / `model.decoder.*`."""
+    with safe_open(str(directory / "adapter_model.safetensors"), framework="pt") as weights:
+        return any(key.startswith(("base_model.model.encoder.", "base_model.model.decoder.")) for key in weights.keys())
+
+
 def load_adapter(base: torch.nn.Module, directory: str | Path) -> PeftModel:
     """Load an adapter written by `scripts/finetune_peft.py` onto `base`, checking it was trained on that base."""
     directory = Path(directory)
@@ -123,14 +146,19 @@ def load_adapter(base: torch.nn.Module, directory: str | Path) -> PeftModel:
             )
     else:
         logger.warning("%s has no %s: cannot check that it was trained on this base model", directory, BASE_FILE)
+    config, key_mapping = PeftConfig.from_pretrained(str(directory)), None
+    if saved_before_the_base_model(directory):
+        key_mapping = KEYS_BEFORE_THE_BASE_MODEL
+        if isinstance(config.target_modules, str):  # a pattern over module names: now under `model.`
+            config.target_modules = rf"model\.(?:{config.target_modules})"
     try:
-        model = PeftModel.from_pretrained(base, str(directory))
+        model = PeftModel.from_pretrained(base, str(directory), config=config, key_mapping=key_mapping)
     except RuntimeError as error:  # shape mismatches from load_state_dict
         first = str(error).strip().splitlines()[0]
         raise ValueError(f"The adapter {directory} does not fit this base model: {first}") from None
     prototypes_path = directory / PROTOTYPES_FILE
     if prototypes_path.is_file():
-        prototypes = load_file(str(prototypes_path))
+        prototypes = {current_name(name): tensor for name, tensor in load_file(str(prototypes_path)).items()}
         expected = {name for name in base.state_dict() if is_prototype_buffer(name)}
         missing = expected ^ set(prototypes)
         if missing:

@@ -131,6 +131,19 @@ def concept_legend(concept_map: np.ndarray, names: Sequence[str]) -> list[tuple[
 
 # ----------------------------------------------------------------------------------------------------------------
 # Model → Explanation
+def forward_with_attentions(model, **inputs):
+    """`model(**inputs, output_attentions=True)` under eager attention, the implementation that returns the weights.
+
+    The model's own implementation (SDPA by default) is put back afterwards.
+    """
+    implementation = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        return model(**inputs, output_attentions=True)
+    finally:
+        model.set_attn_implementation(implementation)
+
+
 def explain_image(model, processor, image, max_new_tokens: int = 20) -> Explanation:
     """Caption `image` greedily and collect its attentions in an [`Explanation`].
 
@@ -160,7 +173,7 @@ def explain_image(model, processor, image, max_new_tokens: int = 20) -> Explanat
         end = next((i for i, token_id in enumerate(new) if token_id in special), len(new))
         token_ids = new[:end]
         inputs = generated[: max(1, len(token_ids))][None]  # (1, T): BOS + tokens[:-1]
-        output = model(pixel_values=pixel_values, input_ids=inputs, output_attentions=True, use_cache=False)
+        output = forward_with_attentions(model, pixel_values=pixel_values, input_ids=inputs, use_cache=False)
     seq_len = inputs.shape[1]
 
     heatmaps = patch_heatmaps(output.cross_attentions, config.num_patches)[: len(token_ids)]  # (T, g, g)

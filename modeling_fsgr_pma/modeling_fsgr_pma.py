@@ -18,19 +18,25 @@ This file is remote code: it imports only public packages and `configuration_fsg
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from open_clip.model import _build_vision_tower
+from open_clip.pos_embed import get_2d_sincos_pos_embed
+from open_clip.transformer import LayerScale, VisionTransformer
 from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+from peft.tuners.lora.layer import MultiheadAttention as LoraMultiheadAttention
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.utils import ModelOutput, logging
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import ModelOutput, can_return_tuple, logging
 
 from .configuration_fsgr_pma import FsgrPmaConfig
 
@@ -61,6 +67,13 @@ class FsgrPmaEncoderOutput(ModelOutput):
         last_hidden_state (`torch.FloatTensor` of shape `(B, n_tokens, hidden_size)`):
             The visual memory Z the decoder cross-attends to (`n_patches`, plus `concept_top_k` concept tokens when
             `use_concept_tokens`).
+        hidden_states (`tuple(torch.FloatTensor)`, returned with `output_hidden_states=True`):
+            The visual stream through the FSGR interaction layers, `(B, n_patches, hidden_size)` each: the projected
+            patches, then every layer's output (`num_interaction_layers + 1` tensors; one, the projected patches with
+            their positions, when `use_fsgr=False`). Taken before the concept tokens and the final LayerNorm.
+        attentions (`tuple(torch.FloatTensor)`, returned with `output_attentions=True` and eager attention):
+            Every interaction layer's weights, `(B, heads, n_patches, n_patches)`: patches (queries) over the
+            language-bridged map (keys); empty when `use_fsgr=False`.
         patch_concepts (`torch.LongTensor` of shape `(B, n_patches)`): codebook row assigned to every patch.
         selected_concepts (`torch.LongTensor` of shape `(B, concept_top_k)`): the per-image pre-selected concepts.
         supcon_features (`torch.FloatTensor` of shape `(B, n_patches, supcon_dim)`): L2-normalised SupCon features.
@@ -68,6 +81,8 @@ class FsgrPmaEncoderOutput(ModelOutput):
     """
 
     last_hidden_state: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
     patch_concepts: torch.LongTensor | None = None
     selected_concepts: torch.LongTensor | None = None
     supcon_features: torch.FloatTensor | None = None
@@ -75,32 +90,65 @@ class FsgrPmaEncoderOutput(ModelOutput):
 
 
 @dataclass
+class FsgrPmaModelOutput(ModelOutput):
+    """Output of [`FsgrPmaModel`] (the fields of transformers' `Seq2SeqModelOutput`, then ours).
+
+    Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(B, T, hidden_size)`): the decoder's final hidden states.
+        past_key_values, decoder_hidden_states, decoder_attentions, cross_attentions, encoder_last_hidden_state,
+        encoder_hidden_states, encoder_attentions, patch_concepts: as in [`FsgrPmaOutput`].
+        supcon_features (`torch.FloatTensor` of shape `(B, n_patches, supcon_dim)`), patch_labels
+            (`torch.LongTensor` of shape `(B, n_patches)`): the SupCon head's features and pseudo-labels (training).
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    decoder_attentions: tuple[torch.FloatTensor, ...] | None = None
+    cross_attentions: tuple[torch.FloatTensor, ...] | None = None
+    encoder_last_hidden_state: torch.FloatTensor | None = None
+    encoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    encoder_attentions: tuple[torch.FloatTensor, ...] | None = None
+    patch_concepts: torch.LongTensor | None = None
+    supcon_features: torch.FloatTensor | None = None
+    patch_labels: torch.LongTensor | None = None
+
+
+@dataclass
 class FsgrPmaOutput(ModelOutput):
-    """Output of [`FsgrPmaForConditionalGeneration`].
+    """Output of [`FsgrPmaForConditionalGeneration`] (the fields of transformers' `Seq2SeqLMOutput`, then ours).
 
     Args:
         loss (`torch.FloatTensor` of shape `()`): `xe_loss + supcon_weight * supcon_loss` when `labels` are given.
-        xe_loss, supcon_loss (`torch.FloatTensor` of shape `()`): the two terms of `loss`.
         logits (`torch.FloatTensor` of shape `(B, T, vocab_size)`): next-token logits.
         past_key_values (`EncoderDecoderCache`): self- and cross-attention cache; never holds prototypes.
         decoder_hidden_states (`tuple(torch.FloatTensor)`): per-layer `(B, T, hidden_size)`, with the embeddings.
-        decoder_attentions (`tuple(torch.FloatTensor)`): per-layer `(B, heads, T, S + m)`; the last m columns are
-            the prototypes (m = 0 while the memory is empty or off).
+        decoder_attentions (`tuple(torch.FloatTensor)`): per-layer `(B, heads, T, S + m)`: the S = past + T sequence
+            columns, then the m prototype columns (m = `num_prototypes` while the memory is active, 0 while it is
+            empty or off). Each row sums to one over all S + m columns.
         cross_attentions (`tuple(torch.FloatTensor)`): per-layer `(B, heads, T, n_tokens)`.
         encoder_last_hidden_state (`torch.FloatTensor` of shape `(B, n_tokens, hidden_size)`).
+        encoder_hidden_states, encoder_attentions: the encoder's `hidden_states` and `attentions`
+            ([`FsgrPmaEncoderOutput`]).
         patch_concepts (`torch.LongTensor` of shape `(B, n_patches)`): codebook row assigned to every patch.
+        xe_loss, supcon_loss (`torch.FloatTensor` of shape `()`): the two terms of `loss`.
+
+    The attentions are returned with `output_attentions=True` under `attn_implementation="eager"`; SDPA computes
+    no weights.
     """
 
     loss: torch.FloatTensor | None = None
-    xe_loss: torch.FloatTensor | None = None
-    supcon_loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     past_key_values: Cache | None = None
     decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
     decoder_attentions: tuple[torch.FloatTensor, ...] | None = None
     cross_attentions: tuple[torch.FloatTensor, ...] | None = None
     encoder_last_hidden_state: torch.FloatTensor | None = None
+    encoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    encoder_attentions: tuple[torch.FloatTensor, ...] | None = None
     patch_concepts: torch.LongTensor | None = None
+    xe_loss: torch.FloatTensor | None = None
+    supcon_loss: torch.FloatTensor | None = None
 
 
 # ==============================================================================================================
@@ -153,28 +201,33 @@ class FsgrPmaMLP(nn.Module):
         return self.dropout(self.fc_out(F.gelu(self.fc_in(hidden_states))))
 
 
-def attend(
+# Adapted from transformers' `eager_attention_forward` (e.g. models/llama/modeling_llama.py): the reference
+# implementation behind `attn_implementation="eager"`, the one that returns the weights.
+def eager_attention_forward(
+    module: nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    mask: torch.Tensor | None,
-    dropout: float,
-    output_attentions: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scaled dot-product attention; `(B, h, T, hd)` queries against `(B, h, S, hd)` keys/values.
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T * scaling + mask) v for `(B, h, T, hd)` queries against `(B, h, S, hd)` keys/values.
 
-    `mask` is boolean, `(B, 1, T, S)`, True where attention is allowed, or a float `(B, h, T, S)` added to the
-    scores. Uses SDPA unless the weights are wanted.
+    `attention_mask` is boolean, broadcastable to `(B, h, T, S)`, True where attention is allowed, or a float
+    `(B, h, T, S)` added to the scores; None lets every query see every key. Returns the output `(B, T, h, hd)` (the
+    layout of transformers' attention functions) and the weights `(B, h, T, S)`.
     """
-    if not output_attentions:
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout), None
-    scores = query @ key.transpose(-1, -2) / math.sqrt(query.shape[-1])  # (B, h, T, S)
-    if mask is not None and mask.dtype == torch.bool:
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    elif mask is not None:
-        scores = scores + mask
-    weights = scores.softmax(-1)
-    return F.dropout(weights, p=dropout) @ value, weights  # (B, h, T, hd)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = query @ key.transpose(-1, -2) * scaling  # (B, h, T, S)
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    elif attention_mask is not None:
+        scores = scores + attention_mask
+    weights = scores.softmax(-1, dtype=torch.float32).to(query.dtype)
+    out = F.dropout(weights, p=dropout, training=module.training) @ value  # (B, h, T, hd)
+    return out.transpose(1, 2).contiguous(), weights
 
 
 def attend_with_prototypes(
@@ -213,13 +266,47 @@ def attend_with_prototypes(
     return sequence_weights @ value + read, (weights if output_attentions else None)
 
 
+# Adapted from transformers' `sdpa_attention_forward` (integrations/sdpa_attention.py).
+def sdpa_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    output_attentions: bool = False,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """`F.scaled_dot_product_attention` with `eager_attention_forward`'s arguments and output layout `(B, T, h, hd)`.
+
+    transformers' `sdpa_attention_forward` does the same behind checks for features this model has none of (grouped
+    key/value heads, paged caches, `is_causal`); at every layer of every decoding step they cost more than the
+    attention itself at small sizes. Computes no weights.
+    """
+    if output_attentions:
+        logger.warning_once("SDPA computes no attention weights: load the model with attn_implementation='eager'")
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
+    return out.transpose(1, 2), None
+
+
+def attention_function(config: FsgrPmaConfig) -> Callable:
+    """The attention function `config._attn_implementation` names: SDPA (the default) or eager."""
+    implementation = config._attn_implementation
+    if implementation == "sdpa":
+        return sdpa_attention_forward
+    return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+
+
 class FsgrPmaCrossAttention(nn.Module):
     """Multi-head cross-attention; keys/values come from a second sequence and can be cached (generation)."""
 
     def __init__(self, config: FsgrPmaConfig, layer_idx: int | None = None):
         super().__init__()
+        self.config = config
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
         self.layer_idx = layer_idx
         self.dropout = config.dropout
         self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
@@ -251,14 +338,52 @@ class FsgrPmaCrossAttention(nn.Module):
                 key, value = cache.update(key, value, self.layer_idx)
                 past_key_values.is_updated[self.layer_idx] = True
         dropout = self.dropout if self.training else 0.0
-        out, weights = attend(query, key, value, None, dropout, output_attentions)
-        out = out.transpose(1, 2).reshape(*hidden_states.shape)  # (B, T, d)
-        return self.out_proj(out), weights
+        out, weights = attention_function(self.config)(
+            self, query, key, value, None, dropout=dropout, scaling=self.scaling, output_attentions=output_attentions
+        )  # (B, T, h, hd)
+        out = out.reshape(*hidden_states.shape)  # (B, T, d)
+        return self.out_proj(out), (weights if output_attentions else None)
 
 
 # ==============================================================================================================
 # Vision tower: open_clip ViT with LoRA, deep prompts and MaskCLIP dense embeddings
 # ==============================================================================================================
+class FsgrPmaLoraMultiheadAttention(LoraMultiheadAttention):
+    """PEFT's LoRA `nn.MultiheadAttention` (same modules and state-dict names), made traceable.
+
+    PEFT's forward writes W + ΔW into the wrapped module at every call and restores it after (deleting and
+    re-registering the parameters), and re-registers them again whenever the modules are listed; under `torch.export`
+    (which lists them with its fake tensors swapped in) that leaves fake tensors in the model. Here the adapted
+    weights are passed to the base module functionally (`torch.func.functional_call`), and parameters are
+    re-registered only after PEFT's own merge or unmerge. The weights are exactly PEFT's (0.21): W_in + ΔW_in, and
+    W_out + 2 ΔW_out, because PEFT's forward and merge add the output projection's delta a second time through the
+    wrapped `lora.Linear`'s own merge, an in-place write that autograd does not see (its gradient is that of one
+    ΔW_out). Matching it keeps outputs, gradients and LoRA-merged checkpoints what PEFT gives.
+    Source: https://github.com/huggingface/peft/blob/main/src/peft/tuners/lora/layer.py (MultiheadAttention).
+    """
+
+    def forward(self, query: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        adapters = [name for name in self.active_adapters if name in self.lora_A]
+        if self.disable_adapters or self.merged or not adapters:
+            return super().forward(query, *args, **kwargs)
+        base = self.get_base_layer()  # nn.MultiheadAttention
+        out_proj = base.out_proj  # PEFT lora.Linear
+        in_weight, out_weight = base.in_proj_weight, out_proj.get_base_layer().weight
+        for name in adapters:
+            in_weight = in_weight + self.get_delta_weight(name).to(in_weight.dtype)  # (3 d_v, d_v)
+            out_delta = out_proj.get_delta_weight(name).to(out_weight.dtype)  # (d_v, d_v)
+            out_weight = out_weight + out_delta + out_delta.detach()
+        adapted = {"in_proj_weight": in_weight, "out_proj.base_layer.weight": out_weight}
+        result = torch.func.functional_call(base, adapted, (query, *args), kwargs)
+        return result[0].to(query.dtype), (result[1].to(query.dtype) if result[1] is not None else None)
+
+    def _restore_weights(self) -> None:
+        base = self.get_base_layer()
+        weights = (base.in_proj_weight, base.out_proj.get_base_layer().weight)
+        if not all(isinstance(weight, nn.Parameter) for weight in weights):  # after PEFT's merge or unmerge
+            super()._restore_weights()
+
+
 class FsgrPmaVisionTower(nn.Module):
     """The open_clip ViT, run block by block so that the frozen prefix can be cached and prompts inserted.
 
@@ -350,13 +475,20 @@ class FsgrPmaVisionTower(nn.Module):
 class FsgrPmaConceptCodebook(nn.Module):
     """Frozen concept codebook C, `(num_concepts, d_clip)`: CLIP text embeddings of the concept vocabulary.
 
-    A persistent buffer (saved in `model.safetensors`, never trained). A fresh model holds random unit vectors
-    until `set_codebook` loads the embeddings made by `scripts/build_codebook.py`.
+    A persistent buffer (saved in `model.safetensors`, never trained). A fresh model holds seeded random unit vectors
+    (`placeholder`) until `set_codebook` loads the embeddings made by `scripts/build_codebook.py`.
     """
 
     def __init__(self, config: FsgrPmaConfig):
         super().__init__()
-        self.register_buffer("embeddings", F.normalize(torch.randn(config.num_concepts, config.clip_embed_dim), dim=-1))
+        self.register_buffer("embeddings", self.placeholder(config).to(torch.get_default_device()))
+
+    @staticmethod
+    def placeholder(config: FsgrPmaConfig) -> torch.Tensor:
+        """The codebook of a fresh model, `(num_concepts, d_clip)`: seeded random unit vectors, the same every time (so
+        that a model initialised on the meta device gets the buffer `__init__` gives)."""
+        generator = torch.Generator().manual_seed(0)
+        return F.normalize(torch.randn(config.num_concepts, config.clip_embed_dim, generator=generator), dim=-1)
 
 
 class FsgrPmaSupConHead(nn.Module):
@@ -390,12 +522,20 @@ class FsgrPmaInteractionLayer(nn.Module):
         self.mlp = FsgrPmaMLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, visual: torch.Tensor, language: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """`visual` `(B, n, d)` queries, `language` `(B, n, d)` keys/values, `positions` `(n, d)`."""
+    def forward(
+        self, visual: torch.Tensor, language: torch.Tensor, positions: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`visual` `(B, n, d)` queries, `language` `(B, n, d)` keys/values, `positions` `(n, d)`.
+
+        Returns the new visual tokens `(B, n, d)` and, with `output_attentions`, the weights `(B, h, n, n)`.
+        """
         kv = self.norm_kv(language)
-        attended, _ = self.attn(self.norm_query(visual) + positions, key_states=kv + positions, value_states=kv)
+        attended, weights = self.attn(
+            self.norm_query(visual) + positions, key_states=kv + positions, value_states=kv,
+            output_attentions=output_attentions,
+        )
         visual = visual + self.dropout(attended)
-        return visual + self.mlp(self.norm_mlp(visual))
+        return visual + self.mlp(self.norm_mlp(visual)), weights
 
 
 class FsgrPmaEncoder(nn.Module):
@@ -511,31 +651,59 @@ class FsgrPmaEncoder(nn.Module):
         return language, patch_concepts, selected, concepts
 
     # -- stage 3 ------------------------------------------------------------------------------------------------
-    def cross_attend(self, patches: torch.Tensor, language: torch.Tensor) -> torch.Tensor:
-        """N_s interaction layers: `(B, n, d_v)` patches query `(B, n, d_clip)` language map → `(B, n, d)`."""
+    def cross_attend(
+        self,
+        patches: torch.Tensor,
+        language: torch.Tensor,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> tuple[torch.Tensor, tuple | None, tuple | None]:
+        """N_s interaction layers: `(B, n, d_v)` patches query `(B, n, d_clip)` language map → `(B, n, d)`.
+
+        Returns the visual tokens, and (when asked for) the stream's hidden states and the layers' attentions.
+        """
         visual = self.visual_proj(patches)  # (B, n, d)
         positions = sine_positions_2d(self.config.grid_size, visual.shape[-1], visual.device, visual.dtype)
         keys = self.language_proj(language)  # (B, n, d); fixed across layers
+        all_hidden = (visual,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
         for layer in self.interaction:
-            visual = layer(visual, keys, positions)
-        return visual
+            visual, weights = layer(visual, keys, positions, output_attentions)
+            if output_hidden_states:
+                all_hidden += (visual,)
+            if output_attentions:
+                all_attentions += (weights,)
+        return visual, all_hidden, all_attentions
 
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
         vision_hidden_states: torch.Tensor | None = None,
         patch_labels: torch.LongTensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> FsgrPmaEncoderOutput:
-        """Encode images (or cached frozen-prefix features) into the visual memory Z."""
+        """Encode images (or cached frozen-prefix features) into the visual memory Z.
+
+        `output_attentions` / `output_hidden_states` default to the config's; `**kwargs` (e.g. the `return_dict`
+        that `generate` passes) are ignored.
+        """
+        config = self.config
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
         prefix = self.frozen_prefix(pixel_values, vision_hidden_states)
         patches, global_token, global_embedding, dense = self.encode_image(prefix)
         language, patch_concepts, selected, concepts = self.quantize(dense, global_embedding)
-        if self.config.use_fsgr:
-            memory = self.cross_attend(patches, language)  # (B, n, d)
+        if config.use_fsgr:
+            memory, hidden_states, attentions = self.cross_attend(
+                patches, language, output_attentions, output_hidden_states
+            )  # (B, n, d)
         else:
-            positions = sine_positions_2d(self.config.grid_size, self.config.hidden_size, prefix.device, prefix.dtype)
+            positions = sine_positions_2d(config.grid_size, config.hidden_size, prefix.device, prefix.dtype)
             memory = self.visual_proj(patches) + positions  # (B, n, d)
+            hidden_states = (memory,) if output_hidden_states else None
+            attentions = () if output_attentions else None
         if self.config.use_concept_tokens:
             memory = torch.cat([memory, self.concept_proj(concepts)], dim=1)  # (B, n + k, d)
 
@@ -546,6 +714,8 @@ class FsgrPmaEncoder(nn.Module):
                 patch_labels = self.pseudo_labels(prefix)
         return FsgrPmaEncoderOutput(
             last_hidden_state=self.norm(memory),
+            hidden_states=hidden_states,
+            attentions=attentions,
             patch_concepts=patch_concepts,
             selected_concepts=selected,
             supcon_features=supcon_features,
@@ -687,6 +857,7 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.head_dim = d // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
         self.dropout = config.dropout
         self.qkv_proj = nn.Linear(d, 3 * d)
         self.out_proj = nn.Linear(d, d)
@@ -708,7 +879,8 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
         self.bank_filled = 0
         self._pending: torch.Tensor | None = None
         # Derived from the buffers and reused while they are unchanged (see `_is_ready`, `memory_heads`); never saved.
-        self._ready: tuple | None = None
+        self._ready_state: tuple | None = None
+        self._ready_value = False
         self._heads: tuple | None = None
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -727,11 +899,20 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
         return tuple((id(tensor), tensor._version) for tensor in tensors)
 
     def _is_ready(self) -> bool:
-        """`prototype_ready` as a Python bool, read from the buffer (a GPU sync) only after it changed."""
+        """`prototype_ready` as a Python bool, read from the buffer (a GPU sync) only after it changed.
+
+        `torch.compile` and `torch.export` use the value last read in eager mode (a data-dependent branch cannot be
+        traced; dynamo guards on the value, so a compiled forward is traced again after it changes). Refreshing,
+        `from_pretrained` and weight initialisation read it, so a loaded or refreshed model compiles with its memory.
+        """
+        if torch.compiler.is_compiling():
+            return self._ready_value
         state = self._state(self.prototype_ready)
-        if state is None or self._ready is None or self._ready[0] != state:
-            self._ready = (state, self.prototype_ready, bool(self.prototype_ready.item()))
-        return self._ready[2]
+        if state is None or self._ready_state is None or self._ready_state[0] != state:
+            # the buffer is kept in the state so that its `id` is not reused while the state is compared
+            self._ready_state = (state, self.prototype_ready)
+            self._ready_value = bool(self.prototype_ready.item())
+        return self._ready_value
 
     @property
     def memory_active(self) -> bool:
@@ -747,7 +928,9 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
         if not self.memory_active:
             return None
         tensors = (self.prototype_keys, self.prototype_values, self.segment_memory, self.segment_sequence)
-        state = None if torch.is_grad_enabled() else self._state(*tensors)
+        # a compiled graph computes them in the graph (dynamo cannot trace the reuse check)
+        reusable = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        state = self._state(*tensors) if reusable else None
         if state is not None:
             state = (dtype, torch.is_inference_mode_enabled(), *state)
             if self._heads is not None and self._heads[0] == state:
@@ -756,6 +939,14 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
         values = self._split_heads(self.prototype_values.to(dtype))  # (h, m, hd)
         self._heads = None if state is None else (state, tensors, keys, values)
         return keys, values
+
+    def idle_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters that only the prototypes use (segment embeddings, log-prior): all of them while the
+        memory is empty, none once it is active or when it is off."""
+        if not self.memory_enabled or self.memory_active:
+            return []
+        idle = [self.segment_sequence, self.segment_memory, getattr(self, "prototype_log_prior", None)]
+        return [param for param in idle if param is not None and param.requires_grad]
 
     def memory_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
         """`(h,)` addend of every prototype logit: the log-prior plus log `memory_ramp`; None when both are off."""
@@ -786,22 +977,28 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
             key, value = past_key_values.self_attention_cache.update(key, value, self.layer_idx)  # (B, h, S, hd)
         mask = attention_mask  # None: every sequence position is visible
         dropout = self.dropout if self.training else 0.0
+        attention = attention_function(self.config)
         memory = self.memory_heads(key.dtype)
-        if memory is None:
-            out, weights = attend(query, key, value, mask, dropout, output_attentions)
-        elif memory[0].shape[1] > MAX_PROTOTYPES_TO_CONCATENATE:
+        if memory is not None and memory[0].shape[1] > MAX_PROTOTYPES_TO_CONCATENATE:
+            # its own softmax for either implementation; the weights are eager's to return
             bias = self.memory_bias(key.dtype)  # (h,) or None
-            out, weights = attend_with_prototypes(query, key, value, mask, *memory, bias, dropout, output_attentions)
+            with_weights = output_attentions and attention is eager_attention_forward
+            out, weights = attend_with_prototypes(query, key, value, mask, *memory, bias, dropout, with_weights)
+            out = out.transpose(1, 2)  # (B, T, h, hd)
         else:
-            memory_keys, memory_values = memory  # (h, m, hd) each
-            batch, length, total = key.shape[0], query.shape[2], key.shape[2]
-            bias = self.memory_bias(key.dtype)  # (h,) or None
-            mask = mask_with_prototypes(mask, bias, batch, length, total, memory_keys.shape[1])
-            key = torch.cat([key, memory_keys.expand(batch, -1, -1, -1)], dim=2)  # (B, h, S + m, hd)
-            value = torch.cat([value, memory_values.expand(batch, -1, -1, -1)], dim=2)  # (B, h, S + m, hd)
-            out, weights = attend(query, key, value, mask, dropout, output_attentions)
-        out = out.transpose(1, 2).reshape(*hidden_states.shape)  # (B, T, d)
-        return self.out_proj(out), weights
+            if memory is not None:
+                memory_keys, memory_values = memory  # (h, m, hd) each
+                batch, length, total = key.shape[0], query.shape[2], key.shape[2]
+                bias = self.memory_bias(key.dtype)  # (h,) or None
+                mask = mask_with_prototypes(mask, bias, batch, length, total, memory_keys.shape[1])
+                key = torch.cat([key, memory_keys.expand(batch, -1, -1, -1)], dim=2)  # (B, h, S + m, hd)
+                value = torch.cat([value, memory_values.expand(batch, -1, -1, -1)], dim=2)  # (B, h, S + m, hd)
+            out, weights = attention(
+                self, query, key, value, mask, dropout=dropout, scaling=self.scaling,
+                output_attentions=output_attentions,
+            )  # (B, T, h, hd)
+        out = out.reshape(*hidden_states.shape)  # (B, T, d)
+        return self.out_proj(out), (weights if output_attentions else None)
 
     # -- memory bank ----------------------------------------------------------------------------------------------
     def sample_for_bank(self, keys_values: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
@@ -867,6 +1064,7 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
         self.prototype_keys.copy_(centroids.to(self.prototype_keys))
         self.prototype_values.copy_(prototype_values.to(self.prototype_values))
         self.prototype_ready.fill_(True)
+        self._is_ready()  # read the flag now, for a forward compiled afterwards
 
 
 # ==============================================================================================================
@@ -931,6 +1129,8 @@ class FsgrPmaDecoder(nn.Module):
         """`input_ids` `(B, T)` new tokens; `attention_mask` `(B, past + T)` over the whole sequence (1 = token)."""
         batch, length = input_ids.shape
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        # A single new token without padding sees every position: no mask at all (the common decoding step).
+        no_mask = attention_mask is None and length == 1
         if attention_mask is None:
             attention_mask = torch.ones(batch, past + length, dtype=torch.long, device=input_ids.device)
         if attention_mask.shape != (batch, past + length):
@@ -946,9 +1146,14 @@ class FsgrPmaDecoder(nn.Module):
             )
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
         hidden_states = self.dropout(self.embed_tokens(input_ids) + self.embed_positions(positions))  # (B, T, d)
-        # A single new token without padding sees every position: no mask at all (the common decoding step).
-        no_padding = bool(attention_mask.all())
-        mask = None if (length == 1 and no_padding) else self.causal_mask(attention_mask.bool(), length)
+        if self.training and torch.is_grad_enabled():
+            idle = [param for layer in self.layers for param in layer.self_attn.idle_parameters()]
+            if idle:
+                # DDP with find_unused_parameters=False (what the HF Trainer uses with gradient checkpointing) needs
+                # every trainable parameter in every step's graph: while the memory is empty its parameters join
+                # with weight zero. Values and all other gradients are unchanged; theirs are exact zeros.
+                hidden_states = hidden_states + 0.0 * torch.stack([param.sum() for param in idle]).sum()
+        mask = None if no_mask else self.causal_mask(attention_mask.bool(), length)
         token_mask = attention_mask[:, past:]  # (B, T)
 
         all_hidden = (hidden_states,) if output_hidden_states else None
@@ -1003,49 +1208,109 @@ class FsgrPmaPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["past_key_values"]
 
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.MultiheadAttention, nn.modules.linear.NonDynamicallyQuantizableLinear)):
-            # open_clip's attention (and its out_proj) initialises itself; re-running that on load would overwrite
-            # weights that PEFT's LoRA wrapper hides from the loader's bookkeeping.
-            return
-        super()._init_weights(module)
-        std = self.config.initializer_range
-        if isinstance(module, FsgrPmaPrototypeMemoryAttention) and module.memory_enabled:
-            init.normal_(module.segment_sequence, std=std)
-            init.normal_(module.segment_memory, std=std)
-            if module.config.memory_prior:
-                init.constant_(module.prototype_log_prior, -math.log(module.config.num_prototypes))
+        """Initialise every parameter and buffer of `module`.
+
+        Runs at construction (`post_init`), for `init_weights()` after building on the meta device and `to_empty()`,
+        and for tensors that loading did not write (ignored mismatched shapes). transformers' guarded init functions
+        never overwrite a loaded tensor. Besides transformers' defaults: open_clip's init of the ViT's own parameters,
+        LoRA's (A as `nn.Linear`, B zero), and the buffers' initial values (placeholder codebook, empty memory).
+        """
+        super()._init_weights(module)  # Linear, Conv2d, Embedding, norms, and nn.MultiheadAttention's own init
+        config = self.config
+        std = config.initializer_range
+        if isinstance(module, VisionTransformer):
+            # open_clip's init of the ViT's raw parameters (open_clip/transformer.py, VisionTransformer.__init__)
+            width = module.class_embedding.shape[-1]
+            init.normal_(module.class_embedding, std=width**-0.5)
+            init.normal_(module.proj, std=width**-0.5)
+            if config.vision_cfg.get("pos_embed_type", "learnable") == "learnable":
+                init.normal_(module.positional_embedding, std=width**-0.5)
+            else:  # fixed 2-D sine-cosine positions
+                positions = get_2d_sincos_pos_embed(width, config.grid_size, cls_token=True)  # (1 + n, d_v)
+                init.copy_(module.positional_embedding, torch.from_numpy(positions).float())
+            # LoRA's init (PEFT `init_lora_weights=True`): A like nn.Linear's default, B zero, so that the adapters
+            # start at 0. Done here, after the blocks: transformers skips remote-code modules without parameters of
+            # their own, such as PEFT's LoRA layers.
+            for layer in module.modules():
+                if isinstance(layer, LoraLayer):
+                    for name in layer.lora_A:
+                        init.kaiming_uniform_(layer.lora_A[name].weight, a=math.sqrt(5))
+                        init.zeros_(layer.lora_B[name].weight)
+        elif isinstance(module, LayerScale):
+            init.constant_(module.gamma, config.vision_cfg["ls_init_value"])
         elif isinstance(module, FsgrPmaVisionTower) and module.prompts is not None:
             init.normal_(module.prompts, std=std)
+        elif isinstance(module, FsgrPmaConceptCodebook):
+            init.copy_(module.embeddings, module.placeholder(config))
+        elif isinstance(module, FsgrPmaPrototypeMemoryAttention) and module.memory_enabled:
+            init.normal_(module.segment_sequence, std=std)
+            init.normal_(module.segment_memory, std=std)
+            init.zeros_(module.prototype_keys)
+            init.zeros_(module.prototype_values)
+            init.zeros_(module.prototype_ready)  # the memory starts empty
+            if config.memory_prior:
+                init.constant_(module.prototype_log_prior, -math.log(config.num_prototypes))
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, refusing a checkpoint that lacks any weight or buffer.
+
+        Nothing can stand in for a missing tensor: the CLIP tower and the decoder are trained weights, the codebook
+        and the prototypes are data. (Tied weights and `_keys_to_ignore_on_load_missing` are not missing; tensors of
+        another shape are re-initialised with `ignore_mismatched_sizes=True`, as in transformers.)
+        """
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        missing = sorted(info["missing_keys"])
+        if missing:
+            data = [key for key in missing if "codebook" in key or "prototype" in key]
+            listed = ", ".join((data or missing)[:4]) + ("..." if len(data or missing) > 4 else "")
+            reason = (
+                "the concept codebook and the prototype buffers must be saved with the weights"
+                if data
+                else "a fresh model is built from its config (then load_clip_vision_weights for CLIP weights)"
+            )
+            raise ValueError(
+                f"The checkpoint lacks {len(missing)} of the model's tensors ({listed}): {reason}; save_pretrained "
+                "writes all of them"
+            )
+        for layer in model.memory_layers():
+            layer._is_ready()  # read the loaded flag now, so that a compiled or exported forward sees the memory
+        return (model, info) if want_info else model
+
+    def memory_layers(self) -> list[FsgrPmaPrototypeMemoryAttention]:
+        return [layer.self_attn for layer in self.decoder.layers if layer.self_attn.memory_enabled]
+
+    def new_cache(self) -> FsgrPmaCache:
+        # Layers are added as they are first written (every layer is full attention): `DynamicCache(config=...)`
+        # would deep-copy the config to find the layer types, at every `generate` call.
+        return FsgrPmaCache(DynamicCache(), DynamicCache())
 
 
-class FsgrPmaForConditionalGeneration(FsgrPmaPreTrainedModel, GenerationMixin):
-    """FSGR-PMA captioner: FSGR image encoder + PMA-Net decoder with a tied LM head.
+class FsgrPmaModel(FsgrPmaPreTrainedModel):
+    """The bare FSGR-PMA model: the FSGR image encoder and the PMA-Net decoder, without the LM head.
 
-    Example:
-        ```python
-        >>> config = FsgrPmaConfig.from_json_file("configuration/model/tiny.json")
-        >>> model = FsgrPmaForConditionalGeneration(config)
-        >>> out = model(pixel_values=px, input_ids=ids, labels=ids)  # out.loss, out.logits
-        >>> captions = model.generate(pixel_values=px, num_beams=3, max_new_tokens=20)
-        ```
+    Returns the decoder's final hidden states ([`FsgrPmaModelOutput`]); [`FsgrPmaForConditionalGeneration`] holds one
+    as `model` (its `base_model`) and adds the tied LM head and the loss.
     """
-
-    _tied_weights_keys = {"lm_head.weight": "decoder.embed_tokens.weight"}
 
     def __init__(self, config: FsgrPmaConfig):
         super().__init__(config)
         self.encoder = FsgrPmaEncoder(config)
-        self.decoder = FsgrPmaDecoder(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.post_init()
         self.encoder.tower.visual.requires_grad_(False)  # the CLIP tower is frozen; LoRA and prompts train
         if config.lora_rank > 0 and not config.lora_merged:
-            # Injected after post_init so that the HF initialiser never touches LoRA's zero-initialised B.
             inject_adapter_in_model(self.encoder_lora_config(), self.encoder.tower.visual)
+        self.decoder = FsgrPmaDecoder(config)
+        self.post_init()
 
-    # -- HF plumbing --------------------------------------------------------------------------------------------
-    def get_encoder(self) -> FsgrPmaEncoder:
-        return self.encoder
+    def get_encoder(self, modality: str | None = None) -> nn.Module:
+        """The FSGR image encoder, for `modality` None (the encoder `generate` runs) or `"image"`.
+
+        Other modalities follow `PreTrainedModel.get_encoder`: the model has none, so it returns itself.
+        """
+        if modality in (None, "image"):
+            return self.encoder
+        return super().get_encoder(modality=modality)
 
     def get_decoder(self) -> FsgrPmaDecoder:
         return self.decoder
@@ -1056,24 +1321,175 @@ class FsgrPmaForConditionalGeneration(FsgrPmaPreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.decoder.embed_tokens = value
 
+    def encoder_lora_config(self) -> LoraConfig:
+        """PEFT `LoraConfig` for the vision blocks from `lora_first_block` up."""
+        config = self.config
+        blocks = "|".join(str(i) for i in range(config.lora_first_block, config.vision_layers))
+        names = "|".join(name.replace(".", r"\.") for name in config.lora_target_modules)
+        lora_config = LoraConfig(
+            r=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=rf"transformer\.resblocks\.({blocks})\.({names})",
+        )
+        lora_config._register_custom_module({nn.MultiheadAttention: FsgrPmaLoraMultiheadAttention})
+        return lora_config
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        encoder_outputs: FsgrPmaEncoderOutput | None = None,
+        past_key_values: Cache | None = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        vision_hidden_states: torch.Tensor | None = None,
+        patch_labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> FsgrPmaModelOutput | tuple:
+        """Encode the images and decode the captions; the arguments are [`FsgrPmaForConditionalGeneration.forward`]'s
+        without `labels`."""
+        decoder_input_ids = decoder_input_ids if decoder_input_ids is not None else input_ids
+        decoder_attention_mask = decoder_attention_mask if decoder_attention_mask is not None else attention_mask
+        hidden_states, all_hidden, all_self, all_cross, encoder_outputs, past_key_values = self.encode_and_decode(
+            pixel_values, decoder_input_ids, decoder_attention_mask, encoder_outputs, past_key_values,
+            vision_hidden_states, patch_labels, use_cache, output_attentions, output_hidden_states,
+        )  # fmt: skip
+        return FsgrPmaModelOutput(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values,
+            decoder_hidden_states=all_hidden,
+            decoder_attentions=all_self,
+            cross_attentions=all_cross,
+            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
+            encoder_hidden_states=encoder_outputs.hidden_states,
+            encoder_attentions=encoder_outputs.attentions,
+            patch_concepts=encoder_outputs.patch_concepts,
+            supcon_features=encoder_outputs.supcon_features,
+            patch_labels=encoder_outputs.patch_labels,
+        )
+
+    def encode_and_decode(
+        self,
+        pixel_values: torch.FloatTensor | None,
+        decoder_input_ids: torch.LongTensor | None,
+        decoder_attention_mask: torch.Tensor | None,
+        encoder_outputs: FsgrPmaEncoderOutput | None,
+        past_key_values: Cache | None,
+        vision_hidden_states: torch.Tensor | None,
+        patch_labels: torch.LongTensor | None,
+        use_cache: bool | None,
+        output_attentions: bool | None,
+        output_hidden_states: bool | None,
+    ) -> tuple[torch.Tensor, tuple | None, tuple | None, tuple | None, FsgrPmaEncoderOutput, Cache | None]:
+        """The body of `forward`, returning its parts; the captioner's forward wraps them in its own output.
+
+        One `ModelOutput` per decoding step instead of two: building one costs about as much as a small layer.
+
+        Returns:
+            the decoder's final hidden states `(B, T, d)`, its hidden states, self- and cross-attentions (or None),
+            the encoder output and the cache (None without `use_cache`).
+        """
+        if decoder_input_ids is None:
+            raise ValueError("Pass caption tokens as `input_ids` / `decoder_input_ids` (or `labels`)")
+        config = self.config
+        vocab = config.vocab_size
+        # Checked in eager mode only: a traced graph cannot branch on the data (torch.compile, torch.export).
+        if not torch.compiler.is_compiling() and ((decoder_input_ids < 0) | (decoder_input_ids >= vocab)).any():
+            bad = decoder_input_ids[(decoder_input_ids < 0) | (decoder_input_ids >= vocab)][0].item()
+            raise ValueError(f"input_ids contain token id {bad}, outside the vocabulary [0, {vocab})")
+        use_cache = use_cache if use_cache is not None else (not self.training and config.use_cache)
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+
+        if encoder_outputs is None:
+            encoder_outputs = self.encoder(
+                pixel_values=pixel_values,
+                vision_hidden_states=vision_hidden_states,
+                patch_labels=patch_labels,
+                output_attentions=output_attentions,
+                output_hidden_states=output_hidden_states,
+            )
+        if use_cache and past_key_values is None:
+            past_key_values = self.new_cache()
+        if not use_cache:
+            past_key_values = None
+
+        hidden_states, all_hidden, all_self, all_cross = self.decoder(
+            decoder_input_ids,
+            encoder_outputs.last_hidden_state,
+            decoder_attention_mask,
+            past_key_values,
+            output_attentions,
+            output_hidden_states,
+        )
+        if self.training:
+            for layer in self.memory_layers():
+                layer.commit_to_bank()
+        return hidden_states, all_hidden, all_self, all_cross, encoder_outputs, past_key_values
+
+
+def _add_base_model_prefix(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """`load_state_dict` pre-hook: a state dict saved before [`FsgrPmaModel`] existed names `encoder.*` and `decoder.*`
+    what is now `model.encoder.*` and `model.decoder.*` (training checkpoints; `from_pretrained` maps these keys
+    itself through `base_model_prefix`)."""
+    for key in [key for key in state_dict if key.startswith((prefix + "encoder.", prefix + "decoder."))]:
+        state_dict[prefix + "model." + key[len(prefix) :]] = state_dict.pop(key)
+
+
+class FsgrPmaForConditionalGeneration(FsgrPmaPreTrainedModel, GenerationMixin):
+    """FSGR-PMA captioner: [`FsgrPmaModel`] (FSGR image encoder + PMA-Net decoder) with a tied LM head.
+
+    Example:
+        ```python
+        >>> config = FsgrPmaConfig.from_json_file("configuration/model/tiny.json")
+        >>> model = FsgrPmaForConditionalGeneration(config)
+        >>> out = model(pixel_values=px, input_ids=ids, labels=ids)  # out.loss, out.logits
+        >>> captions = model.generate(pixel_values=px, num_beams=3, max_new_tokens=20)
+        ```
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.decoder.embed_tokens.weight"}
+
+    def __init__(self, config: FsgrPmaConfig):
+        super().__init__(config)
+        self.model = FsgrPmaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.register_load_state_dict_pre_hook(_add_base_model_prefix)
+        self.post_init()
+
+    @property
+    def encoder(self) -> FsgrPmaEncoder:
+        return self.model.encoder
+
+    @property
+    def decoder(self) -> FsgrPmaDecoder:
+        return self.model.decoder
+
+    # -- HF plumbing --------------------------------------------------------------------------------------------
+    def get_encoder(self, modality: str | None = None) -> nn.Module:
+        """The FSGR image encoder, for `modality` None (the encoder `generate` runs) or `"image"`; else the model."""
+        return self.model.get_encoder(modality) if modality in (None, "image") else super().get_encoder(modality)
+
+    def get_decoder(self) -> FsgrPmaDecoder:
+        return self.model.decoder
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.set_input_embeddings(value)
+
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, refusing checkpoints that lack the codebook or the prototypes."""
-        want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        missing = [key for key in info["missing_keys"] if "codebook" in key or "prototype" in key]
-        if missing:
-            raise ValueError(
-                f"The checkpoint lacks {missing[:4]}{'...' if len(missing) > 4 else ''}: the concept codebook and "
-                "the prototype buffers must be saved with the weights (save_pretrained writes them)"
-            )
-        return (model, info) if want_info else model
 
     def save_pretrained(self, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`; `auto_map` also names this class for `AutoModelForImageTextToText`."""
@@ -1083,18 +1499,6 @@ class FsgrPmaForConditionalGeneration(FsgrPmaPreTrainedModel, GenerationMixin):
         return super().save_pretrained(*args, **kwargs)
 
     # -- model-owned policy ---------------------------------------------------------------------------------------
-    def encoder_lora_config(self) -> LoraConfig:
-        """PEFT `LoraConfig` for the vision blocks from `lora_first_block` up."""
-        config = self.config
-        blocks = "|".join(str(i) for i in range(config.lora_first_block, config.vision_layers))
-        names = "|".join(name.replace(".", r"\.") for name in config.lora_target_modules)
-        return LoraConfig(
-            r=config.lora_rank,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            target_modules=rf"transformer\.resblocks\.({blocks})\.({names})",
-        )
-
     def merge_encoder_lora(self) -> None:
         """Fold the tower's LoRA deltas into its weights and drop the adapters (`config.lora_merged = True`).
 
@@ -1139,9 +1543,6 @@ class FsgrPmaForConditionalGeneration(FsgrPmaPreTrainedModel, GenerationMixin):
         buffer = self.encoder.codebook.embeddings
         buffer.copy_(F.normalize(embeddings.float(), dim=-1).to(buffer))
 
-    def memory_layers(self) -> list[FsgrPmaPrototypeMemoryAttention]:
-        return [layer.self_attn for layer in self.decoder.layers if layer.self_attn.memory_enabled]
-
     @torch.no_grad()
     def refresh_memory(self, seed: int, backend: str = "auto") -> None:
         """Recompute every layer's prototypes from its own bank (one process; see `training.refresh_memory`).
@@ -1175,6 +1576,7 @@ class FsgrPmaForConditionalGeneration(FsgrPmaPreTrainedModel, GenerationMixin):
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     # -- forward --------------------------------------------------------------------------------------------------
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.FloatTensor | None = None,
@@ -1191,7 +1593,7 @@ class FsgrPmaForConditionalGeneration(FsgrPmaPreTrainedModel, GenerationMixin):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         **kwargs,
-    ) -> FsgrPmaOutput:
+    ) -> FsgrPmaOutput | tuple:
         """Caption logits and loss.
 
         Args:
@@ -1203,41 +1605,19 @@ class FsgrPmaForConditionalGeneration(FsgrPmaPreTrainedModel, GenerationMixin):
                 them, so logits at t predict label t+1. -100 and padding positions are ignored.
             vision_hidden_states: `(B, 1 + n, d_v)` cached output of the frozen blocks (`extract_features.py`).
             patch_labels: `(B, n)` cached SupCon pseudo-labels.
+            output_attentions / output_hidden_states: default to the config's; the attentions need
+                `attn_implementation="eager"`.
+            return_dict (`bool`, *optional*): `False` returns `FsgrPmaOutput.to_tuple()` (defaults to the config's).
         """
         decoder_input_ids = decoder_input_ids if decoder_input_ids is not None else input_ids
         decoder_attention_mask = decoder_attention_mask if decoder_attention_mask is not None else attention_mask
         if decoder_input_ids is None and labels is not None:
             decoder_input_ids = labels.masked_fill(labels == -100, self.config.pad_token_id)
-        if decoder_input_ids is None:
-            raise ValueError("Pass caption tokens as `input_ids` / `decoder_input_ids` (or `labels`)")
-        vocab = self.config.vocab_size
-        if ((decoder_input_ids < 0) | (decoder_input_ids >= vocab)).any():
-            bad = decoder_input_ids[(decoder_input_ids < 0) | (decoder_input_ids >= vocab)][0].item()
-            raise ValueError(f"input_ids contain token id {bad}, outside the vocabulary [0, {vocab})")
-        use_cache = use_cache if use_cache is not None else (not self.training and self.config.use_cache)
-        output_attentions = bool(output_attentions)
-
-        if encoder_outputs is None:
-            encoder_outputs = self.encoder(
-                pixel_values=pixel_values, vision_hidden_states=vision_hidden_states, patch_labels=patch_labels
-            )
-        if use_cache and past_key_values is None:
-            past_key_values = self.new_cache()
-        if not use_cache:
-            past_key_values = None
-
-        hidden_states, all_hidden, all_self, all_cross = self.decoder(
-            decoder_input_ids,
-            encoder_outputs.last_hidden_state,
-            decoder_attention_mask,
-            past_key_values,
-            output_attentions,
-            bool(output_hidden_states),
-        )
+        hidden_states, all_hidden, all_self, all_cross, encoder_outputs, past_key_values = self.model.encode_and_decode(
+            pixel_values, decoder_input_ids, decoder_attention_mask, encoder_outputs, past_key_values,
+            vision_hidden_states, patch_labels, use_cache, output_attentions, output_hidden_states,
+        )  # fmt: skip
         logits = self.lm_head(hidden_states)  # (B, T, V)
-        if self.training:
-            for layer in self.memory_layers():
-                layer.commit_to_bank()
 
         loss = xe_loss = contrastive = None
         if labels is not None:
@@ -1251,21 +1631,18 @@ class FsgrPmaForConditionalGeneration(FsgrPmaPreTrainedModel, GenerationMixin):
                 loss = loss + self.config.supcon_weight * contrastive
         return FsgrPmaOutput(
             loss=loss,
-            xe_loss=xe_loss,
-            supcon_loss=contrastive,
             logits=logits,
             past_key_values=past_key_values,
             decoder_hidden_states=all_hidden,
             decoder_attentions=all_self,
             cross_attentions=all_cross,
             encoder_last_hidden_state=encoder_outputs.last_hidden_state,
+            encoder_hidden_states=encoder_outputs.hidden_states,
+            encoder_attentions=encoder_outputs.attentions,
             patch_concepts=encoder_outputs.patch_concepts,
+            xe_loss=xe_loss,
+            supcon_loss=contrastive,
         )
-
-    def new_cache(self) -> FsgrPmaCache:
-        # Layers are added as they are first written (every layer is full attention): `DynamicCache(config=...)`
-        # would deep-copy the config to find the layer types, at every `generate` call.
-        return FsgrPmaCache(DynamicCache(), DynamicCache())
 
     def generate(self, *args, **kwargs):
         """`GenerationMixin.generate`, with an [`FsgrPmaCache`] unless a cache is given or caching is off."""
@@ -1334,6 +1711,8 @@ __all__ = [
     "FsgrPmaEncoder",
     "FsgrPmaEncoderOutput",
     "FsgrPmaForConditionalGeneration",
+    "FsgrPmaModel",
+    "FsgrPmaModelOutput",
     "FsgrPmaOutput",
     "FsgrPmaPreTrainedModel",
     "FsgrPmaPrototypeMemoryAttention",

@@ -76,7 +76,7 @@ def test_lora_merge_gives_identical_outputs_and_plain_weights():
     assert model.config.lora_merged
     keys = list(model.state_dict())
     assert not any("lora_" in k or "base_layer" in k for k in keys)
-    assert "encoder.tower.visual.transformer.resblocks.1.attn.in_proj_weight" in keys
+    assert "model.encoder.tower.visual.transformer.resblocks.1.attn.in_proj_weight" in keys
     assert not any(p.requires_grad for p in model.encoder.tower.visual.parameters())
 
 

@@ -16,6 +16,7 @@ from modeling_fsgr_pma.explain import (
     Explanation,
     concept_legend,
     explain_image,
+    forward_with_attentions,
     memory_usage,
     model_view,
     patch_heatmaps,
@@ -128,7 +129,7 @@ def test_heatmap_t_is_the_row_that_predicted_token_t(tokenizer):
     inputs = torch.tensor([[model.config.bos_token_id, *explanation.token_ids[:-1].tolist()]])  # (1, T)
     with torch.inference_mode():
         pixel_values = processor(images=[_image(model.config.image_size)], return_tensors="pt")["pixel_values"]
-        output = model(pixel_values=pixel_values, input_ids=inputs, output_attentions=True, use_cache=False)
+        output = forward_with_attentions(model, pixel_values=pixel_values, input_ids=inputs, use_cache=False)
     rows = torch.stack(output.cross_attentions)[:, 0].mean(dim=(0, 1))  # (T, n_tokens), mean over layers, heads
     np.testing.assert_allclose(explanation.heatmaps.reshape(len(inputs[0]), -1), rows.numpy(), atol=1e-6)
 

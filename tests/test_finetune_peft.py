@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
 from conftest import fill_memory, load_script, random_batch, tiny_model
@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TEST_LORA = {
     "r": 4,
     "lora_alpha": 8,
-    "target_modules": r"encoder\.tower\.visual\.transformer\.resblocks\.1\.(attn|mlp\.c_fc|mlp\.c_proj)"
-    r"|decoder\.layers\.\d+\.(self_attn\.qkv_proj|self_attn\.out_proj|cross_attn\.q_proj|cross_attn\.v_proj)",
+    "target_modules": r"model\.encoder\.tower\.visual\.transformer\.resblocks\.1\.(attn|mlp\.c_fc|mlp\.c_proj)"
+    r"|model\.decoder\.layers\.\d+\.(self_attn\.qkv_proj|self_attn\.out_proj|cross_attn\.q_proj|cross_attn\.v_proj)",
 }
 
 
@@ -149,6 +149,36 @@ def test_cli_caption_with_adapter_equals_merged_model(base_and_world, adapter, t
     assert with_adapter == json.loads(capsys.readouterr().out)
     assert main(["caption", "--model", str(base_and_world[0]), "--adapter", str(tmp_path), *fast]) == 2
     assert "not a PEFT adapter directory" in capsys.readouterr().err
+
+
+def test_an_adapter_saved_before_the_base_model_existed_still_loads(base_and_world, adapter, tmp_path):
+    """Adapters trained when the captioner's modules were `encoder.*` / `decoder.*` (before `model.`): weights, the
+    `target_modules` pattern and refreshed prototypes are mapped onto the current names; the fingerprint matches."""
+    base_dir, _, _ = base_and_world
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("adapter_config.json", "fsgr_pma_base.json"):
+        (old / name).write_text((adapter / name).read_text())
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["target_modules"] = config["target_modules"].replace("model\\.", "")
+    (old / "adapter_config.json").write_text(json.dumps(config))
+    weights = load_file(adapter / "adapter_model.safetensors")
+    assert all(key.startswith("base_model.model.model.") for key in weights)
+    save_file({key.replace("base_model.model.model.", "base_model.model.", 1): t for key, t in weights.items()},
+              old / "adapter_model.safetensors")
+    base = AutoModel.from_pretrained(base_dir, trust_remote_code=True).eval()
+    prototypes = {key.removeprefix("model."): t + 1.0 for key, t in prototype_state(base).items()}  # refreshed
+    save_file(prototypes, old / PROTOTYPES_FILE)
+
+    from_old = load_adapter(base, old).eval()
+    expected = load_adapter(AutoModel.from_pretrained(base_dir, trust_remote_code=True).eval(), adapter).eval()
+    with torch.no_grad():
+        for layer in expected.get_base_model().memory_layers():
+            layer.prototype_keys.add_(1.0)
+            layer.prototype_values.add_(1.0)
+        pixel_values, ids = random_batch(base.config, seed=4)
+        torch.testing.assert_close(from_old(pixel_values=pixel_values, input_ids=ids).logits,
+                                   expected(pixel_values=pixel_values, input_ids=ids).logits)
 
 
 # ----------------------------------------------------------------------------------------------------------------

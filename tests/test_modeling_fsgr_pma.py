@@ -65,7 +65,7 @@ def test_tower_is_frozen_except_lora_and_prompts():
 
 def test_no_gradient_reaches_codebook_or_prototypes(model_with_memory):
     buffers = dict(model_with_memory.named_buffers())
-    for name in ("encoder.codebook.embeddings", "decoder.layers.0.self_attn.prototype_keys"):
+    for name in ("model.encoder.codebook.embeddings", "model.decoder.layers.0.self_attn.prototype_keys"):
         assert not buffers[name].requires_grad
         assert name not in dict(model_with_memory.named_parameters())
 
@@ -244,8 +244,10 @@ def test_memory_attention_is_one_softmax_over_sequence_and_prototypes(num_protot
     padding = torch.ones(2, 5, dtype=torch.bool)
     padding[1, :2] = False  # left padding
     mask = model.decoder.causal_mask(padding, 5)  # (B, 1, T, S)
+    out_fast, _ = attention(x, mask)  # SDPA, the default
+    model.set_attn_implementation("eager")  # the implementation that returns the weights
     out, weights = attention(x, mask, output_attentions=True)
-    out_fast, _ = attention(x, mask)
+    model.set_attn_implementation("sdpa")
     expected, expected_weights = _paper_memory_attention(attention, x, mask)
     torch.testing.assert_close(weights, expected_weights)
     torch.testing.assert_close(out, expected)
@@ -380,6 +382,7 @@ def test_generation_stops_at_eos():
 
 def test_cross_attention_and_concept_outputs_for_visualisation(model_with_memory):
     config = model_with_memory.config
+    model_with_memory.set_attn_implementation("eager")  # the implementation that returns the weights
     pixel_values, _ = random_batch(config, batch=1)
     out = _generate(
         model_with_memory, pixel_values, output_attentions=True, return_dict_in_generate=True, max_new_tokens=4

@@ -62,9 +62,9 @@ def test_saved_directory_holds_weights_code_and_no_pickle(saved_model):
     assert "processing_fsgr_pma.py" in names and "tokenizer.json" in names
     assert not any(name.endswith((".bin", ".pkl", ".pickle")) for name in names)
     weights = load_file(directory / "model.safetensors")
-    assert "encoder.codebook.embeddings" in weights
-    assert "decoder.layers.0.self_attn.prototype_keys" in weights
-    assert "decoder.layers.1.self_attn.prototype_ready" in weights
+    assert "model.encoder.codebook.embeddings" in weights
+    assert "model.decoder.layers.0.self_attn.prototype_keys" in weights
+    assert "model.decoder.layers.1.self_attn.prototype_ready" in weights
     config = json.loads((directory / "config.json").read_text())
     assert config["auto_map"]["AutoModel"] == "modeling_fsgr_pma.FsgrPmaForConditionalGeneration"
 
@@ -107,8 +107,32 @@ def test_checkpoint_without_codebook_is_refused(saved_model, tmp_path):
 
     directory, _ = saved_model
     weights = load_file(directory / "model.safetensors")
-    del weights["encoder.codebook.embeddings"]
+    del weights["model.encoder.codebook.embeddings"]
     (tmp_path / "config.json").write_text((directory / "config.json").read_text())
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="lacks .*codebook"):
         FsgrPmaForConditionalGeneration.from_pretrained(tmp_path)
+
+
+def test_a_checkpoint_saved_before_the_base_model_existed_loads(saved_model, tmp_path):
+    """Checkpoints from when the captioner's modules were `encoder.*` / `decoder.*` (no `model.` prefix): through
+    `from_pretrained` (transformers maps them by `base_model_prefix`) and `load_state_dict` (training checkpoints)."""
+    from safetensors.torch import save_file
+
+    from modeling_fsgr_pma import FsgrPmaForConditionalGeneration
+
+    directory, expected = saved_model
+    weights = load_file(directory / "model.safetensors")
+    old = {key.removeprefix("model."): tensor for key, tensor in weights.items()}
+    assert old.keys() != weights.keys()
+    (tmp_path / "config.json").write_text((directory / "config.json").read_text())
+    save_file(old, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    batch = torch.load(directory / "inputs.pt")
+    loaded = FsgrPmaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, expected["logits"])
+    fresh = FsgrPmaForConditionalGeneration(loaded.config).eval()
+    result = fresh.load_state_dict(old, strict=False)
+    assert result.missing_keys == ["lm_head.weight"] and not result.unexpected_keys  # the tied head is not saved
+    with torch.no_grad():
+        assert torch.equal(fresh(**batch).logits, expected["logits"])

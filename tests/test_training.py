@@ -188,7 +188,10 @@ def test_killed_run_resumes_to_identical_weights(world, tmp_path):
         assert torch.equal(value, final_resumed[key]), key
 
 
-def test_two_processes_refresh_to_identical_prototypes(tmp_path):
+def test_two_processes_refresh_to_identical_prototypes_and_train_without_unused_parameter_search(tmp_path):
+    """Two gloo processes (`tests/workers/ddp_refresh.py`) refresh to bitwise-equal prototypes, and train with gradient
+    checkpointing under DDP with find_unused_parameters=False (the HF Trainer's setting with gradient checkpointing):
+    the steps with an empty memory must not leave its parameters out of the graph (DDP then fails at the next step)."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -201,3 +204,7 @@ def test_two_processes_refresh_to_identical_prototypes(tmp_path):
     rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert not torch.equal(rank0["bank"], rank1["bank"])  # each rank saw different data
     assert torch.equal(rank0["keys"], rank1["keys"]) and torch.equal(rank0["values"], rank1["values"])
+    assert rank0["active"] == rank1["active"] == [False, False, False, True, True]
+    assert rank0["params"].keys() == rank1["params"].keys()
+    for name, value in rank0["params"].items():
+        assert torch.equal(value, rank1["params"][name]), name  # DDP kept the replicas in sync
