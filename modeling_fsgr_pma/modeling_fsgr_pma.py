@@ -33,7 +33,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, can_return_tuple, logging
@@ -384,6 +384,20 @@ class FsgrPmaLoraMultiheadAttention(LoraMultiheadAttention):
             super()._restore_weights()
 
 
+def value_path(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """An open_clip residual block where every token attends only to itself, `(B, L, d_v)` → `(B, L, d_v)`.
+
+    Self-only attention weighs one key by softmax(·) = 1, so the attention output is the value projection: the query
+    and key projections, scores and softmax drop out. Equal to `block(x.reshape(B * L, 1, d_v))`, at a third of the
+    input projection's cost.
+    """
+    attn, width = block.attn, x.shape[-1]
+    bias = attn.in_proj_bias[2 * width :] if attn.in_proj_bias is not None else None
+    values = F.linear(block.ln_1(x), attn.in_proj_weight[2 * width :], bias)  # (B, L, d_v)
+    x = x + block.ls_1(attn.out_proj(values))
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
 class FsgrPmaVisionTower(nn.Module):
     """The open_clip ViT, run block by block so that the frozen prefix can be cached and prompts inserted.
 
@@ -459,9 +473,13 @@ class FsgrPmaVisionTower(nn.Module):
         sequence of length one, which is that self-only attention without an `(L, L)` mask or score matrix.
         """
         patches = last_input[:, -n_patches:]  # (B, n, d_v)
-        batch, _, width = patches.shape
-        x = self.blocks[-1](patches.reshape(batch * n_patches, 1, width))  # (B * n, 1, d_v)
-        return self.visual.ln_post(x.view(batch, n_patches, width)) @ self.visual.proj  # (B, n, d_clip)
+        block = self.blocks[-1]
+        if type(block.attn) is nn.MultiheadAttention and not hasattr(block, "ln_1_kv"):
+            x = value_path(block, patches)  # (B, n, d_v)
+        else:  # LoRA-adapted attention (training): the wrapped layer computes W + ΔW
+            batch, _, width = patches.shape
+            x = block(patches.reshape(batch * n_patches, 1, width)).view(batch, n_patches, width)  # (B, n, d_v)
+        return self.visual.ln_post(x) @ self.visual.proj  # (B, n, d_clip)
 
     def set_adapters_enabled(self, enabled: bool) -> None:
         for module in self.visual.modules():
@@ -792,9 +810,16 @@ def _lloyd(points: torch.Tensor, centroids: torch.Tensor, iters: int) -> torch.T
 
 
 def mask_with_prototypes(
-    mask: torch.Tensor | None, memory_bias: torch.Tensor | None, batch: int, length: int, total: int, num_prototypes: int
+    mask: torch.Tensor | None,
+    memory_bias: torch.Tensor | None,
+    batch: int,
+    length: int,
+    total: int,
+    num_prototypes: int,
+    first: bool = False,
 ) -> torch.Tensor | None:
-    """The attention mask over `[sequence ; prototypes]` for `attend`, from the sequence's boolean `(B, 1, T, S)` mask.
+    """The attention mask over `[sequence ; prototypes]` (`first`: `[prototypes ; sequence]`, the cache's layout) for
+    `attend`, from the sequence's boolean `(B, 1, T, S)` mask.
 
     Without a bias: boolean `(B, 1, T, S + m)` (every query sees every prototype), or None when `mask` is None. With
     a `(h,)` `memory_bias`: an additive float `(B, h, T, S + m)`, 0 / dtype-min on the sequence, the bias on the
@@ -803,15 +828,17 @@ def mask_with_prototypes(
     if memory_bias is None:
         if mask is None:
             return None
-        return torch.cat([mask, mask.new_ones(*mask.shape[:-1], num_prototypes)], dim=-1)  # (B, 1, T, S + m)
-    heads, dtype = memory_bias.shape[0], memory_bias.dtype
-    if mask is None:
-        sequence = memory_bias.new_zeros(1, 1, length, total)  # (1, 1, T, S)
+        parts = [mask, mask.new_ones(*mask.shape[:-1], num_prototypes)]  # (B, 1, T, S) and (B, 1, T, m)
     else:
-        sequence = memory_bias.new_zeros(mask.shape).masked_fill(~mask, torch.finfo(dtype).min)  # (B, 1, T, S)
-    sequence = sequence.expand(batch, heads, length, total)  # (B, h, T, S)
-    memory = memory_bias.view(1, heads, 1, 1).expand(batch, heads, length, num_prototypes)  # (B, h, T, m)
-    return torch.cat([sequence, memory], dim=-1)  # (B, h, T, S + m)
+        heads, dtype = memory_bias.shape[0], memory_bias.dtype
+        if mask is None:
+            sequence = memory_bias.new_zeros(1, 1, length, total)  # (1, 1, T, S)
+        else:
+            sequence = memory_bias.new_zeros(mask.shape).masked_fill(~mask, torch.finfo(dtype).min)  # (B, 1, T, S)
+        sequence = sequence.expand(batch, heads, length, total)  # (B, h, T, S)
+        memory = memory_bias.view(1, heads, 1, 1).expand(batch, heads, length, num_prototypes)  # (B, h, T, m)
+        parts = [sequence, memory]
+    return torch.cat(parts[::-1] if first else parts, dim=-1)  # (B, 1 or h, T, S + m)
 
 
 def nearest_neighbours(points: torch.Tensor, queries: torch.Tensor, k: int, backend: str = "auto") -> torch.Tensor:
@@ -973,13 +1000,18 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
         if self.training and self.memory_enabled:
             self._pending = self.sample_for_bank(qkv[..., key.shape[-1] :], token_mask)  # committed after the forward
         query, key, value = self._split_heads(query), self._split_heads(key), self._split_heads(value)  # (B, h, T, hd)
-        if past_key_values is not None:
-            key, value = past_key_values.self_attention_cache.update(key, value, self.layer_idx)  # (B, h, S, hd)
+        memory = self.memory_heads(key.dtype)  # (h, m, hd) keys and values, or None
+        concatenated = memory is not None and memory[0].shape[1] <= MAX_PROTOTYPES_TO_CONCATENATE
+        cache = past_key_values.self_attention_cache if past_key_values is not None else None
+        prefixed = isinstance(cache, FsgrPmaSelfAttentionCache) and concatenated
+        if prefixed:  # the cache holds the prototypes before the caption: (B, h, m + S, hd)
+            key, value = cache.update(key, value, self.layer_idx, prefix=memory)
+        elif cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)  # (B, h, S, hd)
         mask = attention_mask  # None: every sequence position is visible
         dropout = self.dropout if self.training else 0.0
         attention = attention_function(self.config)
-        memory = self.memory_heads(key.dtype)
-        if memory is not None and memory[0].shape[1] > MAX_PROTOTYPES_TO_CONCATENATE:
+        if memory is not None and not concatenated:
             # its own softmax for either implementation; the weights are eager's to return
             bias = self.memory_bias(key.dtype)  # (h,) or None
             with_weights = output_attentions and attention is eager_attention_forward
@@ -988,15 +1020,19 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
         else:
             if memory is not None:
                 memory_keys, memory_values = memory  # (h, m, hd) each
-                batch, length, total = key.shape[0], query.shape[2], key.shape[2]
+                num_prototypes = memory_keys.shape[1]
+                batch, length, total = key.shape[0], query.shape[2], key.shape[2] - (num_prototypes if prefixed else 0)
                 bias = self.memory_bias(key.dtype)  # (h,) or None
-                mask = mask_with_prototypes(mask, bias, batch, length, total, memory_keys.shape[1])
-                key = torch.cat([key, memory_keys.expand(batch, -1, -1, -1)], dim=2)  # (B, h, S + m, hd)
-                value = torch.cat([value, memory_values.expand(batch, -1, -1, -1)], dim=2)  # (B, h, S + m, hd)
+                mask = mask_with_prototypes(mask, bias, batch, length, total, num_prototypes, first=prefixed)
+                if not prefixed:
+                    key = torch.cat([key, memory_keys.expand(batch, -1, -1, -1)], dim=2)  # (B, h, S + m, hd)
+                    value = torch.cat([value, memory_values.expand(batch, -1, -1, -1)], dim=2)  # (B, h, S + m, hd)
             out, weights = attention(
                 self, query, key, value, mask, dropout=dropout, scaling=self.scaling,
                 output_attentions=output_attentions,
             )  # (B, T, h, hd)
+            if prefixed and weights is not None:  # prototype columns last, as without the cache: (B, h, T, S + m)
+                weights = torch.cat([weights[..., num_prototypes:], weights[..., :num_prototypes]], dim=-1)
         out = out.reshape(*hidden_states.shape)  # (B, T, d)
         return self.out_proj(out), (weights if output_attentions else None)
 
@@ -1183,11 +1219,102 @@ class FsgrPmaDecoder(nn.Module):
         return (mask | (key_pos == query_pos)[None])[:, None]  # (B, 1, T, S)
 
 
+class FsgrPmaPrototypePrefixLayer(DynamicLayer):
+    """One layer's self-attention cache: the m prototypes as a fixed prefix, then the caption's keys and values.
+
+    Each of keys and values lives in one preallocated `(B, h, m + capacity, hd)` buffer, whose first m positions hold
+    the layer's prototype keys (values) once per `generate` call; `update` writes the new positions after the cached
+    ones and returns `[prototypes ; caption]` as a view, so no decoding step copies the cache or the prototypes (its
+    capacity doubles when full). `keys` / `values` are views of the caption part: the cache's length
+    (`get_seq_length`) is the caption's, and beam reordering, cropping and batch selection touch that part only.
+    With gradients enabled the buffers are rebuilt by concatenation instead, as `DynamicLayer` does, since an
+    in-place write would modify tensors that autograd saved.
+    """
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, prefix: tuple | None = None, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append `(B, h, T, hd)` states; `prefix`, `(h, m, hd)` keys and values, is read at the first update only."""
+        new = key_states.shape[-2]
+        if not self.is_initialized:
+            self.dtype, self.device = key_states.dtype, key_states.device
+            self.prefix_length, self.length = (0 if prefix is None else prefix[0].shape[1]), 0
+            self.buffers = [self._new_buffer(states, part, 2 * new) for states, part in zip(
+                (key_states, value_states), prefix if prefix is not None else (None, None))]
+            self.is_initialized = True
+        start, end = self.prefix_length + self.length, self.prefix_length + self.length + new
+        if torch.is_grad_enabled():
+            self.buffers = [torch.cat([buffer[:, :, :start], states], dim=2)
+                            for buffer, states in zip(self.buffers, (key_states, value_states))]
+        else:
+            if end > self.buffers[0].shape[2]:
+                self.buffers = [self._grown(buffer, start, 2 * end) for buffer in self.buffers]
+            for buffer, states in zip(self.buffers, (key_states, value_states)):
+                buffer[:, :, start:end] = states
+        self.length += new
+        self._set_views()
+        return self.buffers[0][:, :, :end], self.buffers[1][:, :, :end]  # (B, h, m + S, hd) each
+
+    @staticmethod
+    def _new_buffer(states: torch.Tensor, prefix: torch.Tensor | None, capacity: int) -> torch.Tensor:
+        batch, heads, _, head_dim = states.shape
+        length = 0 if prefix is None else prefix.shape[1]
+        buffer = states.new_empty(batch, heads, length + capacity, head_dim)  # (B, h, m + capacity, hd)
+        if prefix is not None:
+            buffer[:, :, :length] = prefix.to(states.dtype)  # (h, m, hd) broadcast over the batch
+        return buffer
+
+    @staticmethod
+    def _grown(buffer: torch.Tensor, used: int, capacity: int) -> torch.Tensor:
+        grown = buffer.new_empty(*buffer.shape[:2], capacity, buffer.shape[-1])
+        grown[:, :, :used] = buffer[:, :, :used]
+        return grown
+
+    def _set_views(self) -> None:
+        caption = slice(self.prefix_length, self.prefix_length + self.length)
+        self.keys, self.values = self.buffers[0][:, :, caption], self.buffers[1][:, :, caption]  # (B, h, S, hd)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.get_seq_length() > 0:
+            for caption in (self.keys, self.values):
+                caption.copy_(caption.index_select(0, beam_idx.to(caption.device)))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+        if self.is_initialized and tokens_to_remove < 0:
+            self.length = max(self.length + tokens_to_remove, 0)
+            self._set_views()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.get_seq_length() > 0:
+            self.buffers = [buffer.repeat_interleave(repeats, dim=0) for buffer in self.buffers]
+            self._set_views()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.get_seq_length() > 0:
+            self.buffers = [buffer[indices] for buffer in self.buffers]
+            self._set_views()
+
+    def reset(self) -> None:
+        self.buffers = None
+        super().reset()
+
+
+class FsgrPmaSelfAttentionCache(DynamicCache):
+    """The decoder's self-attention cache: a [`FsgrPmaPrototypePrefixLayer`] per layer, added as first written."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer_class_to_replicate = FsgrPmaPrototypePrefixLayer
+
+
 class FsgrPmaCache(EncoderDecoderCache):
     """Self- and cross-attention cache whose beam reordering moves the self-attention part only.
 
     The beams of one image share its encoder output, so their cross-attention keys/values are identical and
-    reordering them (what `EncoderDecoderCache` does at every beam-search step) is a copy that changes nothing.
+    reordering them (what `EncoderDecoderCache` does at every beam-search step) is a copy that changes nothing. The
+    self-attention part keeps the prototypes as a fixed prefix of each layer (`FsgrPmaSelfAttentionCache`).
     """
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -1284,7 +1411,7 @@ class FsgrPmaPreTrainedModel(PreTrainedModel):
     def new_cache(self) -> FsgrPmaCache:
         # Layers are added as they are first written (every layer is full attention): `DynamicCache(config=...)`
         # would deep-copy the config to find the layer types, at every `generate` call.
-        return FsgrPmaCache(DynamicCache(), DynamicCache())
+        return FsgrPmaCache(FsgrPmaSelfAttentionCache(), DynamicCache())
 
 
 class FsgrPmaModel(FsgrPmaPreTrainedModel):
@@ -1707,6 +1834,8 @@ FsgrPmaForConditionalGeneration.register_for_auto_class("AutoModel")
 
 __all__ = [
     "FsgrPmaCache",
+    "FsgrPmaPrototypePrefixLayer",
+    "FsgrPmaSelfAttentionCache",
     "FsgrPmaConceptCodebook",
     "FsgrPmaEncoder",
     "FsgrPmaEncoderOutput",

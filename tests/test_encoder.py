@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import random_batch, tiny_model
@@ -94,9 +95,14 @@ def test_dense_embeddings_use_each_patch_alone():
     assert differs.nonzero().flatten().tolist() == [4]  # token 5 is patch 4 (token 0 is the class token)
 
 
-def test_dense_embeddings_equal_the_last_block_under_a_self_only_mask():
-    """Running each patch as a sequence of length one is MaskCLIP's self-only attention mask on the whole sequence."""
+@pytest.mark.parametrize("merged", [False, True], ids=["lora", "merged"])
+def test_dense_embeddings_equal_the_last_block_under_a_self_only_mask(merged):
+    """Each patch alone through the last block (LoRA-adapted), or its value path only (merged or plain attention),
+    is MaskCLIP's self-only attention mask on the whole sequence."""
     model = tiny_model().eval()
+    if merged:
+        model.merge_encoder_lora()
+        assert type(model.encoder.tower.blocks[-1].attn) is torch.nn.MultiheadAttention  # the value path runs
     tower, n = model.encoder.tower, model.config.num_patches
     pixel_values, _ = random_batch(model.config, batch=2)
     *_, last_input = tower.adapted_blocks(model.encoder.frozen_prefix(pixel_values, None))

@@ -1,0 +1,129 @@
+"""The decoding cache: prototypes as a fixed prefix of each self-attention layer, written once per `generate` call."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+from conftest import fill_memory, random_batch, tiny_model
+from modeling_fsgr_pma.modeling_fsgr_pma import FsgrPmaPrototypePrefixLayer
+
+
+def _model(num_prototypes: int = 6, memory_prior: bool = False, use_memory: bool = True):
+    model = tiny_model(num_prototypes=num_prototypes, memory_window=8, memory_prior=memory_prior, use_memory=use_memory)
+    if use_memory:
+        fill_memory(model, steps=12)
+        assert all(layer.memory_active for layer in model.memory_layers())
+    if memory_prior:
+        with torch.no_grad():
+            for layer in model.memory_layers():
+                layer.prototype_log_prior.normal_()
+    return model.eval()
+
+
+def _plain_cache() -> EncoderDecoderCache:
+    """transformers' own cache: the attention concatenates the prototypes after the cached sequence at every step."""
+    return EncoderDecoderCache(DynamicCache(), DynamicCache())
+
+
+@pytest.mark.parametrize("num_beams", [1, 5], ids=["greedy", "beam5"])
+@pytest.mark.parametrize(
+    "num_prototypes, memory_prior, use_memory",
+    [(6, False, True), (6, True, True), (80, False, True), (6, False, False)],
+    ids=["prefix", "prefix-log-prior", "batch-shared-matmul", "no-memory"],
+)
+def test_generate_with_the_prefix_cache_equals_the_plain_cache(num_beams, num_prototypes, memory_prior, use_memory):
+    model = _model(num_prototypes, memory_prior, use_memory)
+    pixel_values, _ = random_batch(model.config, batch=3)
+    settings = dict(pixel_values=pixel_values, max_new_tokens=12, num_beams=num_beams, do_sample=False,
+                    return_dict_in_generate=True, output_scores=True)
+    ours = model.generate(**settings)  # FsgrPmaCache
+    plain = model.generate(**settings, past_key_values=_plain_cache())
+    assert torch.equal(ours.sequences, plain.sequences)
+    for got, want in zip(ours.scores, plain.scores):
+        torch.testing.assert_close(got, want)
+
+
+def test_cached_attention_weights_put_the_prototype_columns_last_as_without_the_cache():
+    model = _model()
+    model.set_attn_implementation("eager")
+    pixel_values, ids = random_batch(model.config, batch=2, length=5)
+    with torch.no_grad():
+        encoder_outputs = model.get_encoder()(pixel_values=pixel_values)
+        ours, plain = model.new_cache(), _plain_cache()
+        for t in range(ids.shape[1]):
+            step = dict(encoder_outputs=encoder_outputs, input_ids=ids[:, t : t + 1], output_attentions=True)
+            got = model(**step, past_key_values=ours).decoder_attentions
+            want = model(**step, past_key_values=plain).decoder_attentions
+            for layer_got, layer_want in zip(got, want):
+                assert layer_got.shape == (2, model.config.num_attention_heads, 1, t + 1 + 6)  # (B, h, T, S + m)
+                torch.testing.assert_close(layer_got, layer_want)
+
+
+def test_the_prototypes_are_written_once_and_the_cache_length_is_the_captions():
+    model = _model()
+    pixel_values, ids = random_batch(model.config, batch=2, length=9)
+    cache, pointers = model.new_cache(), set()
+    with torch.no_grad():
+        encoder_outputs = model.get_encoder()(pixel_values=pixel_values)
+        for t in range(ids.shape[1]):
+            model(encoder_outputs=encoder_outputs, input_ids=ids[:, t : t + 1], past_key_values=cache)
+            layer = cache.self_attention_cache.layers[0]
+            pointers.add(layer.buffers[0].data_ptr())
+            assert cache.get_seq_length() == t + 1 and layer.keys.shape[2] == t + 1
+    assert isinstance(layer, FsgrPmaPrototypePrefixLayer) and layer.prefix_length == 6
+    assert len(pointers) <= 3  # 9 steps: the buffer was allocated once and grew twice (capacity doubles), not per step
+    keys, _ = model.memory_layers()[0].memory_heads(torch.float32)  # (h, m, hd)
+    torch.testing.assert_close(layer.buffers[0][:, :, :6], keys.expand(2, -1, -1, -1))
+
+
+def _filled_layer(batch: int = 3, length: int = 4, prototypes: int = 2):
+    prefix = (torch.randn(2, prototypes, 4), torch.randn(2, prototypes, 4))  # (h, m, hd)
+    layer = FsgrPmaPrototypePrefixLayer()
+    keys, values = torch.randn(batch, 2, length, 4), torch.randn(batch, 2, length, 4)  # (B, h, T, hd)
+    with torch.no_grad():
+        layer.update(keys, values, prefix=prefix)
+    return layer, prefix, keys, values
+
+
+def test_update_returns_prototypes_then_the_caption():
+    layer, prefix, keys, values = _filled_layer()
+    new = torch.randn(3, 2, 1, 4)
+    with torch.no_grad():
+        all_keys, all_values = layer.update(new, new)
+    torch.testing.assert_close(all_keys, torch.cat([prefix[0].expand(3, -1, -1, -1), keys, new], dim=2))
+    torch.testing.assert_close(all_values, torch.cat([prefix[1].expand(3, -1, -1, -1), values, new], dim=2))
+
+
+def test_beam_reordering_moves_the_caption_only():
+    layer, prefix, keys, _ = _filled_layer()
+    beam_idx = torch.tensor([2, 2, 0])
+    layer.reorder_cache(beam_idx)
+    torch.testing.assert_close(layer.keys, keys[beam_idx])
+    torch.testing.assert_close(layer.buffers[0][:, :, :2], prefix[0].expand(3, -1, -1, -1))
+
+
+def test_crop_and_batch_selection_keep_the_prefix():
+    layer, prefix, keys, _ = _filled_layer()
+    layer.crop(-1)
+    assert layer.get_seq_length() == 3
+    torch.testing.assert_close(layer.keys, keys[:, :, :3])
+    layer.batch_select_indices(torch.tensor([1]))
+    torch.testing.assert_close(layer.keys, keys[1:2, :, :3])
+    layer.batch_repeat_interleave(2)
+    torch.testing.assert_close(layer.keys, keys[1:2, :, :3].repeat_interleave(2, dim=0))
+    torch.testing.assert_close(layer.buffers[0][:, :, :2], prefix[0].expand(2, -1, -1, -1))
+    with pytest.raises(ValueError, match="negative"):
+        layer.crop(2)
+
+
+def test_with_gradients_the_cache_concatenates_and_gradients_flow():
+    layer = FsgrPmaPrototypePrefixLayer()
+    prefix = (torch.randn(2, 2, 4), torch.randn(2, 2, 4))
+    first = torch.randn(1, 2, 1, 4, requires_grad=True)
+    second = torch.randn(1, 2, 1, 4, requires_grad=True)
+    layer.update(first, first, prefix=prefix)
+    keys, _ = layer.update(second, second)
+    keys.sum().backward()  # no in-place write modified a saved tensor
+    assert torch.equal(first.grad, torch.ones_like(first)) and torch.equal(second.grad, torch.ones_like(second))
