@@ -12,6 +12,7 @@ from conftest import load_script, tiny_config
 KEYS = {
     "train_step_memory_ratio", "refresh_share", "kmeans_faiss_s", "kmeans_torch_s", "generate_memory_ratio_greedy",
     "generate_memory_ratio_beam5", "generate_vs_ved_ratio_b1", "generate_vs_ved_ratio_b32", "feature_cache_speedup",
+    "feature_cache_bound", "feature_cache_efficiency",
     "peak_rss_memory_ratio", "memory_macs_ratio_tiny", "memory_macs_ratio_b16",
 }
 
@@ -27,6 +28,20 @@ def test_quick_benchmark_writes_every_key(tmp_path):
     assert all(isinstance(results[k], float) and results[k] > 0 for k in KEYS)
     table = output.with_suffix(".md").read_text()
     assert "generate_vs_ved_ratio_b32" in table and "≥ 1.2" in table
+
+
+def test_flops_utilisation_counts_the_decoders_step_and_the_machines_rate():
+    benchmark = load_script("benchmark")
+    config = tiny_config(num_prototypes=8, memory_window=8)
+    flops = benchmark.decoder_step_flops(config, batch=2, length=5, memory=False)
+    assert benchmark.decoder_step_flops(config, batch=4, length=5, memory=False) == pytest.approx(2 * flops)
+    d, m, layers = config.hidden_size, config.num_prototypes, config.num_hidden_layers
+    memory = benchmark.decoder_step_flops(config, batch=2, length=5, memory=True) - flops
+    assert memory == pytest.approx(3 * 2 * 2 * 5 * layers * 2 * m * d)  # 3 x fwd, 2 FLOPs per MAC, B T L 2md
+    result = benchmark.bench_flops_utilisation(config, repeats=1, batch=2, length=5)
+    assert set(result) == {"matmul_gflops", "train_step_flops_utilisation_b16", "train_step_flops_utilisation_b16_ved"}
+    assert all(0 < value for value in result.values())
+    assert result["train_step_flops_utilisation_b16"] < 1.5  # the tiny step cannot outrun a large matmul by much
 
 
 def test_memory_macs_ratio_grows_linearly_with_the_prototypes():
