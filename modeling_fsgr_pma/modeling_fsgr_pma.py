@@ -1259,14 +1259,15 @@ class FsgrPmaPrototypePrefixLayer(DynamicLayer):
     def _new_buffer(states: torch.Tensor, prefix: torch.Tensor | None, capacity: int) -> torch.Tensor:
         batch, heads, _, head_dim = states.shape
         length = 0 if prefix is None else prefix.shape[1]
-        buffer = states.new_empty(batch, heads, length + capacity, head_dim)  # (B, h, m + capacity, hd)
+        buffer = states.new_zeros(batch, heads, length + capacity, head_dim)  # (B, h, m + capacity, hd); zeros, not
+        # uninitialised memory, in the unused part: a copied or exported cache compares equal
         if prefix is not None:
             buffer[:, :, :length] = prefix.to(states.dtype)  # (h, m, hd) broadcast over the batch
         return buffer
 
     @staticmethod
     def _grown(buffer: torch.Tensor, used: int, capacity: int) -> torch.Tensor:
-        grown = buffer.new_empty(*buffer.shape[:2], capacity, buffer.shape[-1])
+        grown = buffer.new_zeros(*buffer.shape[:2], capacity, buffer.shape[-1])
         grown[:, :, :used] = buffer[:, :, :used]
         return grown
 
