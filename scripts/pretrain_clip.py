@@ -4,7 +4,10 @@ Usage (the command that made the shipped `configuration/clip/tiny-synthetic.safe
 
     python scripts/make_synthetic.py --output-dir outputs/clip-world --num-images 20000 --seed 1000
     python scripts/pretrain_clip.py --data outputs/clip-world --model-config configuration/model/tiny.json \
-        --output configuration/clip/tiny-synthetic.safetensors
+        --epochs 14 --batch-size 64 --output configuration/clip/tiny-synthetic.safetensors
+
+(4,368 steps; 70 min on one thread of a 2-core machine. The world has seed 1000: none of its images is in a demo
+world.)
 
 Only for the bundled synthetic world: real data starts from OpenAI's weights (`--clip-pretrained openai`). The
 checkpoint is an open_clip state dict in safetensors (float16), which `open_clip.load_checkpoint`, and so the

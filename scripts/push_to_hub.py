@@ -123,6 +123,7 @@ def build_card(model, args: argparse.Namespace) -> ModelCard:
         num_layers=config.num_hidden_layers,
         hidden_size=config.hidden_size,
         num_prototypes=config.num_prototypes if config.use_memory else 0,
+        memory_description=memory_description(config),
         num_parameters=f"{model.num_parameters():,}",
         evaluation=table,
         training_command=args.training_command,
@@ -131,6 +132,18 @@ def build_card(model, args: argparse.Namespace) -> ModelCard:
             "The prototypes summarise the training captions and can carry their biases into new captions."
         ),
     )
+
+
+def memory_description(config) -> str:
+    """The model card's memory row: PMA-Net's settings, and our extension where it is on."""
+    if not config.use_memory:
+        return "off (a plain Transformer decoder)"
+    text = (f"PMA-Net: banks of the last {config.memory_window} steps, K-Means refreshed every "
+            f"{config.memory_refresh_every} steps; the released prototypes are those of the last training steps")
+    if config.memory_prior:
+        text += ("; *our extension*: a learned per-head log-prior on the prototype logits (`memory_prior`, "
+                 "initialised at -log m)")
+    return text
 
 
 def write_folder(model, processor, card: ModelCard, folder: Path) -> None:

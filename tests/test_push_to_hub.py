@@ -57,6 +57,7 @@ def test_dry_run_folder_loads_and_card_validates(trained, tmp_path, monkeypatch)
     values = {result.metric_name: result.metric_value for result in card.data.eval_results}
     assert values == {"CIDEr": 1.25, "Bleu_4": 0.5, "METEOR": 0.3, "ROUGE_L": 0.6}
     assert "trust_remote_code=True" in card.text and "num_beams=3" in card.text and "{{" not in card.text
+    assert "K-Means refreshed every" in card.text  # the memory row
 
 
 def test_bad_repo_id_and_missing_metrics_are_clear_errors(trained, tmp_path):
@@ -66,3 +67,10 @@ def test_bad_repo_id_and_missing_metrics_are_clear_errors(trained, tmp_path):
         push.parse_args(["--model", str(directory), "--repo-id", "no-slash"])
     with pytest.raises(SystemExit):
         push.parse_args(["--model", str(directory), "--repo-id", "a/b", "--metrics", str(tmp_path / "none.json")])
+
+
+def test_the_card_names_the_log_prior_as_our_extension_only_where_it_is_on():
+    push = load_script("push_to_hub")
+    assert "our extension" in push.memory_description(tiny_model(memory_prior=True).config)
+    assert "our extension" not in push.memory_description(tiny_model().config)
+    assert push.memory_description(tiny_model(use_memory=False).config).startswith("off")
