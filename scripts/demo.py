@@ -4,10 +4,12 @@ Usage:
 
     python scripts/demo.py [--output-dir outputs/demo] [--num-images 2000] [--seed 0]
 
-Steps: generate the synthetic world → pre-train a tiny CLIP contrastively → build the concept codebook →
-cache the frozen-prefix features → train (XE + SupCon with prototype memory, then SCST) → evaluate on `test`
-and `test_novel` → caption a few images with `AutoModel`/`AutoProcessor`. Results land in `--output-dir`:
-`model/`, `metrics_test.json`, `metrics_test_novel.json`, `data/`, `samples/`.
+Steps: generate the synthetic world → take the shipped tiny CLIP (`configuration/clip/tiny-synthetic.safetensors`,
+made by `scripts/pretrain_clip.py`; its docstring has the command) → build the concept codebook → cache the
+frozen-prefix features → train (XE + SupCon with prototype memory, then SCST) → evaluate on `test` and
+`test_novel` → probe what the vision side sees (`scripts/probe_vision.py`) → caption a few images with
+`AutoModel`/`AutoProcessor`. Results land in `--output-dir`: `model/`, `metrics_test.json`,
+`metrics_test_novel.json`, `probe_vision.json`, `timings.json`, `data/`, `samples/`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import importlib.util
 import json
 import logging
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -34,7 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-config", type=Path, default=ROOT / "configuration/model/tiny.json")
     parser.add_argument("--xe-steps", type=int, default=None, help="override the training config (quick runs)")
     parser.add_argument("--scst-steps", type=int, default=None)
-    parser.add_argument("--clip-epochs", type=int, default=None)
+    parser.add_argument("--clip", type=Path, default=ROOT / "configuration/clip/tiny-synthetic.safetensors",
+                        help="the pre-trained tiny CLIP (scripts/pretrain_clip.py)")
     return parser.parse_args(argv)
 
 
@@ -42,6 +46,7 @@ def run_script(name: str, argv: list[str]):
     """Import `scripts/NAME.py` and call its `main(argv)`: one process, one set of imports."""
     spec = importlib.util.spec_from_file_location(f"fsgr_pma_script_{name}", SCRIPTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # as importlib's recipe does: dataclasses look their module up there
     spec.loader.exec_module(module)
     return module.main(argv)
 
@@ -50,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     out = args.output_dir
-    data, clip, codebook, features = out / "data", out / "clip.pt", out / "codebook.safetensors", out / "features"
+    data, clip, codebook, features = out / "data", out / "clip.safetensors", out / "codebook.safetensors", out / "features"
     timings = {}
 
     def timed(step: str, script: str, script_args: list[str]):
@@ -60,13 +65,12 @@ def main(argv: list[str] | None = None) -> dict:
         return result
 
     timed("data", "make_synthetic", ["--output-dir", data, "--num-images", args.num_images, "--seed", args.seed])
-    clip_args = ["--data", data, "--model-config", args.model_config, "--output", clip, "--seed", args.seed]
-    if args.clip_epochs is not None:
-        clip_args += ["--epochs", args.clip_epochs]
-    timed("pretrain_clip", "pretrain_clip", clip_args)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(args.clip, clip)  # the demo directory holds everything the ablations and the probes reuse
     vocabulary = ROOT / "configuration/concepts/synthetic.txt"
     timed("codebook", "build_codebook", [
         "--model-config", args.model_config, "--clip-pretrained", clip, "--vocabulary", vocabulary, "--output", codebook,
+        "--templates", "{}",  # concept names are phrases the tiny CLIP's text tower was trained on
     ])
     timed("features", "extract_features", [
         "--model-config", args.model_config, "--clip-pretrained", clip, "--codebook", codebook, "--data", data,
@@ -90,6 +94,9 @@ def main(argv: list[str] | None = None) -> dict:
         results[split] = timed(f"evaluate_{split}", "evaluate", [
             "--model", model_dir, "--data", data, "--split", split, "--output", out / f"metrics_{split}.json",
         ])
+    timed("probe_vision", "probe_vision", [
+        "--model", model_dir, "--clip-pretrained", clip, "--data", data, "--output", out / "probe_vision.json",
+    ])
     samples = caption_samples(model_dir, data, out / "samples")
     (out / "timings.json").write_text(json.dumps(timings, indent=2))
     print_report(results, samples, timings)
