@@ -158,7 +158,7 @@ def paired_summary(runs: dict[str, dict[int, dict]], seeds: list[int]) -> dict:
             entry = {"mean": statistics.fmean(values), "sd": statistics.stdev(values), "values": values}
             if name != "full":
                 differences = [v - runs["full"][seed][split][key] for v, seed in zip(values, seeds)]
-                half_width = stats.t.ppf(0.975, len(seeds) - 1) * statistics.stdev(differences) / len(seeds) ** 0.5
+                half_width = float(stats.t.ppf(0.975, len(seeds) - 1)) * statistics.stdev(differences) / len(seeds) ** 0.5
                 mean = statistics.fmean(differences)
                 entry["difference"] = {"mean": mean, "low": mean - half_width, "high": mean + half_width}
                 entry["full_better"] = (mean + half_width < 0) if better == "higher" else (mean - half_width > 0)
