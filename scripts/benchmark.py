@@ -18,7 +18,9 @@ to it (`.md`) with the machine and library versions.
   `VisionEncoderDecoderModel` (ViT + GPT-2 of the same width, depth, heads, vocabulary and image size, random
   weights, same batch, beams and length, both with a KV cache). `..._unmerged`: the same with our tower's LoRA
   left unmerged, as during training. `encoder_vs_vit_time_ratio_b1|b32`: the time of our encoder (tower, dense
-  patch embeddings, quantisation, interaction layers) ÷ the ViT's, for the same images.
+  patch embeddings, quantisation, interaction layers) ÷ the ViT's, for the same images;
+  `encoder_share_{tower,dense,quantize,interaction}_b32`: each stage's share of our encoder's time (timed alone),
+  and `tower_vs_vit_time_ratio_b32`: our tower's blocks ÷ the peer's whole ViT.
 - `feature_cache_speedup[_b16]`: training-epoch time from PNG-encoded synthetic images (decoded and preprocessed
   in the step) ÷ from the feature cache's shards, LoRA from the middle block, for the preset and (full run) for the
   vit-b16 preset (random weights, batch 4); `feature_cache_bound[_b16]`: the speed-up if the pixel path cost only
@@ -325,6 +327,31 @@ def bench_vs_ved(config: FsgrPmaConfig, repeats: int) -> dict:
         encoders = partial(encode, ours.get_encoder()), partial(encode, theirs.encoder)
         time_ours, time_vit = paired_medians(*encoders, repeats)
         result[f"encoder_vs_vit_time_ratio_b{batch}"] = time_ours / time_vit
+    result.update(encoder_parts(ours, theirs, pixel_values, repeats))
+    return result
+
+
+def encoder_parts(ours, theirs, pixel_values: torch.Tensor, repeats: int) -> dict:
+    """Where our released encoder's time goes at this batch: each stage timed alone on its inputs, as a share of
+    their sum, and our tower (embedding + every block) against the VED peer's whole ViT."""
+    encoder, batch = ours.get_encoder(), pixel_values.shape[0]
+    with torch.inference_mode():
+        tower = encoder.tower
+        prefix = tower.frozen_prefix(pixel_values)
+        _, last_input = tower.adapted_blocks(prefix)
+        patches, _, global_embedding, dense = encoder.encode_image(prefix)
+        language = encoder.quantize(dense, global_embedding)[0]
+        parts = {
+            "tower": lambda: tower.adapted_blocks(tower.frozen_prefix(pixel_values)),
+            "dense": lambda: tower.dense_embeddings(last_input, patches.shape[1]),
+            "quantize": lambda: encoder.quantize(dense, global_embedding),
+            "interaction": lambda: encoder.cross_attend(patches, language),
+        }
+        times = {name: median_time(run, repeats) for name, run in parts.items()}
+        time_tower, time_vit = paired_medians(parts["tower"], lambda: theirs.encoder(pixel_values=pixel_values), repeats)
+    total = sum(times.values())
+    result = {f"encoder_share_{name}_b{batch}": seconds / total for name, seconds in times.items()}
+    result[f"tower_vs_vit_time_ratio_b{batch}"] = time_tower / time_vit
     return result
 
 

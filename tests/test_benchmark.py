@@ -13,7 +13,8 @@ KEYS = {
     "train_step_memory_ratio", "refresh_share", "kmeans_faiss_s", "kmeans_torch_s", "generate_memory_ratio_greedy",
     "generate_memory_ratio_beam5", "generate_vs_ved_ratio_b1", "generate_vs_ved_ratio_b32", "feature_cache_speedup",
     "feature_cache_bound", "feature_cache_efficiency",
-    "peak_rss_memory_ratio", "memory_macs_ratio_tiny", "memory_macs_ratio_b16",
+    "peak_rss_memory_ratio", "memory_macs_ratio_tiny", "memory_macs_ratio_b16", "tower_vs_vit_time_ratio_b32",
+    "encoder_share_tower_b32", "encoder_share_dense_b32", "encoder_share_quantize_b32", "encoder_share_interaction_b32",
 }
 
 
@@ -26,6 +27,8 @@ def test_quick_benchmark_writes_every_key(tmp_path):
     results = json.loads(output.read_text())
     assert KEYS <= set(results)
     assert all(isinstance(results[k], float) and results[k] > 0 for k in KEYS)
+    shares = [results[f"encoder_share_{part}_b32"] for part in ("tower", "dense", "quantize", "interaction")]
+    assert sum(shares) == pytest.approx(1.0, abs=1e-3)
     table = output.with_suffix(".md").read_text()
     assert "generate_vs_ved_ratio_b32" in table and "≥ 1.2" in table
 
