@@ -909,6 +909,7 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
         self._ready_state: tuple | None = None
         self._ready_value = False
         self._heads: tuple | None = None
+        self._mask_row: tuple | None = None
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(*x.shape[:-1], self.num_heads, self.head_dim).transpose(-3, -2)  # (..., h, L, hd)
@@ -983,6 +984,30 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
         ramp = math.log(self.memory_ramp)
         return (prior.to(dtype) + ramp) if prior is not None else torch.full((self.num_heads,), ramp, dtype=dtype)
 
+    def decoding_mask(self, dtype: torch.dtype, length: int) -> torch.Tensor | None:
+        """Additive `(1, h, 1, m + S)` mask of a decoding step that masks nothing, in the cache's layout
+        `[prototypes ; caption]`: `memory_bias` on the prototypes, 0 on the S caption positions; None without a bias.
+
+        Under `no_grad` or `inference_mode` it is a view of one `(1, h, 1, m + max_position_embeddings)` row, built
+        once and reused while the log-prior and the ramp are unchanged (see `_state`), so that a decoding step builds
+        no mask; with gradients enabled it is built at every call, so that the log-prior learns.
+        """
+        prior = getattr(self, "prototype_log_prior", None)
+        if prior is None and self.memory_ramp == 1.0:
+            return None
+        reusable = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        state = (self._state(prior) if prior is not None else ()) if reusable else None
+        if state is not None:
+            state = (dtype, self.memory_ramp, torch.is_inference_mode_enabled(), *state)
+            if self._mask_row is not None and self._mask_row[0] == state:
+                return self._mask_row[2][..., : self.config.num_prototypes + length]
+        bias = self.memory_bias(dtype)  # (h,)
+        row = torch.zeros(1, self.num_heads, 1, self.config.num_prototypes + self.config.max_position_embeddings,
+                          dtype=dtype, device=bias.device)  # (1, h, 1, m + P)
+        row[..., : self.config.num_prototypes] = bias.view(1, -1, 1, 1)
+        self._mask_row = None if state is None else (state, prior, row)
+        return row[..., : self.config.num_prototypes + length]  # (1, h, 1, m + S)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -1022,8 +1047,11 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
                 memory_keys, memory_values = memory  # (h, m, hd) each
                 num_prototypes = memory_keys.shape[1]
                 batch, length, total = key.shape[0], query.shape[2], key.shape[2] - (num_prototypes if prefixed else 0)
-                bias = self.memory_bias(key.dtype)  # (h,) or None
-                mask = mask_with_prototypes(mask, bias, batch, length, total, num_prototypes, first=prefixed)
+                if prefixed and mask is None:  # a decoding step: one row for the batch
+                    mask = self.decoding_mask(key.dtype, total)  # (1, h, 1, m + S) or None
+                else:
+                    bias = self.memory_bias(key.dtype)  # (h,) or None
+                    mask = mask_with_prototypes(mask, bias, batch, length, total, num_prototypes, first=prefixed)
                 if not prefixed:
                     key = torch.cat([key, memory_keys.expand(batch, -1, -1, -1)], dim=2)  # (B, h, S + m, hd)
                     value = torch.cat([value, memory_values.expand(batch, -1, -1, -1)], dim=2)  # (B, h, S + m, hd)

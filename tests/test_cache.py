@@ -127,3 +127,38 @@ def test_with_gradients_the_cache_concatenates_and_gradients_flow():
     keys, _ = layer.update(second, second)
     keys.sum().backward()  # no in-place write modified a saved tensor
     assert torch.equal(first.grad, torch.ones_like(first)) and torch.equal(second.grad, torch.ones_like(second))
+
+
+def test_the_reused_decoding_mask_follows_every_change_of_the_log_prior_and_the_ramp():
+    """Decoding steps read one mask row per layer, built once; a changed log-prior, ramp or dtype is seen at once."""
+    model = _model(memory_prior=True)
+    layer = model.memory_layers()[0]
+    pixel_values, _ = random_batch(model.config, batch=2)
+    settings = dict(max_new_tokens=8, do_sample=False, return_dict_in_generate=True, output_scores=True)
+
+    def scores(cache=None):
+        with torch.inference_mode():
+            inputs = pixel_values.to(model.dtype)
+            return torch.stack(model.generate(pixel_values=inputs, past_key_values=cache, **settings).scores)
+
+    def add_to_the_prior():
+        with torch.no_grad():
+            layer.prototype_log_prior.add_(2.0)
+
+    def load_another_prior():
+        layer.load_state_dict({**layer.state_dict(), "prototype_log_prior": torch.randn_like(layer.prototype_log_prior)})
+
+    changes = {
+        "in-place write": add_to_the_prior,
+        "load_state_dict": load_another_prior,
+        "ramp": lambda: model.set_memory_ramp(0.25),
+    }
+    torch.testing.assert_close(scores(), scores(_plain_cache()))
+    for name, change in changes.items():
+        before = scores()
+        change()
+        after = scores()
+        assert not torch.allclose(before, after), name
+        torch.testing.assert_close(after, scores(_plain_cache()), msg=name)
+    model.double()  # a float32 row would not match float64 queries (SDPA raises)
+    torch.testing.assert_close(scores(), scores(_plain_cache()))
