@@ -908,8 +908,7 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
         # Derived from the buffers and reused while they are unchanged (see `_is_ready`, `memory_heads`); never saved.
         self._ready_state: tuple | None = None
         self._ready_value = False
-        self._heads: tuple | None = None
-        self._mask_row: tuple | None = None
+        self._reuse: dict[str, tuple | None] = {}  # see `_reused`
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(*x.shape[:-1], self.num_heads, self.head_dim).transpose(-3, -2)  # (..., h, L, hd)
@@ -955,18 +954,30 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
         """
         if not self.memory_active:
             return None
+
+        def heads() -> tuple[torch.Tensor, torch.Tensor]:
+            keys = self._split_heads((self.prototype_keys + (self.segment_memory - self.segment_sequence)).to(dtype))
+            return keys, self._split_heads(self.prototype_values.to(dtype))  # (h, m, hd) each
+
         tensors = (self.prototype_keys, self.prototype_values, self.segment_memory, self.segment_sequence)
-        # a compiled graph computes them in the graph (dynamo cannot trace the reuse check)
+        return self._reused("heads", tensors, dtype, heads)
+
+    def _reused(self, name: str, tensors: tuple, key: object, build: Callable) -> object:
+        """`build()`, or the value it returned last time for `name` while `key` and the `_state` of `tensors` are
+        unchanged. Only without gradients and outside `torch.compile` (a compiled graph computes the value in the
+        graph: dynamo cannot trace the reuse check); with gradients the value is built at every call, so it learns.
+        """
         reusable = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         state = self._state(*tensors) if reusable else None
         if state is not None:
-            state = (dtype, torch.is_inference_mode_enabled(), *state)
-            if self._heads is not None and self._heads[0] == state:
-                return self._heads[2], self._heads[3]
-        keys = self._split_heads((self.prototype_keys + (self.segment_memory - self.segment_sequence)).to(dtype))
-        values = self._split_heads(self.prototype_values.to(dtype))  # (h, m, hd)
-        self._heads = None if state is None else (state, tensors, keys, values)
-        return keys, values
+            state = (key, torch.is_inference_mode_enabled(), *state)
+            cached = self._reuse.get(name)
+            if cached is not None and cached[0] == state:
+                return cached[2]
+        value = build()
+        # the tensors are kept with the state so that their `id`s are not reused while it is compared
+        self._reuse[name] = None if state is None else (state, tensors, value)
+        return value
 
     def idle_parameters(self) -> list[nn.Parameter]:
         """The trainable parameters that only the prototypes use (segment embeddings, log-prior): all of them while the
@@ -995,18 +1006,16 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
         prior = getattr(self, "prototype_log_prior", None)
         if prior is None and self.memory_ramp == 1.0:
             return None
-        reusable = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        state = (self._state(prior) if prior is not None else ()) if reusable else None
-        if state is not None:
-            state = (dtype, self.memory_ramp, torch.is_inference_mode_enabled(), *state)
-            if self._mask_row is not None and self._mask_row[0] == state:
-                return self._mask_row[2][..., : self.config.num_prototypes + length]
-        bias = self.memory_bias(dtype)  # (h,)
-        row = torch.zeros(1, self.num_heads, 1, self.config.num_prototypes + self.config.max_position_embeddings,
-                          dtype=dtype, device=bias.device)  # (1, h, 1, m + P)
-        row[..., : self.config.num_prototypes] = bias.view(1, -1, 1, 1)
-        self._mask_row = None if state is None else (state, prior, row)
-        return row[..., : self.config.num_prototypes + length]  # (1, h, 1, m + S)
+        m = self.config.num_prototypes
+
+        def row() -> torch.Tensor:
+            bias = self.memory_bias(dtype)  # (h,)
+            full = bias.new_zeros(1, self.num_heads, 1, m + self.config.max_position_embeddings)  # (1, h, 1, m + P)
+            full[..., :m] = bias.view(1, -1, 1, 1)
+            return full
+
+        tensors = () if prior is None else (prior,)
+        return self._reused("mask_row", tensors, (dtype, self.memory_ramp), row)[..., : m + length]  # (1, h, 1, m + S)
 
     def forward(
         self,
