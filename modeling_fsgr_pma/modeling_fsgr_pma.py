@@ -1029,11 +1029,12 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
 
         `token_mask` `(B, T)` marks the non-padding positions whose keys/values may enter the bank.
         """
+        batch, length, width = hidden_states.shape
         qkv = self.qkv_proj(hidden_states)  # (B, T, 3d)
-        query, key, value = qkv.split(hidden_states.shape[-1], dim=-1)  # (B, T, d) each
         if self.training and self.memory_enabled:
-            self._pending = self.sample_for_bank(qkv[..., key.shape[-1] :], token_mask)  # committed after the forward
-        query, key, value = self._split_heads(query), self._split_heads(key), self._split_heads(value)  # (B, h, T, hd)
+            self._pending = self.sample_for_bank(qkv[..., width:], token_mask)  # committed after the forward
+        heads = qkv.view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, h, T, hd)
+        query, key, value = heads.unbind(0)  # (B, h, T, hd) each, views of qkv
         memory = self.memory_heads(key.dtype)  # (h, m, hd) keys and values, or None
         concatenated = memory is not None and memory[0].shape[1] <= MAX_PROTOTYPES_TO_CONCATENATE
         cache = past_key_values.self_attention_cache if past_key_values is not None else None
@@ -1055,7 +1056,7 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
             if memory is not None:
                 memory_keys, memory_values = memory  # (h, m, hd) each
                 num_prototypes = memory_keys.shape[1]
-                batch, length, total = key.shape[0], query.shape[2], key.shape[2] - (num_prototypes if prefixed else 0)
+                total = key.shape[2] - (num_prototypes if prefixed else 0)
                 if prefixed and mask is None:  # a decoding step: one row for the batch
                     mask = self.decoding_mask(key.dtype, total)  # (1, h, 1, m + S) or None
                 else:
@@ -1202,23 +1203,25 @@ class FsgrPmaDecoder(nn.Module):
         """`input_ids` `(B, T)` new tokens; `attention_mask` `(B, past + T)` over the whole sequence (1 = token)."""
         batch, length = input_ids.shape
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        # A single new token without padding sees every position: no mask at all (the common decoding step).
-        no_mask = attention_mask is None and length == 1
-        if attention_mask is None:
-            attention_mask = torch.ones(batch, past + length, dtype=torch.long, device=input_ids.device)
-        if attention_mask.shape != (batch, past + length):
+        if attention_mask is not None and attention_mask.shape != (batch, past + length):
             raise ValueError(
                 f"decoder attention_mask must have shape (batch, past + new tokens) = {(batch, past + length)}, "
                 f"got {tuple(attention_mask.shape)}"
             )
-        # Positions count real tokens only, so left-padded prompts get the same positions as unpadded ones.
         if past + length > self.config.max_position_embeddings:
             raise ValueError(
                 f"sequence length {past + length} exceeds max_position_embeddings "
                 f"({self.config.max_position_embeddings}); lower max_new_tokens"
             )
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
-        hidden_states = self.dropout(self.embed_tokens(input_ids) + self.embed_positions(positions))  # (B, T, d)
+        if attention_mask is None:  # no padding: positions past … past + T - 1, rows of the table
+            position_embeddings = self.embed_positions.weight[past : past + length]  # (T, d)
+            # A single new token sees every position: no mask at all (the common decoding step).
+            padding_mask = None if length == 1 else input_ids.new_ones(batch, past + length, dtype=torch.bool)
+        else:  # positions count real tokens only, so left-padded prompts get the positions of unpadded ones
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
+            position_embeddings = self.embed_positions(positions)  # (B, T, d)
+            padding_mask = attention_mask.bool()
+        hidden_states = self.dropout(self.embed_tokens(input_ids) + position_embeddings)  # (B, T, d)
         if self.training and torch.is_grad_enabled():
             idle = [param for layer in self.layers for param in layer.self_attn.idle_parameters()]
             if idle:
@@ -1226,8 +1229,8 @@ class FsgrPmaDecoder(nn.Module):
                 # every trainable parameter in every step's graph: while the memory is empty its parameters join
                 # with weight zero. Values and all other gradients are unchanged; theirs are exact zeros.
                 hidden_states = hidden_states + 0.0 * torch.stack([param.sum() for param in idle]).sum()
-        mask = None if no_mask else self.causal_mask(attention_mask.bool(), length)
-        token_mask = attention_mask[:, past:]  # (B, T)
+        mask = None if padding_mask is None else self.causal_mask(padding_mask, length)  # (B, 1, T, past + T)
+        token_mask = None if attention_mask is None else attention_mask[:, past:]  # (B, T); None: every token
 
         all_hidden = (hidden_states,) if output_hidden_states else None
         all_self, all_cross = ((), ()) if output_attentions else (None, None)
@@ -1565,9 +1568,11 @@ class FsgrPmaModel(FsgrPmaPreTrainedModel):
         config = self.config
         vocab = config.vocab_size
         # Checked in eager mode only: a traced graph cannot branch on the data (torch.compile, torch.export).
-        if not torch.compiler.is_compiling() and ((decoder_input_ids < 0) | (decoder_input_ids >= vocab)).any():
-            bad = decoder_input_ids[(decoder_input_ids < 0) | (decoder_input_ids >= vocab)][0].item()
-            raise ValueError(f"input_ids contain token id {bad}, outside the vocabulary [0, {vocab})")
+        if not torch.compiler.is_compiling() and decoder_input_ids.numel():
+            low, high = (bound.item() for bound in torch.aminmax(decoder_input_ids))  # one pass, at every step
+            if low < 0 or high >= vocab:
+                bad = low if low < 0 else high
+                raise ValueError(f"input_ids contain token id {bad}, outside the vocabulary [0, {vocab})")
         use_cache = use_cache if use_cache is not None else (not self.training and config.use_cache)
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states

@@ -100,6 +100,39 @@ def test_labels_ignore_padding_and_minus_100(model):
     torch.testing.assert_close(plain, with_ignore)
 
 
+def test_no_attention_mask_equals_a_mask_of_ones_in_training_and_in_cached_steps():
+    """Without a mask the positions are rows of the table and a decoding step has no mask: same as all ones."""
+    pixel_values, ids = random_batch(tiny_config(), batch=2, length=6)
+    runs = []
+    for mask in (None, torch.ones_like(ids)):
+        model = tiny_model(dropout=0.0)
+        fill_memory(model)
+        model.train()
+        torch.manual_seed(0)  # the bank's row sample
+        loss = model(pixel_values=pixel_values, input_ids=ids, attention_mask=mask, labels=ids).loss
+        loss.backward()
+        grads = {name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None}
+        banks = [layer.bank_contents() for layer in model.memory_layers()]
+        model.eval()
+        with torch.no_grad():
+            cache, step_logits = model.new_cache(), []
+            for t in range(ids.shape[1]):  # one token at a time, the way generate decodes
+                step_mask = None if mask is None else mask[:, : t + 1]
+                out = model(pixel_values=pixel_values, input_ids=ids[:, t : t + 1], attention_mask=step_mask,
+                            past_key_values=cache, use_cache=True)
+                step_logits.append(out.logits)
+        runs.append((loss, grads, banks, torch.cat(step_logits, dim=1)))
+    (loss_a, grads_a, banks_a, steps_a), (loss_b, grads_b, banks_b, steps_b) = runs
+    torch.testing.assert_close(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and "model.decoder.embed_positions.weight" in grads_a
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], msg=name)
+    for (keys_a, values_a), (keys_b, values_b) in zip(banks_a, banks_b):
+        torch.testing.assert_close(keys_a, keys_b)
+        torch.testing.assert_close(values_a, values_b)
+    torch.testing.assert_close(steps_a, steps_b)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Causality and memory semantics
 @pytest.mark.parametrize("with_memory", [False, True], ids=["empty-memory", "prototypes"])
