@@ -325,23 +325,33 @@ class FsgrPmaCrossAttention(nn.Module):
         past_key_values: EncoderDecoderCache | None = None,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`hidden_states` `(B, T, d)` attend to `key_states`/`value_states` `(B, S, d)` (values default to keys)."""
-        query = self._split_heads(self.q_proj(hidden_states))  # (B, h, T, hd)
+        """`hidden_states` `(B, T, d)` attend to `key_states`/`value_states` `(B, S, d)` (values default to keys).
+
+        In `generate`, the r rows of an image (its beams or returned sequences) share its keys and values: an
+        [`FsgrPmaCache`] keeps one copy per image, `(B / r, h, S, hd)`, and the image's r rows of queries attend
+        to it as one sequence of r * T queries (no mask, so every query's softmax is its own).
+        """
+        batch, length, _ = hidden_states.shape
         cache = past_key_values.cross_attention_cache if past_key_values is not None else None
         if cache is not None and past_key_values.is_updated.get(self.layer_idx):
             key, value = cache.layers[self.layer_idx].keys, cache.layers[self.layer_idx].values
         else:
+            rows_per_image = past_key_values.rows_per_image if isinstance(past_key_values, FsgrPmaCache) else 1
             value_states = key_states if value_states is None else value_states
-            key = self._split_heads(self.k_proj(key_states))  # (B, h, S, hd)
-            value = self._split_heads(self.v_proj(value_states))  # (B, h, S, hd)
+            key = self._split_heads(self.k_proj(key_states[::rows_per_image]))  # (G, h, S, hd), G = B / r
+            value = self._split_heads(self.v_proj(value_states[::rows_per_image]))  # (G, h, S, hd)
             if cache is not None:
                 key, value = cache.update(key, value, self.layer_idx)
                 past_key_values.is_updated[self.layer_idx] = True
+        groups = key.shape[0]  # images (B without a shared cache)
+        query = self.q_proj(hidden_states).view(groups, -1, self.num_heads, self.head_dim).transpose(1, 2)
         dropout = self.dropout if self.training else 0.0
         out, weights = attention_function(self.config)(
             self, query, key, value, None, dropout=dropout, scaling=self.scaling, output_attentions=output_attentions
-        )  # (B, T, h, hd)
+        )  # (G, r * T, h, hd)
         out = out.reshape(*hidden_states.shape)  # (B, T, d)
+        if weights is not None:  # (G, h, r * T, S) → (B, h, T, S)
+            weights = weights.unflatten(2, (-1, length)).transpose(1, 2).flatten(0, 1)
         return self.out_proj(out), (weights if output_attentions else None)
 
 
@@ -1351,15 +1361,36 @@ class FsgrPmaSelfAttentionCache(DynamicCache):
 
 
 class FsgrPmaCache(EncoderDecoderCache):
-    """Self- and cross-attention cache whose beam reordering moves the self-attention part only.
+    """Self- and cross-attention cache whose cross-attention part holds one copy per image.
 
-    The beams of one image share its encoder output, so their cross-attention keys/values are identical and
-    reordering them (what `EncoderDecoderCache` does at every beam-search step) is a copy that changes nothing. The
-    self-attention part keeps the prototypes as a fixed prefix of each layer (`FsgrPmaSelfAttentionCache`).
+    The r rows of one image in `generate` (beams, returned sequences) share its encoder output, so their
+    cross-attention keys/values are identical: the cache keeps them once, `(B / r, h, S, hd)`, which also makes beam
+    reordering (what `EncoderDecoderCache` does at every beam-search step) a no-op there. Batch selection and
+    repetition first restore one row per sequence. The self-attention part keeps the prototypes as a fixed prefix of
+    each layer (`FsgrPmaSelfAttentionCache`).
     """
+
+    rows_per_image = 1  # set by `generate` (`_expand_inputs_for_generation`): the cross-attention part's sharing
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.self_attention_cache.reorder_cache(beam_idx)
+
+    def _one_cross_attention_row_per_sequence(self) -> None:
+        """Repeat the shared cross-attention keys/values back to one row per sequence, before a batch operation."""
+        if self.rows_per_image > 1:
+            for layer in self.cross_attention_cache.layers:
+                if layer.is_initialized:
+                    layer.keys = layer.keys.repeat_interleave(self.rows_per_image, dim=0)
+                    layer.values = layer.values.repeat_interleave(self.rows_per_image, dim=0)
+            self.rows_per_image = 1
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._one_cross_attention_row_per_sequence()
+        super().batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._one_cross_attention_row_per_sequence()
+        super().batch_select_indices(indices)
 
 
 # ==============================================================================================================
@@ -1821,6 +1852,17 @@ class FsgrPmaForConditionalGeneration(FsgrPmaPreTrainedModel, GenerationMixin):
         if use_cache and kwargs.get("past_key_values") is None:
             kwargs["past_key_values"] = self.new_cache()
         return super().generate(*args, **kwargs)
+
+    def _expand_inputs_for_generation(
+        self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids: torch.LongTensor | None = None,
+        **model_kwargs,
+    ) -> tuple[torch.LongTensor, dict]:
+        """`GenerationMixin`'s, which repeats each image's inputs `expand_size` times (beams, returned sequences);
+        an empty [`FsgrPmaCache`] learns the count, so that its cross-attention part keeps one copy per image."""
+        cache = model_kwargs.get("past_key_values")
+        if isinstance(cache, FsgrPmaCache) and not cache.cross_attention_cache.layers:
+            cache.rows_per_image = expand_size
+        return super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
 
     def prepare_inputs_for_generation(
         self,

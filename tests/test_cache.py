@@ -162,3 +162,57 @@ def test_the_reused_decoding_mask_follows_every_change_of_the_log_prior_and_the_
         torch.testing.assert_close(after, scores(_plain_cache()), msg=name)
     model.double()  # a float32 row would not match float64 queries (SDPA raises)
     torch.testing.assert_close(scores(), scores(_plain_cache()))
+
+
+@pytest.mark.parametrize(
+    "settings, rows, returned",
+    [({"num_beams": 4}, 4, 1), ({"do_sample": True, "num_return_sequences": 2}, 2, 2)],
+    ids=["beams", "returned-sequences"],
+)
+def test_the_rows_of_an_image_share_one_copy_of_its_cross_attention_keys(settings, rows, returned):
+    model = _model()
+    pixel_values, _ = random_batch(model.config, batch=3)
+    cache = model.new_cache()
+    torch.manual_seed(0)
+    out = model.generate(pixel_values=pixel_values, max_new_tokens=6, past_key_values=cache, **settings)
+    assert out.shape[0] == 3 * returned and cache.rows_per_image == rows
+    for layer in cache.cross_attention_cache.layers:
+        assert layer.keys.shape[0] == 3 and layer.values.shape[0] == 3  # one copy per image
+    assert cache.self_attention_cache.layers[0].keys.shape[0] == 3 * rows
+
+
+def test_shared_cross_attention_weights_are_each_rows_own():
+    model = _model()
+    model.set_attn_implementation("eager")
+    pixel_values, _ = random_batch(model.config, batch=2)
+    settings = dict(pixel_values=pixel_values, max_new_tokens=5, num_beams=3, do_sample=False,
+                    return_dict_in_generate=True, output_attentions=True)
+    ours = model.generate(**settings)
+    plain = model.generate(**settings, past_key_values=_plain_cache())
+    assert torch.equal(ours.sequences, plain.sequences)
+    for step_got, step_want in zip(ours.cross_attentions, plain.cross_attentions):
+        for got, want in zip(step_got, step_want):
+            assert got.shape == (6, model.config.num_attention_heads, 1, model.config.num_patches)  # (B, h, T, S)
+            torch.testing.assert_close(got, want)
+
+
+def test_batch_selection_of_a_shared_cache_restores_one_row_per_sequence():
+    model = _model()
+    pixel_values, ids = random_batch(model.config, batch=2, length=4)
+    with torch.no_grad():
+        encoder_outputs = model.get_encoder()(pixel_values=pixel_values)
+        encoder_outputs.last_hidden_state = encoder_outputs.last_hidden_state.repeat_interleave(2, dim=0)
+        ids = ids.repeat_interleave(2, dim=0)  # (4, T): two rows per image, as generate makes them
+        shared, plain = model.new_cache(), _plain_cache()
+        shared.rows_per_image = 2
+        for cache in (shared, plain):
+            model(encoder_outputs=encoder_outputs, input_ids=ids[:, :3], past_key_values=cache)
+        assert shared.cross_attention_cache.layers[0].keys.shape[0] == 2
+        keep = torch.tensor([3, 0])
+        for cache in (shared, plain):
+            cache.batch_select_indices(keep)
+        assert shared.rows_per_image == 1 and shared.cross_attention_cache.layers[0].keys.shape[0] == 2
+        selected = encoder_outputs.last_hidden_state[keep]
+        step = dict(encoder_outputs=type(encoder_outputs)(last_hidden_state=selected), input_ids=ids[keep, 3:])
+        torch.testing.assert_close(model(**step, past_key_values=shared).logits,
+                                   model(**step, past_key_values=plain).logits)
