@@ -350,7 +350,7 @@ class FsgrPmaCrossAttention(nn.Module):
             self, query, key, value, None, dropout=dropout, scaling=self.scaling, output_attentions=output_attentions
         )  # (G, r * T, h, hd)
         out = out.reshape(*hidden_states.shape)  # (B, T, d)
-        if weights is not None:  # (G, h, r * T, S) → (B, h, T, S)
+        if weights is not None and groups != batch:  # shared keys: (G, h, r * T, S) → (B, h, T, S)
             weights = weights.unflatten(2, (-1, length)).transpose(1, 2).flatten(0, 1)
         return self.out_proj(out), (weights if output_attentions else None)
 
@@ -1366,7 +1366,7 @@ class FsgrPmaCache(EncoderDecoderCache):
     The r rows of one image in `generate` (beams, returned sequences) share its encoder output, so their
     cross-attention keys/values are identical: the cache keeps them once, `(B / r, h, S, hd)`, which also makes beam
     reordering (what `EncoderDecoderCache` does at every beam-search step) a no-op there. Batch selection and
-    repetition first restore one row per sequence. The self-attention part keeps the prototypes as a fixed prefix of
+    repetition first restore one row per sequence, and so does `generate` before it returns the cache. The self-attention part keeps the prototypes as a fixed prefix of
     each layer (`FsgrPmaSelfAttentionCache`).
     """
 
@@ -1375,8 +1375,9 @@ class FsgrPmaCache(EncoderDecoderCache):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.self_attention_cache.reorder_cache(beam_idx)
 
-    def _one_cross_attention_row_per_sequence(self) -> None:
-        """Repeat the shared cross-attention keys/values back to one row per sequence, before a batch operation."""
+    def one_cross_attention_row_per_sequence(self) -> None:
+        """Repeat the shared cross-attention keys/values back to one row per sequence: transformers' layout, for a
+        batch operation and for the cache that `generate` returns."""
         if self.rows_per_image > 1:
             for layer in self.cross_attention_cache.layers:
                 if layer.is_initialized:
@@ -1385,11 +1386,11 @@ class FsgrPmaCache(EncoderDecoderCache):
             self.rows_per_image = 1
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self._one_cross_attention_row_per_sequence()
+        self.one_cross_attention_row_per_sequence()
         super().batch_repeat_interleave(repeats)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._one_cross_attention_row_per_sequence()
+        self.one_cross_attention_row_per_sequence()
         super().batch_select_indices(indices)
 
 
@@ -1846,12 +1847,18 @@ class FsgrPmaForConditionalGeneration(FsgrPmaPreTrainedModel, GenerationMixin):
         )
 
     def generate(self, *args, **kwargs):
-        """`GenerationMixin.generate`, with an [`FsgrPmaCache`] unless a cache is given or caching is off."""
+        """`GenerationMixin.generate`, with an [`FsgrPmaCache`] unless a cache is given or caching is off.
+
+        The cache returned (`return_dict_in_generate`) has transformers' layout, one cross-attention row per sequence.
+        """
         generation_config = kwargs.get("generation_config") or self.generation_config
         use_cache = kwargs.get("use_cache", generation_config.use_cache)
         if use_cache and kwargs.get("past_key_values") is None:
             kwargs["past_key_values"] = self.new_cache()
-        return super().generate(*args, **kwargs)
+        output = super().generate(*args, **kwargs)
+        if isinstance(kwargs.get("past_key_values"), FsgrPmaCache):
+            kwargs["past_key_values"].one_cross_attention_row_per_sequence()
+        return output
 
     def _expand_inputs_for_generation(
         self, expand_size: int = 1, is_encoder_decoder: bool = False, input_ids: torch.LongTensor | None = None,

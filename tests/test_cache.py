@@ -172,13 +172,22 @@ def test_the_reused_decoding_mask_follows_every_change_of_the_log_prior_and_the_
 def test_the_rows_of_an_image_share_one_copy_of_its_cross_attention_keys(settings, rows, returned):
     model = _model()
     pixel_values, _ = random_batch(model.config, batch=3)
-    cache = model.new_cache()
+    seen = []  # (rows of queries, rows of cached cross-attention keys) at every decoding step
+
+    def record(module, args, output):
+        hidden_states, cache = args[0], args[3]
+        seen.append((hidden_states.shape[0], cache.cross_attention_cache.layers[module.layer_idx].keys.shape[0]))
+
+    hook = model.decoder.layers[1].cross_attn.register_forward_hook(record)
     torch.manual_seed(0)
-    out = model.generate(pixel_values=pixel_values, max_new_tokens=6, past_key_values=cache, **settings)
-    assert out.shape[0] == 3 * returned and cache.rows_per_image == rows
+    out = model.generate(pixel_values=pixel_values, max_new_tokens=6, return_dict_in_generate=True, **settings)
+    hook.remove()
+    assert out.sequences.shape[0] == 3 * returned and len(seen) == 6
+    assert set(seen) == {(3 * rows, 3)}  # one copy of the keys per image, for its `rows` rows
+    cache = out.past_key_values  # returned in transformers' layout: one row per sequence
+    assert cache.rows_per_image == 1
     for layer in cache.cross_attention_cache.layers:
-        assert layer.keys.shape[0] == 3 and layer.values.shape[0] == 3  # one copy per image
-    assert cache.self_attention_cache.layers[0].keys.shape[0] == 3 * rows
+        assert layer.keys.shape[0] == 3 * rows and layer.values.shape[0] == 3 * rows
 
 
 def test_shared_cross_attention_weights_are_each_rows_own():
