@@ -1366,8 +1366,8 @@ class FsgrPmaCache(EncoderDecoderCache):
     The r rows of one image in `generate` (beams, returned sequences) share its encoder output, so their
     cross-attention keys/values are identical: the cache keeps them once, `(B / r, h, S, hd)`, which also makes beam
     reordering (what `EncoderDecoderCache` does at every beam-search step) a no-op there. Batch selection and
-    repetition first restore one row per sequence, and so does `generate` before it returns the cache. The self-attention part keeps the prototypes as a fixed prefix of
-    each layer (`FsgrPmaSelfAttentionCache`).
+    repetition first restore one row per sequence, and so does `generate` before it returns the cache. The
+    self-attention part keeps the prototypes as a fixed prefix of each layer (`FsgrPmaSelfAttentionCache`).
     """
 
     rows_per_image = 1  # set by `generate` (`_expand_inputs_for_generation`): the cross-attention part's sharing
@@ -1379,10 +1379,7 @@ class FsgrPmaCache(EncoderDecoderCache):
         """Repeat the shared cross-attention keys/values back to one row per sequence: transformers' layout, for a
         batch operation and for the cache that `generate` returns."""
         if self.rows_per_image > 1:
-            for layer in self.cross_attention_cache.layers:
-                if layer.is_initialized:
-                    layer.keys = layer.keys.repeat_interleave(self.rows_per_image, dim=0)
-                    layer.values = layer.values.repeat_interleave(self.rows_per_image, dim=0)
+            self.cross_attention_cache.batch_repeat_interleave(self.rows_per_image)
             self.rows_per_image = 1
 
     def batch_repeat_interleave(self, repeats: int) -> None:
