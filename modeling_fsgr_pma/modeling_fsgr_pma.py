@@ -52,7 +52,7 @@ CONCEPT_LOGIT_SCALE = 1.0 / 0.07
 # Up to this many prototypes, memory attention copies them after every sequence's keys and runs one fused SDPA;
 # beyond it, one matmul per head scores them for the whole batch (`attend_with_prototypes`). Measured on CPU: with
 # 32 prototypes the fused call is the faster one; with 1024, copying them per sequence and decoding step made
-# training 1.9x and beam search 9x slower than without memory (`scripts/benchmark.py`, `..._b16` figures).
+# training 1.9x and beam search 9x slower than without memory (`tools/benchmark.py`, `..._b16` figures).
 MAX_PROTOTYPES_TO_CONCATENATE = 64
 
 

@@ -12,8 +12,8 @@ loads the first model named under `models:` in a `README.md` next to this file (
 
 A visitor uploads or drops images (or clicks a bundled example), sets the beam size and the maximum caption length
 and presses **Caption**. Every upload gets its caption, or the error text `fsgr-pma caption` prints for that file
-(`modeling_fsgr_pma.data.decode_image`); nothing a visitor uploads raises in the server. With **Explain** ticked,
-each good image also gets the `fsgr-pma explain` figure (`modeling_fsgr_pma.explain`) for its greedy caption.
+(`modeling_fsgr_pma.data.captions.decode_image`); nothing a visitor uploads raises in the server. With **Explain** ticked,
+each good image also gets the `fsgr-pma explain` figure (`modeling_fsgr_pma.cli.explain`) for its greedy caption.
 
 Captioning runs in Gradio's queue as a batch function: up to `--max-batch-size` visitors' requests waiting in the
 queue are taken together, their images pooled per (beam size, length) setting and captioned in batches of
@@ -42,10 +42,10 @@ import torch  # noqa: E402
 from huggingface_hub import SpaceCard  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from modeling_fsgr_pma.cli import Result, caption_images, error_reason, load_image  # noqa: E402
-from modeling_fsgr_pma.data import BadImageError  # noqa: E402
-from modeling_fsgr_pma.explain import explain_image, plot_explanation  # noqa: E402
-from modeling_fsgr_pma.loading import ModelLoadError, load_pretrained, looks_like_path  # noqa: E402
+from modeling_fsgr_pma.cli.main import Result, caption_images, error_reason, load_image  # noqa: E402
+from modeling_fsgr_pma.data.captions import BadImageError  # noqa: E402
+from modeling_fsgr_pma.cli.explain import explain_image, plot_explanation  # noqa: E402
+from modeling_fsgr_pma.cli.loading import ModelLoadError, load_pretrained, looks_like_path  # noqa: E402
 
 logger = logging.getLogger("fsgr_pma.app")
 
@@ -311,7 +311,7 @@ def model_card(model_id: str) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "modeling_fsgr_pma.explain"):  # a line per local HTTP call, per temporary figure file
+    for noisy in ("httpx", "modeling_fsgr_pma.cli.explain"):  # a line per local HTTP call, per temporary figure file
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # no telemetry, no version check against gradio.app
     imported = time.perf_counter()

@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 
 from modeling_fsgr_pma import FsgrPmaConfig
-from modeling_fsgr_pma.clip_backbone import DEFAULT_TEMPLATES, clip_tokenizer, embed_concepts, load_pretrained_clip, save_codebook
+from modeling_fsgr_pma.training.clip_backbone import DEFAULT_TEMPLATES, clip_tokenizer, embed_concepts, load_pretrained_clip, save_codebook
 
 logger = logging.getLogger(__name__)
 

@@ -4,10 +4,10 @@ Usage:
 
     python scripts/demo.py [--output-dir outputs/demo] [--num-images 2000] [--seed 0]
 
-Steps: generate the synthetic world → take the shipped tiny CLIP (`configuration/clip/tiny-synthetic.safetensors`,
-made by `scripts/pretrain_clip.py`; its docstring has the command) → build the concept codebook → cache the
+Steps: generate the synthetic world → take the shipped tiny CLIP (`weights/clip-tiny-synthetic.safetensors`,
+made by `tools/pretrain_clip.py`; its docstring has the command) → build the concept codebook → cache the
 frozen-prefix features → train (XE + SupCon with prototype memory, then SCST) → evaluate on `test` and
-`test_novel` → probe what the vision side sees (`scripts/probe_vision.py`) → caption a few images with
+`test_novel` → probe what the vision side sees (`tools/probe_vision.py`) → caption a few images with
 `AutoModel`/`AutoProcessor`. Results land in `--output-dir`: `model/`, `metrics_test.json`,
 `metrics_test_novel.json`, `probe_vision.json`, `timings.json`, `data/`, `samples/`.
 """
@@ -15,16 +15,24 @@ frozen-prefix features → train (XE + SupCon with prototype memory, then SCST) 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
+import shlex
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 
-SCRIPTS = Path(__file__).resolve().parent
-ROOT = SCRIPTS.parent
+# The pipeline's steps, imported as the sibling modules they are when this file runs as `python scripts/demo.py`.
+import build_codebook
+import evaluate_captions
+import extract_features
+import make_synthetic
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+logger = logging.getLogger("fsgr_pma.demo")
 METRICS = ["Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE", "hallucination_rate"]
 
 
@@ -37,18 +45,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-config", type=Path, default=ROOT / "configuration/model/tiny.json")
     parser.add_argument("--xe-steps", type=int, default=None, help="override the training config (quick runs)")
     parser.add_argument("--scst-steps", type=int, default=None)
-    parser.add_argument("--clip", type=Path, default=ROOT / "configuration/clip/tiny-synthetic.safetensors",
-                        help="the pre-trained tiny CLIP (scripts/pretrain_clip.py)")
+    parser.add_argument("--clip", type=Path, default=ROOT / "weights/clip-tiny-synthetic.safetensors",
+                        help="the pre-trained tiny CLIP (tools/pretrain_clip.py)")
     return parser.parse_args(argv)
 
 
-def run_script(name: str, argv: list[str]):
-    """Import `scripts/NAME.py` and call its `main(argv)`: one process, one set of imports."""
-    spec = importlib.util.spec_from_file_location(f"fsgr_pma_script_{name}", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # as importlib's recipe does: dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module.main(argv)
+def run_tool(name: str, argv: list) -> None:
+    """Run `tools/NAME.py` as its own process (the lab tools are not importable from here)."""
+    command = [sys.executable, str(ROOT / "tools" / f"{name}.py"), *map(str, argv)]
+    logger.info("running %s", shlex.join(command))
+    subprocess.run(command, check=True)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -58,21 +64,21 @@ def main(argv: list[str] | None = None) -> dict:
     data, clip, codebook, features = out / "data", out / "clip.safetensors", out / "codebook.safetensors", out / "features"
     timings = {}
 
-    def timed(step: str, script: str, script_args: list[str]):
+    def timed(step: str, run, step_args: list):
         start = time.perf_counter()
-        result = run_script(script, [str(a) for a in script_args])
+        result = run([str(a) for a in step_args])
         timings[step] = round(time.perf_counter() - start, 1)
         return result
 
-    timed("data", "make_synthetic", ["--output-dir", data, "--num-images", args.num_images, "--seed", args.seed])
+    timed("data", make_synthetic.main, ["--output-dir", data, "--num-images", args.num_images, "--seed", args.seed])
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(args.clip, clip)  # the demo directory holds everything the ablations and the probes reuse
     vocabulary = ROOT / "configuration/concepts/synthetic.txt"
-    timed("codebook", "build_codebook", [
+    timed("codebook", build_codebook.main, [
         "--model-config", args.model_config, "--clip-pretrained", clip, "--vocabulary", vocabulary, "--output", codebook,
         "--templates", "{}",  # concept names are phrases the tiny CLIP's text tower was trained on
     ])
-    timed("features", "extract_features", [
+    timed("features", extract_features.main, [
         "--model-config", args.model_config, "--clip-pretrained", clip, "--codebook", codebook, "--data", data,
         "--splits", "train", "validation", "--output-dir", features,
     ])
@@ -84,17 +90,17 @@ def main(argv: list[str] | None = None) -> dict:
     for flag, value in (("--xe-steps", args.xe_steps), ("--scst-steps", args.scst_steps)):
         if value is not None:
             train_args += [flag, value]
-    timed("train", "train", train_args)
+    timed("train", train.main, train_args)
     model_dir = out / "model"
     shutil.rmtree(model_dir, ignore_errors=True)
     shutil.move(out / "train" / "model", model_dir)
 
     results = {}
     for split in ("test", "test_novel"):
-        results[split] = timed(f"evaluate_{split}", "evaluate", [
+        results[split] = timed(f"evaluate_{split}", evaluate_captions.main, [
             "--model", model_dir, "--data", data, "--split", split, "--output", out / f"metrics_{split}.json",
         ])
-    timed("probe_vision", "probe_vision", [
+    timed("probe_vision", lambda argv: run_tool("probe_vision", argv), [
         "--model", model_dir, "--clip-pretrained", clip, "--data", data, "--output", out / "probe_vision.json",
     ])
     samples = caption_samples(model_dir, data, out / "samples")
@@ -108,7 +114,7 @@ def caption_samples(model_dir: Path, data: Path, samples_dir: Path, count: int =
     import torch
     from transformers import AutoModel, AutoProcessor
 
-    from modeling_fsgr_pma.data import load_caption_split
+    from modeling_fsgr_pma.data.captions import load_caption_split
 
     model = AutoModel.from_pretrained(model_dir, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)

@@ -10,7 +10,7 @@ On GPUs, `accelerate launch scripts/extract_features.py ...` shares the shards b
 
 Writes `OUTPUT_DIR/cache.json` (the settings the cache is valid for) and per split `OUTPUT_DIR/{split}/index.json`
 plus shards of `--shard-size` images (`shard-00000.safetensors`, ...: `vision_hidden_states` `(N, 1 + n, d_v)` in
-`--dtype`, int32 `patch_labels` `(N, n)`, image ids in the metadata; see `modeling_fsgr_pma.feature_cache`). Each
+`--dtype`, int32 `patch_labels` `(N, n)`, image ids in the metadata; see `modeling_fsgr_pma.data.feature_cache`). Each
 shard is complete or absent: run the same command again after a kill and it extracts only the missing shards.
 `train.py --feature-cache OUTPUT_DIR` checks the settings, then skips the frozen blocks and the pseudo-label pass.
 """
@@ -28,9 +28,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from modeling_fsgr_pma import FsgrPmaConfig, FsgrPmaForConditionalGeneration
-from modeling_fsgr_pma.clip_backbone import load_codebook, load_pretrained_clip
-from modeling_fsgr_pma.data import load_caption_split
-from modeling_fsgr_pma.feature_cache import (
+from modeling_fsgr_pma.training.clip_backbone import load_codebook, load_pretrained_clip
+from modeling_fsgr_pma.data.captions import load_caption_split
+from modeling_fsgr_pma.data.feature_cache import (
     DTYPES,
     MANIFEST,
     FeatureCacheWriter,
@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-config", type=Path, required=True)
     parser.add_argument("--clip-pretrained", required=True, help="open_clip tag or checkpoint path")
     parser.add_argument("--codebook", type=Path, required=True)
-    parser.add_argument("--data", required=True, help="dataset directory or JSON file (see modeling_fsgr_pma.data)")
+    parser.add_argument("--data", required=True, help="dataset directory or JSON file (see modeling_fsgr_pma.data.captions)")
     parser.add_argument("--image-root", default=None)
     parser.add_argument("--splits", nargs="+", default=["train", "validation"])
     parser.add_argument("--output-dir", type=Path, required=True)

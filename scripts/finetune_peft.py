@@ -20,8 +20,8 @@ Writes to OUTPUT_DIR: `adapter_model.safetensors`, `adapter_config.json` (PEFT),
 model's identity, checked on load), `prototypes.safetensors` (only with `--memory refresh`), `merged/` (the adapter
 merged into a plain model with `merge_and_unload`, with processor: loads with `AutoModel` alone), and
 `finetune_summary.json` (trainable parameters, CIDEr-D on the evaluation split before and after). Load the adapter
-with `modeling_fsgr_pma.adapters.load_adapter(AutoModel.from_pretrained(BASE, trust_remote_code=True), OUTPUT_DIR)`,
-`fsgr-pma caption --model BASE --adapter OUTPUT_DIR`, or `scripts/evaluate.py --model BASE --adapter OUTPUT_DIR`.
+with `modeling_fsgr_pma.training.adapters.load_adapter(AutoModel.from_pretrained(BASE, trust_remote_code=True), OUTPUT_DIR)`,
+`fsgr-pma caption --model BASE --adapter OUTPUT_DIR`, or `scripts/evaluate_captions.py --model BASE --adapter OUTPUT_DIR`.
 """
 
 from __future__ import annotations
@@ -39,11 +39,11 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from modeling_fsgr_pma.adapters import apply_lora, base_fingerprint, new_word_token_ids, read_lora_config, save_adapter
-from modeling_fsgr_pma.data import load_caption_split
-from modeling_fsgr_pma.loading import load_pretrained
-from modeling_fsgr_pma.metrics import TokenizedCiderD
-from modeling_fsgr_pma.training import CaptionCollator, bank_report, generate_captions, refresh_memory
+from modeling_fsgr_pma.training.adapters import apply_lora, base_fingerprint, new_word_token_ids, read_lora_config, save_adapter
+from modeling_fsgr_pma.data.captions import load_caption_split
+from modeling_fsgr_pma.cli.loading import load_pretrained
+from modeling_fsgr_pma.evaluation.metrics import TokenizedCiderD
+from modeling_fsgr_pma.training.steps import CaptionCollator, bank_report, generate_captions, refresh_memory
 
 logger = get_logger(__name__)
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ Usage (from the repository root):
 (columns `image_id`, `image`, `captions`, `objects`) and `OUTPUT_DIR/world.json` (vocabulary, held-out colour–shape
 pairs, counts). `--num-images` counts training images; validation, test and test_novel get a tenth of that each
 (at least one). `--domain synthetic-b` makes the second domain (other shapes, colours and backgrounds) for PEFT
-fine-tuning. Read the result with `modeling_fsgr_pma.data.load_caption_split(OUTPUT_DIR, split)`.
+fine-tuning. Read the result with `modeling_fsgr_pma.data.captions.load_caption_split(OUTPUT_DIR, split)`.
 
 `--layout coco-karpathy` writes the same world as a COCO user has it: `dataset_coco.json` (Karpathy's splits
 train/restval/val/test; `--num-images` = train + restval), JPEGs in `train2014/` and `val2014/` (640×480 by
@@ -25,7 +25,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from modeling_fsgr_pma.synthetic import DOMAINS, generate_coco_world, generate_world
+from modeling_fsgr_pma.data.synthetic import DOMAINS, generate_coco_world, generate_world
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ Usage:
 `--dry-run DIR` writes exactly the folder that would be uploaded and touches no network. The folder holds
 `model.safetensors` (LoRA merged into plain tower weights), `config.json` with `auto_map`, the remote-code files,
 the processor and tokenizer files, `generation_config.json` and `README.md`, a model card built with
-huggingface_hub's `ModelCard` from `model_cards/fsgr_pma.md`, with a `model-index` from the `evaluate.py` JSON.
+huggingface_hub's `ModelCard` from `model_cards/fsgr_pma.md`, with a `model-index` from the `evaluate_captions.py` JSON.
 The upload uses `HfApi.upload_folder` and the token from the usual huggingface_hub sources (never printed).
 
 A Space that demonstrates the model (the web demo `scripts/app.py`, run by Gradio):
@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--private", action="store_true")
     parser.add_argument("--revision", default=None, help="branch to upload to (created if missing)")
     parser.add_argument("--dry-run", type=Path, default=None, help="write the upload folder here; no network")
-    parser.add_argument("--metrics", type=Path, nargs="*", default=[], help="evaluate.py JSON files")
+    parser.add_argument("--metrics", type=Path, nargs="*", default=[], help="evaluate_captions.py JSON files")
     parser.add_argument("--dataset-name", default="synthetic-shapes", help="dataset named in the model-index")
     parser.add_argument("--license", default="apache-2.0")
     parser.add_argument("--training-command", default="python scripts/demo.py")
@@ -68,12 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--model is required (unless --space writes a Space for --repo-id)")
     for path in args.metrics:
         if not path.is_file():
-            parser.error(f"--metrics {path} does not exist (write it with scripts/evaluate.py)")
+            parser.error(f"--metrics {path} does not exist (write it with scripts/evaluate_captions.py)")
     return args
 
 
 def eval_results(metric_files: list[Path], dataset_name: str) -> tuple[list[EvalResult], str, dict]:
-    """model-index entries, a markdown table, and the decoding settings of the evaluate.py files."""
+    """model-index entries, a markdown table, and the decoding settings of the evaluate_captions.py files."""
     results, rows, decoding = [], [], {}
     for path in metric_files:
         metrics = json.loads(path.read_text())

@@ -38,14 +38,14 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerFast, get_scheduler
 
 from modeling_fsgr_pma import FsgrPmaConfig, FsgrPmaForConditionalGeneration
-from modeling_fsgr_pma.clip_backbone import load_codebook, load_pretrained_clip
-from modeling_fsgr_pma.data import load_caption_split
-from modeling_fsgr_pma.feature_cache import check_cache_matches, load_feature_cache
-from modeling_fsgr_pma.metrics import TokenizedCiderD
+from modeling_fsgr_pma.training.clip_backbone import load_codebook, load_pretrained_clip
+from modeling_fsgr_pma.data.captions import load_caption_split
+from modeling_fsgr_pma.data.feature_cache import check_cache_matches, load_feature_cache
+from modeling_fsgr_pma.evaluation.metrics import TokenizedCiderD
 from modeling_fsgr_pma.processing_fsgr_pma import FsgrPmaProcessor
-from modeling_fsgr_pma.throughput import ThroughputMeter
-from modeling_fsgr_pma.tokenization import train_caption_tokenizer
-from modeling_fsgr_pma.training import (
+from modeling_fsgr_pma.training.throughput import ThroughputMeter
+from modeling_fsgr_pma.data.tokenization import train_caption_tokenizer
+from modeling_fsgr_pma.training.steps import (
     CaptionCollator,
     MemoryBankState,
     bank_report,

@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from modeling_fsgr_pma import FsgrPmaConfig, FsgrPmaForConditionalGeneration
 
 PAD, BOS, EOS = 0, 1, 2
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-
-
-def load_script(name: str):
-    """Import `scripts/NAME.py` by path (putting scripts/ on sys.path would shadow libraries: evaluate.py)."""
-    spec = importlib.util.spec_from_file_location(f"scripts_{name}", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # as importlib's recipe does: dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def tiny_config(**overrides) -> FsgrPmaConfig:

@@ -1,13 +1,11 @@
-"""`scripts/ablations.py`: variants and sweeps become train.py flags; paired differences and their intervals."""
+"""`tools/ablations.py`: variants and sweeps become train.py flags; paired differences and their intervals."""
 
 from __future__ import annotations
 
 import pytest
 from scipy import stats
+from tools import ablations
 
-from conftest import load_script
-
-ablations = load_script("ablations")
 
 
 def _runs(full: list[float], variant: list[float]) -> dict:

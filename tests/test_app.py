@@ -1,6 +1,6 @@
 """scripts/app.py, the web demo: batched captioning, upload errors, explain figures, the Space, and a real browser.
 
-The browser test drives Debian's headless Chromium through selenium (scripts/app_screenshot.py holds the helpers).
+The browser test drives Debian's headless Chromium through selenium (tools/app_screenshot.py holds the helpers).
 Without Chromium it fails, saying how to install it: `.ci/run` installs it on a fresh machine.
 """
 
@@ -19,21 +19,21 @@ from packaging.requirements import Requirement
 from PIL import Image
 from selenium.webdriver.common.by import By
 
-from conftest import fill_memory, load_script
+from scripts import app, push_to_hub
+from tools import app_screenshot
+from conftest import fill_memory
 from modeling_fsgr_pma import FsgrPmaConfig, FsgrPmaForConditionalGeneration
-from modeling_fsgr_pma.cli import Result, caption_images, load_image
-from modeling_fsgr_pma.loading import load_pretrained
+from modeling_fsgr_pma.cli.main import Result, caption_images, load_image
+from modeling_fsgr_pma.cli.loading import load_pretrained
 from modeling_fsgr_pma.processing_fsgr_pma import FsgrPmaProcessor
-from modeling_fsgr_pma.tokenization import train_caption_tokenizer
+from modeling_fsgr_pma.data.tokenization import train_caption_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "scripts" / "app.py"
 EXAMPLES = sorted((ROOT / "scripts" / "app_examples").glob("*.png"))
 BROKEN_REASON = "not an image or unreadable header"  # what `fsgr-pma caption` prints for a text file
 CAPTIONS = ["a red circle above a blue square", "two green stars on a white background", "a small black ring"]
-
-app = load_script("app")
-helpers = load_script("app_screenshot")  # browser driving, app subprocesses
+helpers = app_screenshot  # browser driving, app subprocesses
 
 
 @pytest.fixture(scope="module")
@@ -262,7 +262,7 @@ def _project_dependencies() -> set[str]:
 
 def test_space_dry_run_writes_a_space_that_starts(model_dir, tmp_path):
     out = tmp_path / "space"
-    load_script("push_to_hub").main(["--space", "someone/fsgr-pma-demo", "--repo-id", "someone/fsgr-pma-tiny",
+    push_to_hub.main(["--space", "someone/fsgr-pma-demo", "--repo-id", "someone/fsgr-pma-tiny",
                                      "--dry-run", str(out)])
     assert (out / "app.py").read_bytes() == APP.read_bytes()
     package = ROOT / "modeling_fsgr_pma"
@@ -296,7 +296,7 @@ def test_space_dry_run_writes_a_space_that_starts(model_dir, tmp_path):
 
 
 def test_space_upload_creates_a_gradio_space(monkeypatch):
-    push = load_script("push_to_hub")
+    push = push_to_hub
     calls = []
 
     class FakeApi:

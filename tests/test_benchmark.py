@@ -1,5 +1,5 @@
-"""scripts/benchmark.py --quick runs on a tiny config and writes every key (the goals are read from its JSON); the
-parts of scripts/benchmark_data.py run on a tiny corpus."""
+"""tools/benchmark.py --quick runs on a tiny config and writes every key (the goals are read from its JSON); the
+parts of tools/benchmark_data.py run on a tiny corpus."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from conftest import load_script, tiny_config
+from tools import benchmark, benchmark_data
+from conftest import tiny_config
 
 KEYS = {
     "train_step_memory_ratio", "refresh_share", "kmeans_faiss_s", "kmeans_torch_s", "generate_memory_ratio_greedy",
@@ -21,7 +22,6 @@ KEYS = {
 def test_quick_benchmark_writes_every_key(tmp_path):
     config = tiny_config(vocab_size=64, max_position_embeddings=24, memory_window=4)
     config.to_json_file(tmp_path / "model.json")
-    benchmark = load_script("benchmark")
     output = tmp_path / "bench.json"
     benchmark.main(["--quick", "--repeats", "1", "--model-config", str(tmp_path / "model.json"), "--output", str(output)])
     results = json.loads(output.read_text())
@@ -34,7 +34,6 @@ def test_quick_benchmark_writes_every_key(tmp_path):
 
 
 def test_flops_utilisation_counts_the_decoders_step_and_the_machines_rate():
-    benchmark = load_script("benchmark")
     config = tiny_config(num_prototypes=8, memory_window=8)
     flops = benchmark.decoder_step_flops(config, batch=2, length=5, memory=False)
     assert benchmark.decoder_step_flops(config, batch=4, length=5, memory=False) == pytest.approx(2 * flops)
@@ -48,7 +47,6 @@ def test_flops_utilisation_counts_the_decoders_step_and_the_machines_rate():
 
 
 def test_memory_macs_ratio_grows_linearly_with_the_prototypes():
-    benchmark = load_script("benchmark")
     config = tiny_config(num_prototypes=8, memory_window=8)
     ratio = benchmark.memory_macs_ratio(config)
     doubled = benchmark.memory_macs_ratio(tiny_config(num_prototypes=16, memory_window=8))
@@ -56,8 +54,8 @@ def test_memory_macs_ratio_grows_linearly_with_the_prototypes():
 
 
 def test_data_benchmark_probes_measure_loading_and_training_from_the_cache(tmp_path):
-    """scripts/benchmark_data.py's parts on a tiny corpus (its full run writes 20,001 JPEGs: a script, not a test)."""
-    benchmark = load_script("benchmark_data")
+    """tools/benchmark_data.py's parts on a tiny corpus (its full run writes 20,001 JPEGs: a script, not a test)."""
+    benchmark = benchmark_data
     args = benchmark.parse_args(["--corpus", str(tmp_path / "coco"), "--num-images", "8", "--image-size", "32"])
     corpus = benchmark.ensure_corpus(args)
     assert corpus["karpathy_images"] == 12 and corpus["corpus_jpegs"] == 18 and corpus["corpus_generation_s"] > 0

@@ -14,11 +14,11 @@ import pytest
 from conftest import tiny_model
 from PIL import Image
 
-from modeling_fsgr_pma.cli import load_image, main
-from modeling_fsgr_pma.loading import PROCESSOR_FILES
-from modeling_fsgr_pma.data import BadImageError
+from modeling_fsgr_pma.cli.main import load_image, main
+from modeling_fsgr_pma.cli.loading import PROCESSOR_FILES
+from modeling_fsgr_pma.data.captions import BadImageError
 from modeling_fsgr_pma.processing_fsgr_pma import FsgrPmaProcessor
-from modeling_fsgr_pma.tokenization import train_caption_tokenizer
+from modeling_fsgr_pma.data.tokenization import train_caption_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_PIXELS = 5000  # every good image below is 40×30 = 1200 pixels
@@ -209,9 +209,9 @@ def test_usage_errors_exit_2(argv):
 
 @pytest.fixture(scope="module", autouse=True)
 def dash_m(model_dir, good_dir):
-    """`python -m modeling_fsgr_pma.cli`, started before the other tests so its interpreter start-up overlaps them."""
+    """`python -m modeling_fsgr_pma.cli.main`, started before the other tests so its interpreter start-up overlaps them."""
     files = [str(good_dir / "mode_l.png"), str(good_dir / "missing.png")]
-    command = [sys.executable, "-m", "modeling_fsgr_pma.cli", "caption", "--model", str(model_dir), *files, *FAST]
+    command = [sys.executable, "-m", "modeling_fsgr_pma.cli.main", "caption", "--model", str(model_dir), *files, *FAST]
     process = subprocess.Popen(
         command + ["--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
     )
@@ -248,7 +248,7 @@ def test_cuda_unavailable_exits_2(model_dir, good_dir, capsys):
 
 def test_unknown_hub_repo_exits_2_offline(good_dir):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "modeling_fsgr_pma.cli", "caption", "--model", "nobody-here/no-such-model",
+    command = [sys.executable, "-m", "modeling_fsgr_pma.cli.main", "caption", "--model", "nobody-here/no-such-model",
                str(good_dir / "mode_l.png")]
     process = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=180)
     assert process.returncode == 2

@@ -21,9 +21,10 @@ import torch
 from accelerate.commands.config.config_args import ClusterConfig
 from safetensors.torch import load_file
 
-from conftest import load_script, tiny_config
-from modeling_fsgr_pma.clip_backbone import build_clip
-from modeling_fsgr_pma.feature_cache import load_feature_cache
+from scripts import build_codebook, evaluate_captions, extract_features, make_synthetic
+from conftest import tiny_config
+from modeling_fsgr_pma.training.clip_backbone import build_clip
+from modeling_fsgr_pma.data.feature_cache import load_feature_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_IMAGES = 200  # Karpathy train + restval; 20 in each evaluation part: 340 JPEGs in all
@@ -39,7 +40,7 @@ SIZES = {
         "--checkpoint-every", "3", "--warmup-steps", "1", "--memory-warmup-steps", "2", "--xe-steps", "3",
         "--scst-steps", "0", "--max-caption-length", "24", "--vocab-size", "64", "--num-workers", "0",
     ],
-    "evaluate": ["--batch-size", "32"],
+    "evaluate_captions": ["--batch-size", "32"],
 }  # fmt: skip
 # The second (resumed) training launch goes on into SCST.
 RESUME = ["--scst-steps", "2", "--scst-samples", "2", "--eval-every", "5", "--resume-from-checkpoint", "latest"]
@@ -89,9 +90,8 @@ def launch(command: list[str]) -> subprocess.CompletedProcess:
 # `.tmp` file stay behind. A fresh interpreter, not a fork: a forked pytest-xdist worker can inherit a held lock.
 KILL_ON_THIRD_SHARD = """
 import os, signal, sys
-sys.path.insert(0, "tests")
-import modeling_fsgr_pma.feature_cache as feature_cache
-from conftest import load_script
+import modeling_fsgr_pma.data.feature_cache as feature_cache
+from scripts import extract_features
 written, save_file = [], feature_cache.save_file
 def save_and_die(tensors, path, metadata=None):
     written.append(path)
@@ -100,14 +100,14 @@ def save_and_die(tensors, path, metadata=None):
         os.truncate(path, os.path.getsize(path) // 2)
         os.kill(os.getpid(), signal.SIGKILL)
 feature_cache.save_file = save_and_die
-load_script("extract_features").main(sys.argv[1:])
+extract_features.main(sys.argv[1:])
 """
 
 
 @pytest.fixture(scope="module")
 def values(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("coco_recipe")
-    load_script("make_synthetic").main(
+    make_synthetic.main(
         ["--layout", "coco-karpathy", "--output-dir", str(root / "coco"), "--num-images", str(NUM_IMAGES),
          "--image-size", "48", "--num-workers", "2"]
     )  # fmt: skip
@@ -128,11 +128,11 @@ def test_accelerate_configs_are_ddp_in_bf16():
 
 def test_the_readme_recipe_runs_end_to_end(values, monkeypatch):
     commands = readme_recipe()
-    assert [script_args(c)[0] for c in commands] == ["build_codebook", "extract_features", "train"] + ["evaluate"] * 5
+    assert [script_args(c)[0] for c in commands] == ["build_codebook", "extract_features", "train"] + ["evaluate_captions"] * 5
     out = Path(values["OUT"])
 
     # Codebook
-    load_script("build_codebook").main(script_args(for_here(commands[0], values))[1])
+    build_codebook.main(script_args(for_here(commands[0], values))[1])
 
     # Feature cache: killed by SIGKILL while writing its third shard, then the same command again
     extract = for_here(commands[1], values)
@@ -144,11 +144,11 @@ def test_the_readme_recipe_runs_end_to_end(values, monkeypatch):
     finished = {path.name: path.stat().st_mtime_ns for path in shards.glob("shard-*.safetensors")}
     assert sorted(finished) == ["shard-00000.safetensors", "shard-00001.safetensors"]
     assert len(list(shards.glob("*.tmp"))) == 1  # the half-written third shard
-    load_script("extract_features").main(extract_args)
+    extract_features.main(extract_args)
     assert {name: (shards / name).stat().st_mtime_ns for name in finished} == finished  # not redone
     assert not list(shards.glob("*.tmp")) and len(list(shards.glob("shard-*.safetensors"))) == 7  # 200 / 32
     straight = Path(values["OUT"]) / "features-straight"
-    load_script("extract_features").main([*extract_args, "--output-dir", str(straight)])
+    extract_features.main([*extract_args, "--output-dir", str(straight)])
     for shard in sorted(shards.glob("shard-*.safetensors")):
         resumed, uninterrupted = load_file(shard), load_file(straight / "train" / shard.name)
         assert all(torch.equal(resumed[key], uninterrupted[key]) for key in uninterrupted), shard.name
@@ -180,7 +180,7 @@ def test_the_readme_recipe_runs_end_to_end(values, monkeypatch):
     }
     monkeypatch.setenv("PATH", "")  # no Java: its metrics are tested in test_metrics.py, each JVM costs seconds
     for command in commands[3:]:
-        load_script("evaluate").main(script_args(for_here(command, values))[1])
+        evaluate_captions.main(script_args(for_here(command, values))[1])
     for name, ids in expected_ids.items():
         results = json.loads((out / name).read_text())
         assert [r["image_id"] for r in results] == ids, name

@@ -17,9 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-import modeling_fsgr_pma.data as data_module
-from modeling_fsgr_pma.data import BadImageError, decode_image, load_caption_split, to_rgb
-from modeling_fsgr_pma.synthetic import generate_coco_world, generate_world
+import modeling_fsgr_pma.data.captions as data_module
+from modeling_fsgr_pma.data.captions import BadImageError, decode_image, load_caption_split, to_rgb
+from modeling_fsgr_pma.data.synthetic import generate_coco_world, generate_world
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **params) -> bytes:
@@ -216,7 +216,7 @@ def test_odd_modes_are_converted_to_rgb(tmp_path, kind, caplog):
     assert Image.open(io.BytesIO(data)).mode == mode
     assert decode_image(data).mode == "RGB"
     folder = write_folder(tmp_path, {"good.png": encode(rgb()), name: data})
-    caplog.set_level(logging.INFO, logger="modeling_fsgr_pma.data")
+    caplog.set_level(logging.INFO, logger="modeling_fsgr_pma.data.captions")
     loaded = load_caption_split(folder, "train", bad_images="error")
     assert len(loaded) == 2
     assert all(image.mode == "RGB" and image.size == (24, 24) for image in loaded["image"])
@@ -227,7 +227,7 @@ def test_odd_modes_are_converted_to_rgb(tmp_path, kind, caplog):
 def test_bad_images_are_skipped_and_counted(tmp_path, kind, caplog):
     name, make, reason, max_pixels = SKIPPED[kind]
     folder = write_folder(tmp_path, {"good.png": encode(rgb()), name: make()})
-    caplog.set_level(logging.INFO, logger="modeling_fsgr_pma.data")
+    caplog.set_level(logging.INFO, logger="modeling_fsgr_pma.data.captions")
     loaded = load_caption_split(folder, "train", max_pixels=max_pixels)
     assert loaded["image_id"][:] == ["good"]
     assert name in caplog.text and reason in caplog.text
@@ -260,7 +260,7 @@ def test_missing_file_and_embedded_bad_image_name_the_row(tmp_path, caplog):
     pq.write_table(table, tmp_path / "hub" / "data" / "train-00000-of-00001.parquet")
     with pytest.raises(BadImageError, match=r"row broken\): not an image"):
         load_caption_split(tmp_path / "hub", "train", bad_images="error")
-    caplog.set_level(logging.WARNING, logger="modeling_fsgr_pma.data")
+    caplog.set_level(logging.WARNING, logger="modeling_fsgr_pma.data.captions")
     assert load_caption_split(tmp_path / "hub", "train")["image_id"][:] == ["ok"]
     assert "skipped 1 of 2 images" in caplog.text
 

@@ -1,4 +1,4 @@
-"""`scripts/evaluate.py`: the metrics file (captions, reference loss, hallucination by kind) on a tiny world."""
+"""`scripts/evaluate_captions.py`: the metrics file (captions, reference loss, hallucination by kind) on a tiny world."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import load_script, tiny_model
-from modeling_fsgr_pma.data import load_caption_split
+from scripts import evaluate_captions
+from conftest import tiny_model
+from modeling_fsgr_pma.data.captions import load_caption_split
 from modeling_fsgr_pma.processing_fsgr_pma import FsgrPmaProcessor
-from modeling_fsgr_pma.synthetic import generate_world, hallucination_breakdown
-from modeling_fsgr_pma.tokenization import train_caption_tokenizer
+from modeling_fsgr_pma.data.synthetic import generate_world, hallucination_breakdown
+from modeling_fsgr_pma.data.tokenization import train_caption_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def saved(tmp_path_factory) -> dict[str, Path]:
 
 def test_metrics_file_has_captions_reference_loss_and_hallucination_kinds(saved):
     output = saved["root"] / "metrics.json"
-    result = load_script("evaluate").main([
+    result = evaluate_captions.main([
         "--model", str(saved["model"]), "--data", str(saved["world"]), "--split", "test", "--output", str(output),
     ])
     written = json.loads(output.read_text())
@@ -53,8 +54,8 @@ def test_reference_cross_entropy_is_the_mean_token_loss_of_every_reference(saved
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
 
-    from modeling_fsgr_pma.loading import load_pretrained
-    from modeling_fsgr_pma.training import CaptionCollator, reference_cross_entropy
+    from modeling_fsgr_pma.cli.loading import load_pretrained
+    from modeling_fsgr_pma.training.steps import CaptionCollator, reference_cross_entropy
 
     model, processor = load_pretrained(str(saved["model"]))
     data = load_caption_split(saved["world"], "test")

@@ -1,4 +1,4 @@
-"""`modeling_fsgr_pma.explain` and `fsgr-pma explain`: attention reductions, memory states, the figure, exit codes."""
+"""`modeling_fsgr_pma.cli.explain` and `fsgr-pma explain`: attention reductions, memory states, the figure, exit codes."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 from conftest import fill_memory, tiny_model
 from PIL import Image
 
-from modeling_fsgr_pma.cli import main
-from modeling_fsgr_pma.explain import (
+from modeling_fsgr_pma.cli.main import main
+from modeling_fsgr_pma.cli.explain import (
     MEMORY_ACTIVE,
     MEMORY_NOT_REFRESHED,
     MEMORY_OFF,
@@ -24,7 +24,7 @@ from modeling_fsgr_pma.explain import (
     token_texts,
 )
 from modeling_fsgr_pma.processing_fsgr_pma import FsgrPmaProcessor
-from modeling_fsgr_pma.tokenization import train_caption_tokenizer
+from modeling_fsgr_pma.data.tokenization import train_caption_tokenizer
 
 MIN_WORDS = 3
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from modeling_fsgr_pma.feature_cache import FeatureCacheWriter, bytes_per_image, load_feature_cache
+from modeling_fsgr_pma.data.feature_cache import FeatureCacheWriter, bytes_per_image, load_feature_cache
 
 CONFIG = tiny_config()  # 32 px, patch 8: 16 patches, width 32
 IDS = [f"img-{i}" for i in range(7)]

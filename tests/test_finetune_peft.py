@@ -10,9 +10,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
-from conftest import fill_memory, load_script, random_batch, tiny_model
+from scripts import finetune_peft
+from conftest import fill_memory, random_batch, tiny_model
 from modeling_fsgr_pma import FsgrPmaConfig, FsgrPmaForConditionalGeneration
-from modeling_fsgr_pma.adapters import (
+from modeling_fsgr_pma.training.adapters import (
     PROTOTYPES_FILE,
     apply_lora,
     load_adapter,
@@ -20,10 +21,10 @@ from modeling_fsgr_pma.adapters import (
     prototype_state,
     read_lora_config,
 )
-from modeling_fsgr_pma.data import load_caption_split
+from modeling_fsgr_pma.data.captions import load_caption_split
 from modeling_fsgr_pma.processing_fsgr_pma import FsgrPmaProcessor
-from modeling_fsgr_pma.synthetic import generate_world
-from modeling_fsgr_pma.tokenization import train_caption_tokenizer
+from modeling_fsgr_pma.data.synthetic import generate_world
+from modeling_fsgr_pma.data.tokenization import train_caption_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 # The tiny test tower has 2 blocks and adapts block 1 (tiny_config's lora_first_block).
@@ -86,7 +87,7 @@ def base_and_world(tmp_path_factory):
 
 
 def _finetune(base: Path, world: Path, lora: Path, output: Path, memory: str) -> dict:
-    return load_script("finetune_peft").main([
+    return finetune_peft.main([
         "--base-model", str(base), "--data", str(world), "--output-dir", str(output), "--lora-config", str(lora),
         "--memory", memory, "--steps", "4", "--batch-size", "8", "--eval-max-images", "4", "--num-beams", "1",
         "--max-new-tokens", "5", "--learning-rate", "1e-2", "--warmup-steps", "1", "--kmeans-backend", "torch",
@@ -138,7 +139,7 @@ def adapter(base_and_world, tmp_path_factory) -> Path:
 
 
 def test_cli_caption_with_adapter_equals_merged_model(base_and_world, adapter, tmp_path, capsys):
-    from modeling_fsgr_pma.cli import main
+    from modeling_fsgr_pma.cli.main import main
 
     image = tmp_path / "image.png"
     load_caption_split(base_and_world[1], "test")[0]["image"].save(image)

@@ -1,4 +1,4 @@
-"""scripts/gpu_check.py: refuses cleanly without CUDA, and its CPU smoke mode runs the recipe's steps in bf16."""
+"""tools/gpu_check.py: refuses cleanly without CUDA, and its CPU smoke mode runs the recipe's steps in bf16."""
 
 from __future__ import annotations
 
@@ -7,10 +7,8 @@ import json
 import pytest
 import torch
 from accelerate.state import AcceleratorState
+from tools import gpu_check
 
-from conftest import load_script
-
-gpu_check = load_script("gpu_check")
 
 
 def test_cuda_without_a_gpu_exits_2_with_what_to_do(capsys, monkeypatch):

@@ -13,8 +13,8 @@ import pytest
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor import meteor as meteor_module
 
-from modeling_fsgr_pma import metrics
-from modeling_fsgr_pma.metrics import CiderD, compute_caption_metrics, load_caption_metric, simple_tokenize
+from modeling_fsgr_pma.evaluation import metrics
+from modeling_fsgr_pma.evaluation.metrics import CiderD, compute_caption_metrics, load_caption_metric, simple_tokenize
 
 # Raw captions (capitals, full stops) so that the PTB tokenizer has work to do.
 PREDICTIONS = {"exact": "A dog runs on the grass.", "hand": "A man on a horse.", "disjoint": "Green tree"}

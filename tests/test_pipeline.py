@@ -12,7 +12,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
 from conftest import fill_memory, tiny_model
 from modeling_fsgr_pma.processing_fsgr_pma import FsgrPmaProcessor
-from modeling_fsgr_pma.tokenization import train_caption_tokenizer
+from modeling_fsgr_pma.data.tokenization import train_caption_tokenizer
 
 # A random tiny model repeats BOS (id 1, a special token that decoding drops): suppress it so that captions have words.
 GENERATE = {"num_beams": 2, "max_new_tokens": 6, "min_new_tokens": 3, "suppress_tokens": [1]}

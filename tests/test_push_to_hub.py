@@ -9,9 +9,10 @@ import torch
 from huggingface_hub import ModelCard
 from transformers import AutoModel
 
-from conftest import fill_memory, load_script, random_batch, tiny_model
+from scripts import push_to_hub
+from conftest import fill_memory, random_batch, tiny_model
 from modeling_fsgr_pma.processing_fsgr_pma import FsgrPmaProcessor
-from modeling_fsgr_pma.tokenization import train_caption_tokenizer
+from modeling_fsgr_pma.data.tokenization import train_caption_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,7 @@ def test_dry_run_folder_loads_and_card_validates(trained, tmp_path, monkeypatch)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     directory, metrics, (pixel_values, ids, logits) = trained
     out = tmp_path / "upload"
-    load_script("push_to_hub").main(["--model", str(directory), "--repo-id", "someone/fsgr-pma-tiny", "--dry-run", str(out),
+    push_to_hub.main(["--model", str(directory), "--repo-id", "someone/fsgr-pma-tiny", "--dry-run", str(out),
                          "--metrics", str(metrics)])
     names = {p.name for p in out.iterdir()}
     for required in ("model.safetensors", "config.json", "modeling_fsgr_pma.py", "configuration_fsgr_pma.py",
@@ -62,7 +63,7 @@ def test_dry_run_folder_loads_and_card_validates(trained, tmp_path, monkeypatch)
 
 def test_bad_repo_id_and_missing_metrics_are_clear_errors(trained, tmp_path):
     directory, _, _ = trained
-    push = load_script("push_to_hub")
+    push = push_to_hub
     with pytest.raises(SystemExit):
         push.parse_args(["--model", str(directory), "--repo-id", "no-slash"])
     with pytest.raises(SystemExit):
@@ -70,7 +71,7 @@ def test_bad_repo_id_and_missing_metrics_are_clear_errors(trained, tmp_path):
 
 
 def test_the_card_names_the_log_prior_as_our_extension_only_where_it_is_on():
-    push = load_script("push_to_hub")
+    push = push_to_hub
     assert "our extension" in push.memory_description(tiny_model(memory_prior=True).config)
     assert "our extension" not in push.memory_description(tiny_model().config)
     assert push.memory_description(tiny_model(use_memory=False).config).startswith("off")

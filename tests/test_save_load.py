@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import fill_memory, random_batch, tiny_model
 from modeling_fsgr_pma.processing_fsgr_pma import FsgrPmaProcessor
-from modeling_fsgr_pma.tokenization import train_caption_tokenizer
+from modeling_fsgr_pma.data.tokenization import train_caption_tokenizer
 
 RELOAD_SCRIPT = """
 import sys, torch

@@ -12,13 +12,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import load_script
 from modeling_fsgr_pma import FsgrPmaConfig, FsgrPmaForConditionalGeneration
-from modeling_fsgr_pma.clip_backbone import build_clip, load_codebook, load_pretrained_clip
-from modeling_fsgr_pma.data import load_caption_split, to_rgb
-from modeling_fsgr_pma.feature_cache import check_cache_matches, load_feature_cache
+from modeling_fsgr_pma.training.clip_backbone import build_clip, load_codebook, load_pretrained_clip
+from modeling_fsgr_pma.data.captions import load_caption_split, to_rgb
+from modeling_fsgr_pma.data.feature_cache import check_cache_matches, load_feature_cache
 from modeling_fsgr_pma.processing_fsgr_pma import clip_image_processor
-from modeling_fsgr_pma.synthetic import generate_world
+from modeling_fsgr_pma.data.synthetic import generate_world
+from scripts import build_codebook, extract_features, train
+from tools import pretrain_clip
 
 VOCABULARY = Path(__file__).resolve().parents[1] / "configuration" / "concepts" / "synthetic.txt"
 
@@ -38,15 +39,15 @@ def workspace(tmp_path_factory) -> dict[str, Path]:
         "codebook": root / "codebook.safetensors",
         "features": root / "features",
     }
-    load_script("pretrain_clip").main(
+    pretrain_clip.main(
         ["--data", str(paths["data"]), "--model-config", str(model_config), "--output", str(paths["clip"]),
          "--epochs", "1", "--batch-size", "16", "--seed", "0"]
     )  # fmt: skip
-    load_script("build_codebook").main(
+    build_codebook.main(
         ["--model-config", str(model_config), "--clip-pretrained", str(paths["clip"]),
          "--vocabulary", str(VOCABULARY), "--output", str(paths["codebook"]), "--templates", "{}"]
     )  # fmt: skip
-    load_script("extract_features").main(
+    extract_features.main(
         ["--model-config", str(model_config), "--clip-pretrained", str(paths["clip"]),
          "--codebook", str(paths["codebook"]), "--data", str(paths["data"]),
          "--splits", "train", "validation", "--output-dir", str(paths["features"]), "--batch-size", "16",
@@ -67,7 +68,7 @@ def test_pretrain_checkpoint_loads_with_open_clip(workspace):
 
 
 def test_pretraining_image_embedding_is_clips_and_dense_embeddings_are_the_captioners(workspace):
-    pretrain = load_script("pretrain_clip")
+    pretrain = pretrain_clip
     config = FsgrPmaConfig.from_json_file(workspace["model_config"])
     model = pretrain.TinyClipPretraining(config).eval()
     pixels = torch.randn(3, 3, config.image_size, config.image_size)
@@ -81,7 +82,7 @@ def test_pretraining_image_embedding_is_clips_and_dense_embeddings_are_the_capti
 
 
 def test_pretraining_targets_name_each_patchs_object_or_background(workspace):
-    pretrain = load_script("pretrain_clip")
+    pretrain = pretrain_clip
     config = FsgrPmaConfig.from_json_file(workspace["model_config"])
     split = load_caption_split(workspace["data"], "train").select(range(8))
     targets = pretrain.phrase_targets(split, "synthetic", config)
@@ -116,11 +117,11 @@ def test_pretrained_tag_errors_are_clear():
 def _cached_model(workspace) -> tuple[FsgrPmaForConditionalGeneration, FsgrPmaConfig]:
     """The captioner exactly as extract_features.py builds it."""
     codebook, names = load_codebook(workspace["codebook"])
-    args = load_script("extract_features").parse_args(
+    args = extract_features.parse_args(
         ["--model-config", str(workspace["model_config"]), "--clip-pretrained", str(workspace["clip"]),
          "--codebook", str(workspace["codebook"]), "--data", str(workspace["data"]), "--output-dir", "unused"]
     )  # fmt: skip
-    config = load_script("extract_features").cache_config(args, names)
+    config = extract_features.cache_config(args, names)
     model = FsgrPmaForConditionalGeneration(config).eval()
     clip = load_pretrained_clip(config.clip_config, config.clip_model_name, str(workspace["clip"]))
     model.load_clip_vision_weights(clip.visual.state_dict())
@@ -165,13 +166,13 @@ def test_cache_manifest_mismatch_raises(workspace):
 
 def test_train_from_the_feature_cache_never_reads_an_image(workspace, tmp_path, monkeypatch):
     """train.py --feature-cache trains (XE and SCST) and evaluates without decoding an image for a batch."""
-    import modeling_fsgr_pma.data as data_module
+    import modeling_fsgr_pma.data.captions as data_module
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("an image was decoded although the feature cache replaces the pixels")
 
     monkeypatch.setattr(data_module.Image, "decode_example", no_decoding)
-    summary = load_script("train").main(
+    summary = train.main(
         ["--data", str(workspace["data"]), "--model-config", str(workspace["model_config"]),
          "--clip-pretrained", str(workspace["clip"]), "--codebook", str(workspace["codebook"]),
          "--feature-cache", str(workspace["features"]), "--output-dir", str(tmp_path / "run"),

@@ -11,8 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import load_script
-from modeling_fsgr_pma.synthetic import (
+from modeling_fsgr_pma.data.synthetic import (
     DOMAINS,
     SPLITS,
     coco_split_sizes,
@@ -26,8 +25,7 @@ from modeling_fsgr_pma.synthetic import (
     hallucination_rate,
     mentioned_objects,
 )
-
-make_synthetic = load_script("make_synthetic")
+from scripts import make_synthetic
 
 NUM_IMAGES = 30
 

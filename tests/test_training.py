@@ -14,11 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import load_script, tiny_config
-from modeling_fsgr_pma.data import load_caption_split
-from modeling_fsgr_pma.synthetic import generate_world
-from modeling_fsgr_pma.tokenization import train_caption_tokenizer
-from modeling_fsgr_pma.training import caption_mask, find_checkpoint
+from scripts import train
+from conftest import tiny_config
+from modeling_fsgr_pma.data.captions import load_caption_split
+from modeling_fsgr_pma.data.synthetic import generate_world
+from modeling_fsgr_pma.data.tokenization import train_caption_tokenizer
+from modeling_fsgr_pma.training.steps import caption_mask, find_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +46,6 @@ def _train_args(world: Path, output: Path, *extra) -> list[str]:
 
 
 def test_smoke_train_saves_resumes_and_reloads(world, tmp_path):
-    train = load_script("train")
     output = tmp_path / "run"
     summary = train.main(_train_args(world, output, "--xe-steps", "4", "--scst-steps", "2", "--scst-samples", "2",
                                      "--eval-every", "3", "--checkpoint-every", "2"))
@@ -71,7 +71,6 @@ def test_a_saved_model_holds_the_prototypes_its_decoder_trained_with(world, tmp_
     Saved at step 5: the prototypes of step 2, which steps 3-5 trained with (checkpoint step_4), not those of the
     refresh at step 5. Saved at step 6: the step-5 prototypes, which step 6 trained with (checkpoint step_6).
     """
-    train = load_script("train")
     output = tmp_path / "run"
     summary = train.main(_train_args(world, output, "--xe-steps", "6", "--eval-every", "5", "--checkpoint-every", "2",
                                      "--memory-ramp-steps", "2"))
@@ -88,7 +87,6 @@ def test_a_saved_model_holds_the_prototypes_its_decoder_trained_with(world, tmp_
 
 
 def test_refreshes_happen_in_xe_only_and_never_at_its_last_step():
-    train = load_script("train")
     args = train.parse_args(["--data", "d", "--output-dir", "o", "--xe-steps", "10", "--scst-steps", "6",
                              "--memory-warmup-steps", "2"])
     config = tiny_config(memory_refresh_every=4)
@@ -96,7 +94,6 @@ def test_refreshes_happen_in_xe_only_and_never_at_its_last_step():
 
 
 def test_memory_ramp_rises_from_the_first_refresh_to_one():
-    train = load_script("train")
     args = train.parse_args(["--data", "d", "--output-dir", "o", "--memory-warmup-steps", "2",
                              "--memory-ramp-steps", "4"])
     assert [train._memory_ramp(step, args) for step in range(2, 8)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
@@ -105,7 +102,6 @@ def test_memory_ramp_rises_from_the_first_refresh_to_one():
 
 
 def test_config_overrides_set_model_fields_and_are_validated(world):
-    train = load_script("train")
     base = ["--data", "d", "--output-dir", "o", "--model-config", str(world / "model.json")]
     args = train.parse_args([*base, "--config-overrides", "memory_window=7,memory_prior=true,dropout=0.2"])
     config = train.build_config(args, vocab_size=64, concept_names=None)
@@ -117,7 +113,6 @@ def test_config_overrides_set_model_fields_and_are_validated(world):
 
 
 def test_unknown_config_key_and_missing_data_are_clear_errors(world, tmp_path):
-    train = load_script("train")
     bad = tmp_path / "bad.yaml"
     bad.write_text("learning_rat: 0.1\n")
     with pytest.raises(SystemExit):
@@ -125,13 +120,12 @@ def test_unknown_config_key_and_missing_data_are_clear_errors(world, tmp_path):
 
 
 def test_augmentation_with_feature_cache_is_refused(world, tmp_path):
-    train = load_script("train")
     with pytest.raises(SystemExit):
         train.parse_args(_train_args(world, tmp_path, "--feature-cache", str(tmp_path), "--augment"))
 
 
 def test_augmentation_is_seeded_per_image_and_leaves_the_global_rng_alone(world):
-    from modeling_fsgr_pma.training import CaptionCollator
+    from modeling_fsgr_pma.training.steps import CaptionCollator
 
     rows = load_caption_split(world, "train").add_column("row", list(range(48)))
     collator = CaptionCollator(processor=None, max_length=16, seed=3, augment=True)

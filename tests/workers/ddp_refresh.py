@@ -13,7 +13,7 @@ from accelerate.utils import DistributedDataParallelKwargs
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1]))
 from conftest import random_batch, tiny_model  # noqa: E402
 
-from modeling_fsgr_pma.training import refresh_memory  # noqa: E402
+from modeling_fsgr_pma.training.steps import refresh_memory  # noqa: E402
 
 output = sys.argv[1]
 accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])

@@ -3,7 +3,7 @@
 `evaluate.load("bleu")` fetches its script from the Hub; this directory holds a script of the same name, which
 `evaluate.load(path_to_this_directory)` imports without the network (also with HF_HUB_OFFLINE=1):
 
-    >>> from modeling_fsgr_pma.metrics import load_caption_metric
+    >>> from modeling_fsgr_pma.evaluation.metrics import load_caption_metric
     >>> metric = load_caption_metric()
     >>> metric.compute(predictions=["a red circle"], references=[["a red circle", "a circle that is red"]])
 """
@@ -11,7 +11,7 @@
 import datasets
 import evaluate
 
-from modeling_fsgr_pma.metrics import compute_caption_metrics
+from modeling_fsgr_pma.evaluation.metrics import compute_caption_metrics
 
 _CITATION = """\
 @article{chen2015microsoft,

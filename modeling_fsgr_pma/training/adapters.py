@@ -7,8 +7,6 @@ LoRA weights). `load_adapter` puts all of it back onto a freshly loaded base:
 
     base = AutoModel.from_pretrained(BASE, trust_remote_code=True)
     model = load_adapter(base, ADAPTER_DIR)          # a peft.PeftModel; .merge_and_unload() for a plain model
-
-Training-side code: the remote-code model files never import this module.
 """
 
 from __future__ import annotations

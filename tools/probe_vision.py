@@ -2,7 +2,7 @@
 
 Usage (after `scripts/demo.py`; without `--model`, the CLIP alone, its LoRA untrained):
 
-    python scripts/probe_vision.py --model outputs/demo/model --clip-pretrained outputs/demo/clip.safetensors \
+    python tools/probe_vision.py --model outputs/demo/model --clip-pretrained outputs/demo/clip.safetensors \
         --data outputs/demo/data --output outputs/demo/probe_vision.json
 
 Linear probes: for every object of a synthetic-world image, the features of the 3×3 patches around the patch that
@@ -40,9 +40,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from modeling_fsgr_pma import FsgrPmaConfig, FsgrPmaForConditionalGeneration
-from modeling_fsgr_pma.clip_backbone import load_codebook, load_pretrained_clip
-from modeling_fsgr_pma.data import load_caption_split, to_rgb
-from modeling_fsgr_pma.loading import load_pretrained
+from modeling_fsgr_pma.training.clip_backbone import load_codebook, load_pretrained_clip
+from modeling_fsgr_pma.data.captions import load_caption_split, to_rgb
+from modeling_fsgr_pma.cli.loading import load_pretrained
 from modeling_fsgr_pma.processing_fsgr_pma import clip_image_processor
 
 logger = logging.getLogger(__name__)

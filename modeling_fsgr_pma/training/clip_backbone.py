@@ -1,6 +1,6 @@
 """open_clip models for the scripts: build from a config dict, load pretrained weights, embed the concept codebook.
 
-Training-side code; building a model never touches the network, loading an open_clip pretrained tag does.
+Building a model never touches the network, loading an open_clip pretrained tag does.
 """
 
 from __future__ import annotations

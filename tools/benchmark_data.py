@@ -2,7 +2,7 @@
 
 Usage (the README's figures; writes the corpus once, ~1.2 GB for 20,001 Karpathy images at 640×480):
 
-    python scripts/benchmark_data.py --corpus outputs/coco-bench --output outputs/benchmark_data.json
+    python tools/benchmark_data.py --corpus outputs/coco-bench --output outputs/benchmark_data.json
 
 Every measurement runs in a fresh child process, so that its peak RSS is its own. Keys (JSON, and a markdown table
 next to it):
@@ -58,7 +58,7 @@ def peak_rss_mib() -> float:
 
 
 def probe_load(annotations: str, image_root: str, cache_dir: str, threads: int | None) -> dict:
-    from modeling_fsgr_pma.data import load_caption_split
+    from modeling_fsgr_pma.data.captions import load_caption_split
 
     start = time.perf_counter()
     images = sum(
@@ -73,7 +73,7 @@ def probe_cache_train(cache_dir: str, model_config: str, eager: str) -> dict:
     import torch
 
     from modeling_fsgr_pma import FsgrPmaConfig, FsgrPmaForConditionalGeneration
-    from modeling_fsgr_pma.feature_cache import load_feature_cache
+    from modeling_fsgr_pma.data.feature_cache import load_feature_cache
 
     torch.manual_seed(0)
     config = FsgrPmaConfig.from_json_file(model_config)
@@ -109,7 +109,7 @@ def run_probe(probe: str, *probe_args: str) -> dict:
 def ensure_corpus(args: argparse.Namespace) -> dict:
     """The corpus (generated when `dataset_coco.json` is missing) and a `dataset_coco_quarter.json` of its first
     quarter of images; returns the generation time when it ran."""
-    from modeling_fsgr_pma.synthetic import generate_coco_world
+    from modeling_fsgr_pma.data.synthetic import generate_coco_world
 
     timings = {}
     if not (args.corpus / "dataset_coco.json").is_file():
@@ -134,7 +134,7 @@ def write_random_cache(directory: Path, config_path: Path, count: int) -> None:
     import torch
 
     from modeling_fsgr_pma import FsgrPmaConfig
-    from modeling_fsgr_pma.feature_cache import FeatureCacheWriter
+    from modeling_fsgr_pma.data.feature_cache import FeatureCacheWriter
 
     if (directory / "train" / "index.json").is_file():
         return

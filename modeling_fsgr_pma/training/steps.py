@@ -1,7 +1,7 @@
-"""Training steps shared by `scripts/train.py` and `scripts/finetune_peft.py` (training-side code).
+"""Training steps shared by `scripts/train.py` and `scripts/finetune_peft.py`.
 
 Batching, the XE and SCST losses, synchronised prototype refresh, caption generation for evaluation, and
-atomic, resumable checkpoints. The remote-code model files never import this module.
+atomic, resumable checkpoints.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from accelerate.utils import broadcast, gather, pad_across_processes
 from torchvision.transforms import RandomResizedCrop
 from tqdm.auto import tqdm
 
-from .modeling_fsgr_pma import FsgrPmaForConditionalGeneration
+from ..modeling_fsgr_pma import FsgrPmaForConditionalGeneration
 
 logger = logging.getLogger(__name__)
 

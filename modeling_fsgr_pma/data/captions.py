@@ -1,4 +1,4 @@
-"""One loader for captioning data in five layouts, validated once and cached (training-side code).
+"""One loader for captioning data in five layouts, validated once and cached.
 
 Layouts, detected from `path` (a directory: Parquet files first, then `dataset_coco.json`, then `captions.json`;
 a file: the JSON's content):

@@ -1,4 +1,4 @@
-"""Training throughput for the trackers: images/s, tokens/s and peak accelerator memory (training-side code)."""
+"""Training throughput for the trackers: images/s, tokens/s and peak accelerator memory."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Usage:
 
-    python scripts/benchmark.py --quick --output outputs/benchmark.json
+    python tools/benchmark.py --quick --output outputs/benchmark.json
 
 Each timing is the median of `--repeats` runs after a warm-up, and the two sides of a ratio alternate (A B A B)
 so that drift in the machine's speed cancels. Writes JSON (keys below, each a number) and a markdown table next
@@ -362,7 +362,7 @@ def synthetic_png_batches(config: FsgrPmaConfig, batches: int, batch: int) -> li
 
     import numpy as np
 
-    from modeling_fsgr_pma.synthetic import domain_spec, render_scene, sample_scene
+    from modeling_fsgr_pma.data.synthetic import domain_spec, render_scene, sample_scene
 
     spec, rng = domain_spec("synthetic"), np.random.default_rng(0)
     result = []
@@ -387,8 +387,8 @@ def bench_feature_cache(config: FsgrPmaConfig, repeats: int, batches: int = 4, b
     """
     import tempfile
 
-    from modeling_fsgr_pma.data import decode_image
-    from modeling_fsgr_pma.feature_cache import FeatureCache, FeatureCacheWriter
+    from modeling_fsgr_pma.data.captions import decode_image
+    from modeling_fsgr_pma.data.feature_cache import FeatureCache, FeatureCacheWriter
     from modeling_fsgr_pma.processing_fsgr_pma import clip_image_processor
 
     config = FsgrPmaConfig(**{**config.to_dict(), "lora_first_block": config.vision_layers // 2})

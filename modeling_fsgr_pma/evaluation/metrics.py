@@ -2,8 +2,7 @@
 
 pycocoevalcap: https://github.com/salaniz/pycocoevalcap. Its Java parts (the PTB tokenizer, METEOR, SPICE) run where
 `java` is on PATH and their jars are installed. SPICE also needs Stanford CoreNLP jars that it downloads on first
-use, so offline it is reported as skipped with the reason instead of failing. Training-side code: the remote-code
-model files never import it.
+use, so offline it is reported as skipped with the reason instead of failing.
 """
 
 from __future__ import annotations

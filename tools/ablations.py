@@ -2,8 +2,8 @@
 
 Usage (after `scripts/demo.py`, whose world, CLIP, codebook, feature cache and tokenizer every run shares):
 
-    python scripts/ablations.py --demo-dir outputs/demo --seeds 0 1 2 3 4 --output outputs/ablations.json
-    python scripts/ablations.py --demo-dir outputs/demo --seeds 0 1 2 --variants full \
+    python tools/ablations.py --demo-dir outputs/demo --seeds 0 1 2 3 4 --output outputs/ablations.json
+    python tools/ablations.py --demo-dir outputs/demo --seeds 0 1 2 --variants full \
         --sweep num_prototypes=4,8,16,32 --output outputs/sweep_prototypes.json
 
 Variants: `full` (the training config as it is), `no memory`, `no FSGR` (the decoder reads projected CLIP patches:
@@ -36,12 +36,12 @@ from pathlib import Path
 
 from scipy import stats
 
-SCRIPTS = Path(__file__).resolve().parent
-ROOT = SCRIPTS.parent
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
 # Sweepable train.py arguments; any other sweep field is a model config field (`--config-overrides`).
 TRAIN_ARGUMENTS = {"memory-warmup-steps", "memory-ramp-steps", "xe-steps", "scst-steps", "learning-rate"}
 ABLATIONS = {"full": [], "no memory": ["--no-memory"], "no FSGR": ["--no-fsgr"], "no SupCon": ["--no-supcon"]}
-METRICS = {  # (split, key in evaluate.py's output, better when)
+METRICS = {  # (split, key in evaluate_captions.py's output, better when)
     "CIDEr test": ("test", "CIDEr", "higher"),
     "CIDEr test_novel": ("test_novel", "CIDEr", "higher"),
     "hallucination test": ("test", "hallucination_rate", "lower"),
@@ -104,7 +104,7 @@ def variant_flags(args: argparse.Namespace) -> dict[str, list[str]]:
 
 def ablation_world(demo_dir: Path, test_images: int) -> Path:
     """The demo's training world with `test_images` images in test and test_novel (made once, then reused)."""
-    from modeling_fsgr_pma.synthetic import generate_world
+    from modeling_fsgr_pma.data.synthetic import generate_world
 
     world = json.loads((demo_dir / "data" / "world.json").read_text())
     target = demo_dir / "ablation-data"
@@ -135,7 +135,7 @@ def run_variant(args: argparse.Namespace, world: Path, name: str, flags: list[st
     logger.info("training %s, seed %d", name, seed)
     _run(train, env, output / "train.log")
     for split, path in metrics.items():
-        _run([sys.executable, str(SCRIPTS / "evaluate.py"), "--model", str(output / "model"), "--data", str(world),
+        _run([sys.executable, str(SCRIPTS / "evaluate_captions.py"), "--model", str(output / "model"), "--data", str(world),
               "--split", split, "--output", str(path)], env, output / f"evaluate_{split}.log")
     return {split: json.loads(path.read_text()) for split, path in metrics.items()}
 

@@ -2,7 +2,7 @@
 
 Usage (on a machine with a CUDA GPU; random weights, nothing downloaded):
 
-    python scripts/gpu_check.py --output outputs/gpu_check.json
+    python tools/gpu_check.py --output outputs/gpu_check.json
 
 The training step is the recipe's (`configuration/train/coco-vit-b16.yaml`): a batch of 50 images from cached
 frozen-prefix features, XE + SupCon with prototype memory on, AdamW, under Accelerate's bf16 autocast. Captioning is

@@ -2,17 +2,17 @@
 
 Usage:
 
-    python scripts/evaluate.py --model outputs/demo/model --data outputs/demo/data --split test \
+    python scripts/evaluate_captions.py --model outputs/demo/model --data outputs/demo/data --split test \
         --output outputs/demo/metrics_test.json
 
 COCO Karpathy test, and the files the COCO test server and nocaps (EvalAI) take (`[{"image_id": int, "caption":
 str}]` with the ids of their image-info files; splits without captions are captioned, not scored):
 
-    python scripts/evaluate.py --model outputs/coco/model --data coco/dataset_coco.json --image-root coco \
+    python scripts/evaluate_captions.py --model outputs/coco/model --data coco/dataset_coco.json --image-root coco \
         --split test --output outputs/coco/metrics_test.json --results-file outputs/coco/karpathy_test_results.json
-    python scripts/evaluate.py --model outputs/coco/model --data coco/annotations/image_info_test2014.json \
+    python scripts/evaluate_captions.py --model outputs/coco/model --data coco/annotations/image_info_test2014.json \
         --image-root coco/test2014 --split test --results-file outputs/coco/captions_test2014_fsgrpma_results.json
-    python scripts/evaluate.py --model outputs/coco/model --data nocaps/nocaps_val_4500_captions.json \
+    python scripts/evaluate_captions.py --model outputs/coco/model --data nocaps/nocaps_val_4500_captions.json \
         --image-root nocaps/validation --split validation --output outputs/coco/metrics_nocaps_val.json \
         --results-file outputs/coco/nocaps_val_results.json
 
@@ -38,11 +38,11 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from torch.utils.data import DataLoader
 
-from modeling_fsgr_pma.data import load_caption_split
-from modeling_fsgr_pma.loading import load_pretrained
-from modeling_fsgr_pma.metrics import compute_caption_metrics
-from modeling_fsgr_pma.synthetic import hallucination_breakdown
-from modeling_fsgr_pma.training import CaptionCollator, generate_captions, reference_cross_entropy
+from modeling_fsgr_pma.data.captions import load_caption_split
+from modeling_fsgr_pma.cli.loading import load_pretrained
+from modeling_fsgr_pma.evaluation.metrics import compute_caption_metrics
+from modeling_fsgr_pma.data.synthetic import hallucination_breakdown
+from modeling_fsgr_pma.training.steps import CaptionCollator, generate_captions, reference_cross_entropy
 
 logger = get_logger(__name__)
 
@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="directory (or Hub repo id) written by save_pretrained")
     parser.add_argument("--revision", default=None, help="Hub revision to load")
     parser.add_argument("--adapter", default=None, help="PEFT adapter directory from scripts/finetune_peft.py")
-    parser.add_argument("--data", required=True, help="dataset directory (see modeling_fsgr_pma.data)")
+    parser.add_argument("--data", required=True, help="dataset directory (see modeling_fsgr_pma.data.captions)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--image-root", default=None)
     parser.add_argument("--bad-images", choices=["skip", "error"], default="skip")

@@ -5,7 +5,7 @@ and reduces the attentions to small arrays (an [`Explanation`]); `plot_explanati
 Both work with the model class of this package and with the remote-code copy `AutoModel` loads from a saved
 directory (they only read `FsgrPmaOutput` fields and the config).
 
-Training-side code: the remote-code files never import it. Used by `fsgr-pma explain` (`cli.py`).
+Used by `fsgr-pma explain` (`cli/main.py`).
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Pre-train the synthetic world's tiny open_clip CLIP: captions, object phrases and patch phrases.
 
-Usage (the command that made the shipped `configuration/clip/tiny-synthetic.safetensors`):
+Usage (the command that made the shipped `weights/clip-tiny-synthetic.safetensors`):
 
     python scripts/make_synthetic.py --output-dir outputs/clip-world --num-images 20000 --seed 1000
-    python scripts/pretrain_clip.py --data outputs/clip-world --model-config configuration/model/tiny.json \
-        --epochs 14 --batch-size 64 --output configuration/clip/tiny-synthetic.safetensors
+    python tools/pretrain_clip.py --data outputs/clip-world --model-config configuration/model/tiny.json \
+        --epochs 14 --batch-size 64 --output weights/clip-tiny-synthetic.safetensors
 
 (4,368 steps; 70 min on one thread of a 2-core machine. The world has seed 1000: none of its images is in a demo
 world.)
@@ -14,7 +14,7 @@ checkpoint is an open_clip state dict in safetensors (float16), which `open_clip
 training scripts' `--clip-pretrained PATH`, read as they are.
 
 Each step minimises three contrastive terms, all through open_clip's CLIP (its text tower encodes every caption and
-phrase; phrases are concept names of `modeling_fsgr_pma.synthetic.concept_vocabulary`, "red circle", "grey
+phrase; phrases are concept names of `modeling_fsgr_pma.data.synthetic.concept_vocabulary`, "red circle", "grey
 background"):
 
 1. **captions**: open_clip's `ClipLoss` between each image and one of its reference captions;
@@ -51,11 +51,11 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from modeling_fsgr_pma import FsgrPmaConfig
-from modeling_fsgr_pma.clip_backbone import build_clip, clip_tokenizer
-from modeling_fsgr_pma.data import load_caption_split, to_rgb
+from modeling_fsgr_pma.training.clip_backbone import build_clip, clip_tokenizer
+from modeling_fsgr_pma.data.captions import load_caption_split, to_rgb
 from modeling_fsgr_pma.modeling_fsgr_pma import FsgrPmaVisionTower
 from modeling_fsgr_pma.processing_fsgr_pma import clip_image_processor
-from modeling_fsgr_pma.synthetic import background_concept, concept_vocabulary, object_concept, patch_objects
+from modeling_fsgr_pma.data.synthetic import background_concept, concept_vocabulary, object_concept, patch_objects
 
 logger = logging.getLogger(__name__)
 

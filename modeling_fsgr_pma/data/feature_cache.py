@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from .configuration_fsgr_pma import FsgrPmaConfig
+from ..configuration_fsgr_pma import FsgrPmaConfig
 
 MANIFEST = "cache.json"
 INDEX = "index.json"

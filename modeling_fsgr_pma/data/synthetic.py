@@ -4,7 +4,7 @@ Scenes hold 1–4 objects (shape, colour, size, grid position) on a textured bac
 differently worded reference captions and its ground-truth object list, with each object's centre. A fixed set of colour–shape pairs is held
 out of `train`, `validation` and `test`; every `test_novel` image contains at least one of them (our nocaps).
 A second domain (`synthetic-b`: other shapes, colours and backgrounds) serves domain fine-tuning.
-Everything is deterministic for a seed. Training-side code: the remote-code model never imports it.
+Everything is deterministic for a seed.
 """
 
 from __future__ import annotations

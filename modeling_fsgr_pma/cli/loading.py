@@ -1,6 +1,6 @@
 """Load a trained model and its processor (and optionally a PEFT adapter) with errors that say what to do.
 
-Used by the `fsgr-pma` CLI and the scripts; the remote-code model files never import it.
+Used by the `fsgr-pma` CLI and the scripts.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def load_pretrained(model: str, revision: str | None = None, adapter: str | None
             "save the processor with processor.save_pretrained(DIR)"
         )
     if adapter is not None:
-        from .adapters import load_adapter
+        from ..training.adapters import load_adapter
 
         try:
             network = load_adapter(network, adapter).merge_and_unload()

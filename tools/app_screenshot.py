@@ -2,7 +2,7 @@
 
 Usage:
 
-    python scripts/app_screenshot.py --model outputs/demo/model --output docs/app_demo.png \
+    python tools/app_screenshot.py --model outputs/demo/model --output docs/app_demo.png \
         --phone-output docs/app_demo_phone.png
 
 Starts `scripts/app.py --model MODEL` as a child process on a free port of 127.0.0.1 (so the times include its
@@ -45,9 +45,9 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 logger = logging.getLogger("fsgr_pma.app_screenshot")
 
-HERE = Path(__file__).resolve().parent
-APP = HERE / "app.py"
-EXAMPLES = HERE / "app_examples"
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+APP = SCRIPTS / "app.py"
+EXAMPLES = SCRIPTS / "app_examples"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver")
 CHROMIUM_FLAGS = (

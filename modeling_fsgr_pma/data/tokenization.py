@@ -1,4 +1,4 @@
-"""Train the caption tokenizer: a `tokenizers` BPE model saved as `tokenizer.json` (training-side code)."""
+"""Train the caption tokenizer: a `tokenizers` BPE model saved as `tokenizer.json`."""
 
 from __future__ import annotations
 

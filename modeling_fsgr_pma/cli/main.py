@@ -8,7 +8,7 @@ Usage:
     fsgr-pma explain IMAGE --model DIR_OR_REPO [--revision REV] [--adapter DIR] --output PNG [--max-new-tokens 20]
                      [--device cpu|cuda]
 
-    python -m modeling_fsgr_pma.cli caption ...   (same thing without the installed script)
+    python -m modeling_fsgr_pma.cli.main caption ...   (same thing without the installed script)
 
 `caption` loads the model with `AutoModel.from_pretrained(model, revision=..., trust_remote_code=True)` and the
 processor with `AutoProcessor` (same arguments), expands directories (sorted, non-recursive; extensions .png .jpg
@@ -24,7 +24,7 @@ Output (stdout), one line per input file, in input order:
 Exit status: 0 every file was captioned; 1 at least one file failed (the others are still captioned); 2 usage
 error, or the model/processor could not be loaded (a one-line message on stderr).
 
-`explain` captions one image greedily and draws one figure (`modeling_fsgr_pma.explain`): the cross-attention
+`explain` captions one image greedily and draws one figure (`modeling_fsgr_pma.cli.explain`): the cross-attention
 heatmap of every generated word, the patch → concept map and the prototype memory's share of self-attention per
 decoder layer. It prints the caption, then `wrote PNG`. Exit status: 0 written; 1 the image could not be used
 (one line on stderr naming the file); 2 usage error, model/processor not loadable, or the figure not writable.
@@ -143,7 +143,7 @@ def load_image(path: str, max_pixels: int | None):
     """Validate and decode with `decode_image`, then apply EXIF orientation (decode_image does not)."""
     from PIL import Image, ImageOps
 
-    from .data import BadImageError, decode_image
+    from ..data.captions import BadImageError, decode_image
 
     image = decode_image(path, name=path, max_pixels=max_pixels)  # raises BadImageError naming the file
     try:
@@ -201,7 +201,7 @@ def caption_images(model, processor, images: list, batch_size: int, num_beams: i
 
 
 def caption_command(args: argparse.Namespace) -> int:
-    from .data import BadImageError
+    from ..data.captions import BadImageError
 
     files = expand_inputs(args.inputs)
     if not files:
@@ -239,7 +239,7 @@ def caption_command(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # explain
 def explain_command(args: argparse.Namespace) -> int:
-    from .data import BadImageError
+    from ..data.captions import BadImageError
     from .explain import explain_image, plot_explanation
 
     output = Path(args.output)

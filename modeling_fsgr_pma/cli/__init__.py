@@ -1,0 +1,1 @@
+"""The `fsgr-pma` command: caption and explain images with a trained model (and its loading helpers)."""

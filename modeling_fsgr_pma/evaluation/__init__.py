@@ -1,0 +1,1 @@
+"""Caption metrics (pycocoevalcap, offline) and the fast CIDEr-D reward."""

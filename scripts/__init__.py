@@ -1,0 +1,1 @@
+"""What a user runs: data, codebook, features, training, evaluation, fine-tuning, publishing, the web demo."""
