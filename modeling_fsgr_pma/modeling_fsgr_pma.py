@@ -1550,48 +1550,13 @@ class FsgrPmaModel(FsgrPmaPreTrainedModel):
         **kwargs,
     ) -> FsgrPmaModelOutput | tuple:
         """Encode the images and decode the captions; the arguments are [`FsgrPmaForConditionalGeneration.forward`]'s
-        without `labels`."""
+        without `labels`.
+
+        Returns the decoder's final hidden states `(B, T, d)` with the encoder's outputs and the cache (None without
+        `use_cache`).
+        """
         decoder_input_ids = decoder_input_ids if decoder_input_ids is not None else input_ids
         decoder_attention_mask = decoder_attention_mask if decoder_attention_mask is not None else attention_mask
-        hidden_states, all_hidden, all_self, all_cross, encoder_outputs, past_key_values = self.encode_and_decode(
-            pixel_values, decoder_input_ids, decoder_attention_mask, encoder_outputs, past_key_values,
-            vision_hidden_states, patch_labels, use_cache, output_attentions, output_hidden_states,
-        )  # fmt: skip
-        return FsgrPmaModelOutput(
-            last_hidden_state=hidden_states,
-            past_key_values=past_key_values,
-            decoder_hidden_states=all_hidden,
-            decoder_attentions=all_self,
-            cross_attentions=all_cross,
-            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
-            encoder_hidden_states=encoder_outputs.hidden_states,
-            encoder_attentions=encoder_outputs.attentions,
-            patch_concepts=encoder_outputs.patch_concepts,
-            supcon_features=encoder_outputs.supcon_features,
-            patch_labels=encoder_outputs.patch_labels,
-        )
-
-    def encode_and_decode(
-        self,
-        pixel_values: torch.FloatTensor | None,
-        decoder_input_ids: torch.LongTensor | None,
-        decoder_attention_mask: torch.Tensor | None,
-        encoder_outputs: FsgrPmaEncoderOutput | None,
-        past_key_values: Cache | None,
-        vision_hidden_states: torch.Tensor | None,
-        patch_labels: torch.LongTensor | None,
-        use_cache: bool | None,
-        output_attentions: bool | None,
-        output_hidden_states: bool | None,
-    ) -> tuple[torch.Tensor, tuple | None, tuple | None, tuple | None, FsgrPmaEncoderOutput, Cache | None]:
-        """The body of `forward`, returning its parts; the captioner's forward wraps them in its own output.
-
-        One `ModelOutput` per decoding step instead of two: building one costs about as much as a small layer.
-
-        Returns:
-            the decoder's final hidden states `(B, T, d)`, its hidden states, self- and cross-attentions (or None),
-            the encoder output and the cache (None without `use_cache`).
-        """
         if decoder_input_ids is None:
             raise ValueError("Pass caption tokens as `input_ids` / `decoder_input_ids` (or `labels`)")
         config = self.config
@@ -1630,7 +1595,19 @@ class FsgrPmaModel(FsgrPmaPreTrainedModel):
         if self.training:
             for layer in self.memory_layers():
                 layer.commit_to_bank()
-        return hidden_states, all_hidden, all_self, all_cross, encoder_outputs, past_key_values
+        return FsgrPmaModelOutput(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values,
+            decoder_hidden_states=all_hidden,
+            decoder_attentions=all_self,
+            cross_attentions=all_cross,
+            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
+            encoder_hidden_states=encoder_outputs.hidden_states,
+            encoder_attentions=encoder_outputs.attentions,
+            patch_concepts=encoder_outputs.patch_concepts,
+            supcon_features=encoder_outputs.supcon_features,
+            patch_labels=encoder_outputs.patch_labels,
+        )
 
 
 def _add_base_model_prefix(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
@@ -1808,37 +1785,45 @@ class FsgrPmaForConditionalGeneration(FsgrPmaPreTrainedModel, GenerationMixin):
                 `attn_implementation="eager"`.
             return_dict (`bool`, *optional*): `False` returns `FsgrPmaOutput.to_tuple()` (defaults to the config's).
         """
-        decoder_input_ids = decoder_input_ids if decoder_input_ids is not None else input_ids
-        decoder_attention_mask = decoder_attention_mask if decoder_attention_mask is not None else attention_mask
-        if decoder_input_ids is None and labels is not None:
+        if decoder_input_ids is None and input_ids is None and labels is not None:
             decoder_input_ids = labels.masked_fill(labels == -100, self.config.pad_token_id)
-        hidden_states, all_hidden, all_self, all_cross, encoder_outputs, past_key_values = self.model.encode_and_decode(
-            pixel_values, decoder_input_ids, decoder_attention_mask, encoder_outputs, past_key_values,
-            vision_hidden_states, patch_labels, use_cache, output_attentions, output_hidden_states,
-        )  # fmt: skip
-        logits = self.lm_head(hidden_states)  # (B, T, V)
+        outputs = self.model(
+            pixel_values=pixel_values,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            encoder_outputs=encoder_outputs,
+            past_key_values=past_key_values,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            vision_hidden_states=vision_hidden_states,
+            patch_labels=patch_labels,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        logits = self.lm_head(outputs.last_hidden_state)  # (B, T, V)
 
         loss = xe_loss = contrastive = None
         if labels is not None:
-            xe_loss = self.caption_loss(logits, labels, decoder_attention_mask)
+            mask = decoder_attention_mask if decoder_attention_mask is not None else attention_mask
+            xe_loss = self.caption_loss(logits, labels, mask)
             loss = xe_loss
-            if encoder_outputs.supcon_features is not None and encoder_outputs.patch_labels is not None:
-                features = encoder_outputs.supcon_features.flatten(0, 1)  # (B * n, supcon_dim)
-                contrastive = supcon_loss(
-                    features, encoder_outputs.patch_labels.flatten(), self.config.supcon_temperature
-                )
+            if outputs.supcon_features is not None and outputs.patch_labels is not None:
+                features = outputs.supcon_features.flatten(0, 1)  # (B * n, supcon_dim)
+                contrastive = supcon_loss(features, outputs.patch_labels.flatten(), self.config.supcon_temperature)
                 loss = loss + self.config.supcon_weight * contrastive
         return FsgrPmaOutput(
             loss=loss,
             logits=logits,
-            past_key_values=past_key_values,
-            decoder_hidden_states=all_hidden,
-            decoder_attentions=all_self,
-            cross_attentions=all_cross,
-            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
-            encoder_hidden_states=encoder_outputs.hidden_states,
-            encoder_attentions=encoder_outputs.attentions,
-            patch_concepts=encoder_outputs.patch_concepts,
+            past_key_values=outputs.past_key_values,
+            decoder_hidden_states=outputs.decoder_hidden_states,
+            decoder_attentions=outputs.decoder_attentions,
+            cross_attentions=outputs.cross_attentions,
+            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
+            encoder_hidden_states=outputs.encoder_hidden_states,
+            encoder_attentions=outputs.encoder_attentions,
+            patch_concepts=outputs.patch_concepts,
             xe_loss=xe_loss,
             supcon_loss=contrastive,
         )
