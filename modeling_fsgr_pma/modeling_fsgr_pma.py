@@ -394,6 +394,14 @@ class FsgrPmaLoraMultiheadAttention(LoraMultiheadAttention):
             super()._restore_weights()
 
 
+def init_lora(layer: LoraLayer) -> None:
+    """LoRA's init (PEFT `init_lora_weights=True`): A like `nn.Linear`'s default, B zero, so that the adapters start at
+    0. transformers' guarded init functions leave loaded weights as they are."""
+    for name in layer.lora_A:
+        init.kaiming_uniform_(layer.lora_A[name].weight, a=math.sqrt(5))
+        init.zeros_(layer.lora_B[name].weight)
+
+
 def value_path(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """An open_clip residual block where every token attends only to itself, `(B, L, d_v)` → `(B, L, d_v)`.
 
@@ -1408,8 +1416,8 @@ class FsgrPmaPreTrainedModel(PreTrainedModel):
         """Initialise every parameter and buffer of `module`.
 
         Runs at construction (`post_init`), for `init_weights()` after building on the meta device and `to_empty()`,
-        and for tensors that loading did not write (ignored mismatched shapes). transformers' guarded init functions
-        never overwrite a loaded tensor. Besides transformers' defaults: open_clip's init of the ViT's own parameters,
+        and for tensors that loading did not write (missing from the checkpoint, or ignored mismatched shapes).
+        transformers' guarded init functions never overwrite a loaded tensor. Besides transformers' defaults: open_clip's init of the ViT's own parameters,
         LoRA's (A as `nn.Linear`, B zero), and the buffers' initial values (placeholder codebook, empty memory).
         """
         super()._init_weights(module)  # Linear, Conv2d, Embedding, norms, and nn.MultiheadAttention's own init
@@ -1425,14 +1433,8 @@ class FsgrPmaPreTrainedModel(PreTrainedModel):
             else:  # fixed 2-D sine-cosine positions
                 positions = get_2d_sincos_pos_embed(width, config.grid_size, cls_token=True)  # (1 + n, d_v)
                 init.copy_(module.positional_embedding, torch.from_numpy(positions).float())
-            # LoRA's init (PEFT `init_lora_weights=True`): A like nn.Linear's default, B zero, so that the adapters
-            # start at 0. Done here, after the blocks: transformers skips remote-code modules without parameters of
-            # their own, such as PEFT's LoRA layers.
-            for layer in module.modules():
-                if isinstance(layer, LoraLayer):
-                    for name in layer.lora_A:
-                        init.kaiming_uniform_(layer.lora_A[name].weight, a=math.sqrt(5))
-                        init.zeros_(layer.lora_B[name].weight)
+        elif isinstance(module, LoraLayer):  # after its A and B, which got nn.Linear's init as children
+            init_lora(module)
         elif isinstance(module, LayerScale):
             init.constant_(module.gamma, config.vision_cfg["ls_init_value"])
         elif isinstance(module, FsgrPmaVisionTower) and module.prompts is not None:
@@ -1448,31 +1450,46 @@ class FsgrPmaPreTrainedModel(PreTrainedModel):
             if config.memory_prior:
                 init.constant_(module.prototype_log_prior, -math.log(config.num_prototypes))
 
+    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
+        """transformers' `_initialize_weights`, which skips remote-code modules without parameters of their own; PEFT's
+        LoRA layers are such modules (A and B are child `nn.Linear`s), and get LoRA's init here for the weights that
+        were not loaded."""
+        if isinstance(module, LoraLayer) and not getattr(module, "_is_hf_initialized", False):
+            self._init_weights(module)
+            module._is_hf_initialized = True
+            return
+        super()._initialize_weights(module, is_custom_code)
+
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, refusing a checkpoint that lacks any weight or buffer.
+        """`PreTrainedModel.from_pretrained`: tensors the checkpoint lacks (or, with `ignore_mismatched_sizes=True`,
+        holds in another shape) are initialised by `_init_weights` and named in transformers' loading warning.
 
-        Nothing can stand in for a missing tensor: the CLIP tower and the decoder are trained weights, the codebook
-        and the prototypes are data. (Tied weights and `_keys_to_ignore_on_load_missing` are not missing; tensors of
-        another shape are re-initialised with `ignore_mismatched_sizes=True`, as in transformers.)
+        Two kinds of missing data are more than weights, and are handled here:
+        - a layer whose prototypes are missing keeps its memory off (`prototype_ready` False) until its first refresh,
+          rather than attending to zero prototypes;
+        - a missing concept codebook is the placeholder (seeded random unit vectors), which the warning says: the
+          concept path (quantisation, concept tokens, pseudo-labels) needs the real one (`set_codebook`).
         """
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        missing = sorted(info["missing_keys"])
-        if missing:
-            data = [key for key in missing if "codebook" in key or "prototype" in key]
-            listed = ", ".join((data or missing)[:4]) + ("..." if len(data or missing) > 4 else "")
-            reason = (
-                "the concept codebook and the prototype buffers must be saved with the weights"
-                if data
-                else "a fresh model is built from its config (then load_clip_vision_weights for CLIP weights)"
-            )
-            raise ValueError(
-                f"The checkpoint lacks {len(missing)} of the model's tensors ({listed}): {reason}; save_pretrained "
-                "writes all of them"
-            )
-        for layer in model.memory_layers():
-            layer._is_ready()  # read the loaded flag now, so that a compiled or exported forward sees the memory
+        missing = set(info["missing_keys"]) | {key for key, *_ in info["mismatched_keys"]}
+        for name, module in model.named_modules():
+            prefix = f"{name}." if name else ""
+            if isinstance(module, FsgrPmaPrototypeMemoryAttention) and module.memory_enabled:
+                if {prefix + "prototype_keys", prefix + "prototype_values"} & missing:
+                    module.prototype_ready.fill_(False)
+                    logger.warning(
+                        f"The checkpoint lacks the prototypes of {name}: its memory stays off until the first refresh "
+                        "(`refresh_memory` after training steps fill the bank)"
+                    )
+                module._is_ready()  # read the loaded flag now, so that a compiled or exported forward sees the memory
+            elif isinstance(module, FsgrPmaConceptCodebook) and prefix + "embeddings" in missing:
+                logger.warning(
+                    f"The checkpoint lacks the concept codebook ({prefix}embeddings): the model holds the placeholder "
+                    "(seeded random unit vectors), and its concept path (semantic quantisation, concept tokens, SupCon "
+                    "pseudo-labels) needs a real one: load it with `set_codebook` (scripts/build_codebook.py makes it)"
+                )
         return (model, info) if want_info else model
 
     def memory_layers(self) -> list[FsgrPmaPrototypeMemoryAttention]:
@@ -1550,48 +1567,13 @@ class FsgrPmaModel(FsgrPmaPreTrainedModel):
         **kwargs,
     ) -> FsgrPmaModelOutput | tuple:
         """Encode the images and decode the captions; the arguments are [`FsgrPmaForConditionalGeneration.forward`]'s
-        without `labels`."""
+        without `labels`.
+
+        Returns the decoder's final hidden states `(B, T, d)` with the encoder's outputs and the cache (None without
+        `use_cache`).
+        """
         decoder_input_ids = decoder_input_ids if decoder_input_ids is not None else input_ids
         decoder_attention_mask = decoder_attention_mask if decoder_attention_mask is not None else attention_mask
-        hidden_states, all_hidden, all_self, all_cross, encoder_outputs, past_key_values = self.encode_and_decode(
-            pixel_values, decoder_input_ids, decoder_attention_mask, encoder_outputs, past_key_values,
-            vision_hidden_states, patch_labels, use_cache, output_attentions, output_hidden_states,
-        )  # fmt: skip
-        return FsgrPmaModelOutput(
-            last_hidden_state=hidden_states,
-            past_key_values=past_key_values,
-            decoder_hidden_states=all_hidden,
-            decoder_attentions=all_self,
-            cross_attentions=all_cross,
-            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
-            encoder_hidden_states=encoder_outputs.hidden_states,
-            encoder_attentions=encoder_outputs.attentions,
-            patch_concepts=encoder_outputs.patch_concepts,
-            supcon_features=encoder_outputs.supcon_features,
-            patch_labels=encoder_outputs.patch_labels,
-        )
-
-    def encode_and_decode(
-        self,
-        pixel_values: torch.FloatTensor | None,
-        decoder_input_ids: torch.LongTensor | None,
-        decoder_attention_mask: torch.Tensor | None,
-        encoder_outputs: FsgrPmaEncoderOutput | None,
-        past_key_values: Cache | None,
-        vision_hidden_states: torch.Tensor | None,
-        patch_labels: torch.LongTensor | None,
-        use_cache: bool | None,
-        output_attentions: bool | None,
-        output_hidden_states: bool | None,
-    ) -> tuple[torch.Tensor, tuple | None, tuple | None, tuple | None, FsgrPmaEncoderOutput, Cache | None]:
-        """The body of `forward`, returning its parts; the captioner's forward wraps them in its own output.
-
-        One `ModelOutput` per decoding step instead of two: building one costs about as much as a small layer.
-
-        Returns:
-            the decoder's final hidden states `(B, T, d)`, its hidden states, self- and cross-attentions (or None),
-            the encoder output and the cache (None without `use_cache`).
-        """
         if decoder_input_ids is None:
             raise ValueError("Pass caption tokens as `input_ids` / `decoder_input_ids` (or `labels`)")
         config = self.config
@@ -1630,7 +1612,19 @@ class FsgrPmaModel(FsgrPmaPreTrainedModel):
         if self.training:
             for layer in self.memory_layers():
                 layer.commit_to_bank()
-        return hidden_states, all_hidden, all_self, all_cross, encoder_outputs, past_key_values
+        return FsgrPmaModelOutput(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values,
+            decoder_hidden_states=all_hidden,
+            decoder_attentions=all_self,
+            cross_attentions=all_cross,
+            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
+            encoder_hidden_states=encoder_outputs.hidden_states,
+            encoder_attentions=encoder_outputs.attentions,
+            patch_concepts=encoder_outputs.patch_concepts,
+            supcon_features=encoder_outputs.supcon_features,
+            patch_labels=encoder_outputs.patch_labels,
+        )
 
 
 def _add_base_model_prefix(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
@@ -1808,37 +1802,45 @@ class FsgrPmaForConditionalGeneration(FsgrPmaPreTrainedModel, GenerationMixin):
                 `attn_implementation="eager"`.
             return_dict (`bool`, *optional*): `False` returns `FsgrPmaOutput.to_tuple()` (defaults to the config's).
         """
-        decoder_input_ids = decoder_input_ids if decoder_input_ids is not None else input_ids
-        decoder_attention_mask = decoder_attention_mask if decoder_attention_mask is not None else attention_mask
-        if decoder_input_ids is None and labels is not None:
+        if decoder_input_ids is None and input_ids is None and labels is not None:
             decoder_input_ids = labels.masked_fill(labels == -100, self.config.pad_token_id)
-        hidden_states, all_hidden, all_self, all_cross, encoder_outputs, past_key_values = self.model.encode_and_decode(
-            pixel_values, decoder_input_ids, decoder_attention_mask, encoder_outputs, past_key_values,
-            vision_hidden_states, patch_labels, use_cache, output_attentions, output_hidden_states,
-        )  # fmt: skip
-        logits = self.lm_head(hidden_states)  # (B, T, V)
+        outputs = self.model(
+            pixel_values=pixel_values,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            encoder_outputs=encoder_outputs,
+            past_key_values=past_key_values,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            vision_hidden_states=vision_hidden_states,
+            patch_labels=patch_labels,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        logits = self.lm_head(outputs.last_hidden_state)  # (B, T, V)
 
         loss = xe_loss = contrastive = None
         if labels is not None:
-            xe_loss = self.caption_loss(logits, labels, decoder_attention_mask)
+            mask = decoder_attention_mask if decoder_attention_mask is not None else attention_mask
+            xe_loss = self.caption_loss(logits, labels, mask)
             loss = xe_loss
-            if encoder_outputs.supcon_features is not None and encoder_outputs.patch_labels is not None:
-                features = encoder_outputs.supcon_features.flatten(0, 1)  # (B * n, supcon_dim)
-                contrastive = supcon_loss(
-                    features, encoder_outputs.patch_labels.flatten(), self.config.supcon_temperature
-                )
+            if outputs.supcon_features is not None and outputs.patch_labels is not None:
+                features = outputs.supcon_features.flatten(0, 1)  # (B * n, supcon_dim)
+                contrastive = supcon_loss(features, outputs.patch_labels.flatten(), self.config.supcon_temperature)
                 loss = loss + self.config.supcon_weight * contrastive
         return FsgrPmaOutput(
             loss=loss,
             logits=logits,
-            past_key_values=past_key_values,
-            decoder_hidden_states=all_hidden,
-            decoder_attentions=all_self,
-            cross_attentions=all_cross,
-            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
-            encoder_hidden_states=encoder_outputs.hidden_states,
-            encoder_attentions=encoder_outputs.attentions,
-            patch_concepts=encoder_outputs.patch_concepts,
+            past_key_values=outputs.past_key_values,
+            decoder_hidden_states=outputs.decoder_hidden_states,
+            decoder_attentions=outputs.decoder_attentions,
+            cross_attentions=outputs.cross_attentions,
+            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
+            encoder_hidden_states=outputs.encoder_hidden_states,
+            encoder_attentions=outputs.encoder_attentions,
+            patch_concepts=outputs.patch_concepts,
             xe_loss=xe_loss,
             supcon_loss=contrastive,
         )

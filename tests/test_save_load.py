@@ -100,20 +100,6 @@ def test_in_process_reload_and_merged_lora_round_trip(saved_model, tmp_path):
     torch.testing.assert_close(merged(**batch).logits, expected["logits"], rtol=1e-4, atol=1e-5)
 
 
-def test_checkpoint_without_codebook_is_refused(saved_model, tmp_path):
-    from safetensors.torch import save_file
-
-    from modeling_fsgr_pma import FsgrPmaForConditionalGeneration
-
-    directory, _ = saved_model
-    weights = load_file(directory / "model.safetensors")
-    del weights["model.encoder.codebook.embeddings"]
-    (tmp_path / "config.json").write_text((directory / "config.json").read_text())
-    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match="lacks .*codebook"):
-        FsgrPmaForConditionalGeneration.from_pretrained(tmp_path)
-
-
 def test_a_checkpoint_saved_before_the_base_model_existed_loads(saved_model, tmp_path):
     """Checkpoints from when the captioner's modules were `encoder.*` / `decoder.*` (no `model.` prefix): through
     `from_pretrained` (transformers maps them by `base_model_prefix`) and `load_state_dict` (training checkpoints)."""

@@ -1,5 +1,5 @@
 """A transformers citizen (issue 12): output flags, return_dict, attention implementations, export and compile,
-meta-device init, incomplete checkpoints, gradients of an empty memory. Each test runs with the memory empty and
+meta-device init, incomplete checkpoints (initialised and named, as in transformers), gradients of an empty memory. Each test runs with the memory empty and
 filled where the two differ."""
 
 from __future__ import annotations
@@ -8,6 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
+from transformers.testing_utils import CaptureLogger
+from transformers.utils.loading_report import update_key_name
+from transformers.utils import logging as transformers_logging
 
 from conftest import fill_memory, random_batch, tiny_model
 from modeling_fsgr_pma import FsgrPmaForConditionalGeneration, FsgrPmaModel
@@ -228,17 +231,70 @@ def test_meta_device_init_weights_equals_construction(monkeypatch, overrides):
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# 5. Incomplete checkpoints are refused; mismatched shapes are re-initialised as in transformers
-@pytest.mark.parametrize("dropped", ["encoder.tower.visual.", "lora_A", "decoder.layers.1."])
-def test_a_checkpoint_without_some_weights_is_refused(tmp_path, dropped):
-    model = _model("filled")
+# 5. Incomplete checkpoints: transformers' contract, missing tensors initialised by `_init_weights` and named in its
+# warning; nothing left uninitialised, no memory attending to zero prototypes
+def _load_without(tmp_path, model, dropped: str, monkeypatch):
     model.save_pretrained(tmp_path)
     weights = load_file(tmp_path / "model.safetensors")
     kept = {name: tensor for name, tensor in weights.items() if dropped not in name}
     assert len(kept) < len(weights)
     save_file(kept, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=rf"lacks {len(weights) - len(kept)} of the model's tensors"):
-        FsgrPmaForConditionalGeneration.from_pretrained(tmp_path)
+    _seeded_init(monkeypatch)
+    loggers = [transformers_logging.get_logger("transformers.modeling_utils"),
+               transformers_logging.get_logger("modeling_fsgr_pma.modeling_fsgr_pma")]
+    with CaptureLogger(loggers[0]) as report, CaptureLogger(loggers[1]) as ours:
+        loaded, info = FsgrPmaForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
+    return weights, set(weights) - set(kept), loaded, info, report.out + ours.out
+
+
+@pytest.mark.parametrize(
+    "dropped", ["encoder.tower.visual.", "lora_A", "lora_B", "decoder.layers.1.", "prototype_", "codebook"]
+)
+def test_a_checkpoint_without_some_tensors_loads_them_initialised_and_names_them(tmp_path, monkeypatch, dropped):
+    model = _model("filled", memory_prior=True)
+    with torch.no_grad():  # a trained adapter, not LoRA's zero start
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.05)
+    weights, missing, loaded, info, warning = _load_without(tmp_path, model, dropped, monkeypatch)
+    assert set(info["missing_keys"]) == missing
+    assert all(name in warning for name in update_key_name(missing))  # transformers' report names each one
+    state = loaded.state_dict()
+    assert all(torch.isfinite(tensor.float()).all() and tensor.float().abs().max() < 10 for tensor in state.values())
+    for name, tensor in weights.items():
+        if name not in missing:
+            assert torch.equal(state[name], tensor), name  # loaded tensors keep their values
+    constructed = tiny_model(memory_prior=True).state_dict()  # the same seeded init, per module
+    if dropped in ("encoder.tower.visual.", "decoder.layers.1."):  # whole modules: exactly a fresh model's init
+        assert all(torch.equal(state[name], constructed[name]) for name in missing if "lora_" not in name)
+    lora_b = [state[name] for name in missing if "lora_B" in name]
+    assert all(not tensor.any() for tensor in lora_b)  # LoRA's init: B zero, the adapters start at the identity
+    lora_a = [state[name] for name in missing if "lora_A" in name]
+    assert all(tensor.std() > 0 and not torch.equal(tensor, weights[name])
+               for name, tensor in zip([n for n in missing if "lora_A" in n], lora_a))
+    # no memory attending to zero prototypes: a layer whose prototypes are missing is off until the first refresh
+    lost = [any(f"layers.{layer.layer_idx}.self_attn.prototype_keys" in name for name in missing)
+            for layer in loaded.memory_layers()]
+    assert [not layer.memory_active for layer in loaded.memory_layers()] == lost
+    assert ("memory stays off until the first refresh" in warning) == any(lost)
+    pixel_values, ids = random_batch(loaded.config)
+    with torch.no_grad():
+        assert torch.isfinite(loaded.eval()(pixel_values=pixel_values, input_ids=ids).logits).all()
+    if dropped == "codebook":
+        assert "concept path" in warning and "set_codebook" in warning
+        torch.testing.assert_close(loaded.encoder.codebook.embeddings, constructed["model.encoder.codebook.embeddings"])
+
+
+def test_from_an_empty_state_dict_every_tensor_is_a_fresh_models(monkeypatch):
+    """transformers' `test_can_init_all_missing_weights`: everything missing, everything initialised as at construction."""
+    _seeded_init(monkeypatch)
+    config = tiny_model(num_prompt_tokens=2, memory_prior=True).config
+    constructed = FsgrPmaForConditionalGeneration(config).state_dict()
+    model = FsgrPmaForConditionalGeneration.from_pretrained(None, config=config, state_dict={})
+    loaded = model.state_dict()
+    assert loaded.keys() == constructed.keys()
+    assert not [name for name, tensor in loaded.items() if not torch.equal(tensor, constructed[name])]
+    assert not any(layer.memory_active for layer in model.memory_layers())
 
 
 def test_mismatched_vocabulary_is_reinitialised_properly(tmp_path):
