@@ -77,7 +77,14 @@ class FsgrPmaConfig(PretrainedConfig):
         memory_tokens_per_step (`int`, *optional*, defaults to 64):
             Keys/values a layer's bank keeps from each training step (a random subsample of the non-padding
             tokens); the bank holds `memory_window * memory_tokens_per_step` entries.
+        memory_warmup_steps (`int`, *optional*, defaults to 100):
+            Training steps (optimiser steps of XE) before the first prototype refresh; the memory is off until then.
+            PMA-Net does not publish it. With `memory_refresh_every` and `memory_ramp_steps` it is the memory's
+            whole schedule: `scripts/train.py` reads it from here and has no flag of its own for it.
         memory_refresh_every (`int`, *optional*, defaults to 50): refresh period R, in optimiser steps.
+        memory_ramp_steps (`int`, *optional*, defaults to 0):
+            *Our extension of PMA-Net.* Fade the prototypes in over this many steps after the first refresh (their
+            attention weights scaled by a factor rising linearly to 1); 0 switches them on at once, as the paper.
         memory_knn (`int`, *optional*, defaults to 8): values averaged per prototype (k nearest bank keys).
         memory_kmeans_iters (`int`, *optional*, defaults to 20): K-Means iterations per refresh.
         memory_prior (`bool`, *optional*, defaults to `False`):
@@ -126,7 +133,9 @@ class FsgrPmaConfig(PretrainedConfig):
         num_prototypes: int = 16,
         memory_window: int = 50,
         memory_tokens_per_step: int = 64,
+        memory_warmup_steps: int = 100,
         memory_refresh_every: int = 50,
+        memory_ramp_steps: int = 0,
         memory_knn: int = 8,
         memory_kmeans_iters: int = 20,
         memory_prior: bool = False,
@@ -174,7 +183,9 @@ class FsgrPmaConfig(PretrainedConfig):
         self.num_prototypes = num_prototypes
         self.memory_window = memory_window
         self.memory_tokens_per_step = memory_tokens_per_step
+        self.memory_warmup_steps = memory_warmup_steps
         self.memory_refresh_every = memory_refresh_every
+        self.memory_ramp_steps = memory_ramp_steps
         self.memory_knn = memory_knn
         self.memory_kmeans_iters = memory_kmeans_iters
         self.memory_prior = memory_prior
@@ -270,6 +281,7 @@ class FsgrPmaConfig(PretrainedConfig):
         if self.use_memory:
             _positive(self, "num_prototypes", "memory_window", "memory_tokens_per_step", "memory_refresh_every")
             _positive(self, "memory_knn", "memory_kmeans_iters")
+            _non_negative(self, "memory_warmup_steps", "memory_ramp_steps")
             if self.num_prototypes > self.memory_bank_size:
                 raise ValueError(
                     f"num_prototypes ({self.num_prototypes}) exceeds the bank size memory_window * "

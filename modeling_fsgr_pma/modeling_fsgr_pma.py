@@ -1764,15 +1764,22 @@ class FsgrPmaForConditionalGeneration(FsgrPmaPreTrainedModel, GenerationMixin):
     def num_parameters_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """Optimiser groups: decay on ≥2-D weights, none on biases, norms, embeddings of positions/segments."""
-        decay, no_decay = [], []
+    def param_groups(
+        self, weight_decay: float, learning_rate: float, backbone_learning_rate: float | None = None
+    ) -> list[dict]:
+        """Optimiser groups: decay on ≥2-D weights, none on biases, norms, embeddings of positions/segments; the
+        vision tower's adapters (LoRA, prompts) at `backbone_learning_rate` (FSGR trains them at 0.1× the rest,
+        `build_optimizer` in its `models/fsgr/optim_entry.py`), everything else at `learning_rate`."""
+        groups = {}
         for name, param in self.named_parameters():
             if not param.requires_grad:
                 continue
             is_matrix = param.ndim >= 2 and "embed_positions" not in name and "prompts" not in name
-            (decay if is_matrix else no_decay).append(param)
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            in_tower = name.startswith("model.encoder.tower.")
+            lr = backbone_learning_rate if in_tower and backbone_learning_rate is not None else learning_rate
+            key = (weight_decay if is_matrix else 0.0, lr)
+            groups.setdefault(key, []).append(param)
+        return [{"params": params, "weight_decay": decay, "lr": lr} for (decay, lr), params in groups.items()]
 
     # -- forward --------------------------------------------------------------------------------------------------
     @can_return_tuple

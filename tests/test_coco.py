@@ -37,13 +37,13 @@ SIZES = {
     "extract_features": ["--batch-size", "16", "--shard-size", "32", "--num-workers", "0"],
     "train": [
         "--batch-size", "8", "--eval-batch-size", "16", "--eval-max-images", "8", "--eval-every", "3",
-        "--checkpoint-every", "3", "--warmup-steps", "1", "--memory-warmup-steps", "2", "--xe-steps", "3",
+        "--checkpoint-every", "3", "--warmup-steps", "1", "--config-overrides", "memory_warmup_steps=2", "--xe-steps", "3",
         "--scst-steps", "0", "--max-caption-length", "24", "--vocab-size", "64", "--num-workers", "0",
     ],
     "evaluate_captions": ["--batch-size", "32"],
 }  # fmt: skip
 # The second (resumed) training launch goes on into SCST.
-RESUME = ["--scst-steps", "2", "--scst-samples", "2", "--eval-every", "5", "--resume-from-checkpoint", "latest"]
+RESUME = ["--scst-steps", "2", "--scst-num-sequences", "2", "--eval-every", "5", "--resume-from-checkpoint", "latest"]
 
 
 def readme_recipe() -> list[list[str]]:

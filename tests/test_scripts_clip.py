@@ -177,8 +177,8 @@ def test_train_from_the_feature_cache_never_reads_an_image(workspace, tmp_path, 
          "--clip-pretrained", str(workspace["clip"]), "--codebook", str(workspace["codebook"]),
          "--feature-cache", str(workspace["features"]), "--output-dir", str(tmp_path / "run"),
          "--batch-size", "8", "--eval-batch-size", "16", "--vocab-size", "64", "--warmup-steps", "1",
-         "--memory-warmup-steps", "2", "--kmeans-backend", "torch", "--report-to", "none", "--max-new-tokens", "6",
-         "--num-beams", "1", "--xe-steps", "3", "--scst-steps", "1", "--scst-samples", "2", "--eval-every", "4"]
+         "--config-overrides", "memory_warmup_steps=2", "--kmeans-backend", "torch", "--report-to", "none", "--max-new-tokens", "6",
+         "--num-beams", "1", "--xe-steps", "3", "--scst-steps", "1", "--scst-num-sequences", "2", "--eval-every", "4"]
     )  # fmt: skip
     assert summary["steps"] == 4 and summary["history"]
 

@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def world(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("world")
     generate_world(directory, num_images=48, seed=0, image_size=32)
-    config = tiny_config(memory_refresh_every=3, vocab_size=64, num_prototypes=4, memory_tokens_per_step=8)
+    config = tiny_config(memory_refresh_every=3, vocab_size=64, num_prototypes=4, memory_tokens_per_step=8,
+                         memory_warmup_steps=2)
     config.to_json_file(directory / "model.json")
     captions = [c for caps in load_caption_split(directory, "train")["captions"] for c in caps]
     # BPE training breaks ties randomly: independent runs share one tokenizer to be comparable.
@@ -40,18 +41,18 @@ def _train_args(world: Path, output: Path, *extra) -> list[str]:
     return [
         "--data", str(world), "--model-config", str(world / "model.json"), "--output-dir", str(output),
         "--batch-size", "8", "--eval-batch-size", "16", "--eval-max-images", "8", "--vocab-size", "64",
-        "--warmup-steps", "1", "--memory-warmup-steps", "2", "--kmeans-backend", "torch", "--report-to", "none",
+        "--warmup-steps", "1", "--kmeans-backend", "torch", "--report-to", "none",
         "--max-new-tokens", "6", "--num-beams", "1", *extra,
     ]
 
 
 def test_smoke_train_saves_resumes_and_reloads(world, tmp_path):
     output = tmp_path / "run"
-    summary = train.main(_train_args(world, output, "--xe-steps", "4", "--scst-steps", "2", "--scst-samples", "2",
+    summary = train.main(_train_args(world, output, "--xe-steps", "4", "--scst-steps", "2", "--scst-num-sequences", "2",
                                      "--eval-every", "3", "--checkpoint-every", "2"))
     assert summary["steps"] == 6 and len(summary["history"]) == 2
     assert find_checkpoint(output, "latest").name == "step_6"
-    resumed = train.main(_train_args(world, output, "--xe-steps", "6", "--scst-steps", "2", "--scst-samples", "2",
+    resumed = train.main(_train_args(world, output, "--xe-steps", "6", "--scst-steps", "2", "--scst-num-sequences", "2",
                                      "--eval-every", "3", "--checkpoint-every", "2", "--resume-from-checkpoint",
                                      "latest"))
     assert resumed["steps"] == 8
@@ -73,7 +74,7 @@ def test_a_saved_model_holds_the_prototypes_its_decoder_trained_with(world, tmp_
     """
     output = tmp_path / "run"
     summary = train.main(_train_args(world, output, "--xe-steps", "6", "--eval-every", "5", "--checkpoint-every", "2",
-                                     "--memory-ramp-steps", "2"))
+                                     "--config-overrides", "memory_warmup_steps=2,memory_ramp_steps=2"))
     best_step = max(summary["history"], key=lambda entry: entry["cider"])["step"]  # the first best, as train.py keeps
     released = load_file(output / "model" / "model.safetensors")
     at_step_4 = load_file(output / "checkpoints" / "step_4" / "model.safetensors")
@@ -87,18 +88,15 @@ def test_a_saved_model_holds_the_prototypes_its_decoder_trained_with(world, tmp_
 
 
 def test_refreshes_happen_in_xe_only_and_never_at_its_last_step():
-    args = train.parse_args(["--data", "d", "--output-dir", "o", "--xe-steps", "10", "--scst-steps", "6",
-                             "--memory-warmup-steps", "2"])
-    config = tiny_config(memory_refresh_every=4)
+    args = train.parse_args(["--data", "d", "--output-dir", "o", "--xe-steps", "10", "--scst-steps", "6"])
+    config = tiny_config(memory_refresh_every=4, memory_warmup_steps=2)
     assert [step for step in range(1, 17) if train._is_refresh_step(step, args, config)] == [2, 6]
 
 
 def test_memory_ramp_rises_from_the_first_refresh_to_one():
-    args = train.parse_args(["--data", "d", "--output-dir", "o", "--memory-warmup-steps", "2",
-                             "--memory-ramp-steps", "4"])
-    assert [train._memory_ramp(step, args) for step in range(2, 8)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    no_ramp = train.parse_args(["--data", "d", "--output-dir", "o"])
-    assert train._memory_ramp(0, no_ramp) == 1.0
+    config = tiny_config(memory_warmup_steps=2, memory_ramp_steps=4)
+    assert [train._memory_ramp(step, config) for step in range(2, 8)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert train._memory_ramp(0, tiny_config()) == 1.0
 
 
 def test_config_overrides_set_model_fields_and_are_validated(world):
@@ -159,7 +157,7 @@ def _launch(args: list[str]) -> subprocess.Popen:
 
 def test_killed_run_resumes_to_identical_weights(world, tmp_path):
     common = ["--xe-steps", "24", "--eval-every", "1000", "--checkpoint-every", "2", "--tokenizer", str(world / "tokenizer"),
-              "--memory-ramp-steps", "12"]
+              "--config-overrides", "memory_warmup_steps=2,memory_ramp_steps=12"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     first = _launch(_train_args(world, straight, *common))
     second = _launch(_train_args(world, killed, *common))

@@ -86,7 +86,7 @@ def check_training(accelerator: Accelerator, model, settings: dict, steps: int) 
     ids[:, 0], ids[:, -1] = config.bos_token_id, config.eos_token_id
     inputs = {"vision_hidden_states": prefix.float(), "patch_labels": labels, "input_ids": ids, "labels": ids}
     inputs = {key: value.to(accelerator.device) for key, value in inputs.items()}
-    optimizer = torch.optim.AdamW(model.param_groups(0.0), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.param_groups(0.0, 1e-4))
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
 

@@ -34,7 +34,8 @@ STATE_FILE = "training_state.json"
 class CaptionCollator:
     """Turns dataset rows into model inputs.
 
-    Each image contributes one of its reference captions, chosen by a generator seeded with (seed, epoch, row),
+    Each image contributes its pair's caption (rows of [`CaptionPairs`]) or one of its reference captions, chosen by a
+    generator seeded with (seed, epoch, row),
     so the choice never touches the global RNG: a resumed run sees exactly the captions of an uninterrupted one
     even though the data loader prefetches a batch ahead. `augment` applies a small random resized crop seeded the
     same way (no flips: captions say "left" and "right"). With a feature cache, the frozen-prefix features and
@@ -74,6 +75,8 @@ class CaptionCollator:
         return image.crop((left, top, left + width, top + height))
 
     def pick_caption(self, row: dict) -> str:
+        if "caption_index" in row:  # an image-caption pair ([`CaptionPairs`])
+            return row["captions"][row["caption_index"]]
         generator = np.random.default_rng([self.seed, self.epoch, row["row"]])
         return row["captions"][int(generator.integers(len(row["captions"])))]
 
