@@ -250,7 +250,10 @@ def main(argv: list[str] | None = None) -> dict:
         eval_data = eval_data.select(range(min(args.eval_max_images, len(eval_data))))
     train_data = train_data.add_column("row", list(range(len(train_data))))
     eval_data = eval_data.add_column("row", list(range(len(eval_data))))
-    logger.info(f"{len(train_data)} training images, {len(eval_data)} evaluation images")
+    logger.info(
+        f"{len(train_data)} training images ({sum(map(len, train_data['captions']))} image-caption pairs), "
+        f"{len(eval_data)} evaluation images"
+    )
 
     # Tokenizer, config, model
     tokenizer = prepare_tokenizer(accelerator, args, train_data)
@@ -507,7 +510,10 @@ def plan_schedule(args: argparse.Namespace) -> dict:
     def per(total: int, unit: int | None) -> float | None:
         return round(total / unit, 3) if unit else None
 
-    warmup = 3 * xe_steps_per_epoch if args.lr_schedule == "fsgr" and xe_steps_per_epoch else args.warmup_steps
+    if args.lr_schedule == "fsgr":  # FSGR's warm-up is its first 3 epochs
+        warmup = 3 * xe_steps_per_epoch if xe_steps_per_epoch else None
+    else:
+        warmup = args.warmup_steps
     return {
         "num_processes": processes,
         "per_process_batch_size": args.batch_size,
@@ -520,7 +526,7 @@ def plan_schedule(args: argparse.Namespace) -> dict:
         "learning_rate": args.learning_rate,
         "backbone_learning_rate": args.learning_rate * args.backbone_lr_scale,
         "lr_schedule": args.lr_schedule,
-        "warmup_steps": None if args.lr_schedule == "fsgr" and warmup is None else warmup,
+        "warmup_steps": warmup,
         "weight_decay": args.weight_decay,
         "scst_sequences": args.scst_sequences,
         "scst_num_sequences": args.scst_num_sequences,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -15,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from scripts import train
-from conftest import tiny_config
+from conftest import tiny_config, tiny_model
 from modeling_fsgr_pma.data.captions import load_caption_split
 from modeling_fsgr_pma.data.synthetic import generate_world
 from modeling_fsgr_pma.data.tokenization import train_caption_tokenizer
@@ -200,3 +201,47 @@ def test_two_processes_refresh_to_identical_prototypes_and_train_without_unused_
     assert rank0["params"].keys() == rank1["params"].keys()
     for name, value in rank0["params"].items():
         assert torch.equal(value, rank1["params"][name]), name  # DDP kept the replicas in sync
+
+
+def test_print_schedule_reads_the_recipe_and_the_accelerate_config_only(capsys):
+    """No --data, no model: the plan of the COCO recipe on 2 nodes of 8 GPUs, in the papers' units."""
+    plan = train.main(["--config", str(ROOT / "configuration/train/coco-vit-b16.yaml"), "--print-schedule",
+                       "--accelerate-config", str(ROOT / "configuration/accelerate/2node-8gpu.yaml")])
+    assert json.loads(capsys.readouterr().out) == plan
+    assert (plan["num_processes"], plan["global_batch_size"]) == (16, 96)
+    assert plan["xe_steps_per_epoch"] == 566747 // 96 and plan["warmup_steps"] == 3 * plan["xe_steps_per_epoch"]
+    assert plan["xe_pair_epochs"] == round(plan["xe_steps"] * 96 / 566747, 3)
+    assert plan["backbone_learning_rate"] == pytest.approx(0.1 * plan["learning_rate"])
+    assert plan["scst_sequences"] == "beam" and plan["memory_prior"] is False and plan["memory_ramp_steps"] == 0
+    assert plan["captions_seen"] == plan["xe_steps"] * 96 + plan["scst_steps"] * 96 * 5
+    for key in ("scst_max_epochs", "memory_warmup_steps", "memory_refresh_every", "images_seen"):
+        assert plan[key] is not None
+
+
+def test_pair_epochs_visit_every_caption_once_and_the_collator_uses_it(world):
+    from modeling_fsgr_pma.data.captions import CaptionPairs
+    from modeling_fsgr_pma.training.steps import CaptionCollator
+
+    images = load_caption_split(world, "train").remove_columns("image").add_column("row", list(range(48)))
+    pairs = CaptionPairs(images)
+    assert len(pairs) == sum(len(captions) for captions in images["captions"])
+    seen = [(pairs[i]["row"], CaptionCollator(processor=None, max_length=16).pick_caption(pairs[i]))
+            for i in range(len(pairs))]
+    assert sorted(seen) == sorted((row, c) for row, captions in enumerate(images["captions"]) for c in captions)
+
+
+def test_backbone_adapters_get_their_own_learning_rate():
+    model = tiny_model()
+    groups = model.param_groups(0.01, 1e-3, 1e-4)
+    tower = {id(p) for n, p in model.named_parameters() if n.startswith("model.encoder.tower.") and p.requires_grad}
+    assert tower and all((g["lr"] == 1e-4) == (id(g["params"][0]) in tower) for g in groups)
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
+
+
+def test_scst_stops_after_patience_evaluations_without_improvement():
+    args = train.parse_args(["--data", "d", "--output-dir", "o", "--xe-steps", "10", "--scst-patience", "2"])
+    history = [{"step": 10, "cider": 1.0}, {"step": 12, "cider": 1.2}, {"step": 14, "cider": 1.1}]
+    assert not train._patience_exhausted(history, args)
+    assert train._patience_exhausted(history + [{"step": 16, "cider": 1.15}], args)
+    assert not train._patience_exhausted(history + [{"step": 16, "cider": 1.3}], args)
+    assert [train.fsgr_lr_factor(e) for e in range(14)] == [0.25, 0.5, 0.75, 1, 1, 1] + [0.2] * 6 + [0.04] * 2
