@@ -53,6 +53,11 @@ class FsgrPmaConfig(PretrainedConfig):
         concept_names (`list[str]`, *optional*): the concept vocabulary, one name per codebook row.
         concept_top_k (`int`, *optional*, defaults to 8): concepts pre-selected per image (FSGR: 20).
         gumbel_temperature (`float`, *optional*, defaults to 1.0): temperature of the hard Gumbel-softmax.
+        concept_logit_scale (`float`, *optional*, defaults to 100.0):
+            Scale of the cosine similarities between the dense patch embeddings and the selected concepts, which
+            gives the concept-assignment logits (the Gumbel-softmax's input in training): the CLIP checkpoint's own
+            `logit_scale.exp()`, as FSGR's code uses its CLIP's (100 for OpenAI's). `scripts/train.py` fills it in
+            from the checkpoint it loads.
         use_fsgr (`bool`, *optional*, defaults to `True`):
             `False` gives the "no FSGR" ablation: the decoder reads projected CLIP patch tokens directly.
         num_interaction_layers (`int`, *optional*, defaults to 2): FSGR cross-modal interaction layers (N_s).
@@ -113,6 +118,7 @@ class FsgrPmaConfig(PretrainedConfig):
         concept_names: list[str] | None = None,
         concept_top_k: int = 8,
         gumbel_temperature: float = 1.0,
+        concept_logit_scale: float = 100.0,
         use_fsgr: bool = True,
         num_interaction_layers: int = 2,
         use_concept_tokens: bool = False,
@@ -163,6 +169,7 @@ class FsgrPmaConfig(PretrainedConfig):
         self.concept_names = list(concept_names) if concept_names is not None else None
         self.concept_top_k = concept_top_k
         self.gumbel_temperature = gumbel_temperature
+        self.concept_logit_scale = concept_logit_scale
         self.use_fsgr = use_fsgr
         self.num_interaction_layers = num_interaction_layers
         self.use_concept_tokens = use_concept_tokens
@@ -272,8 +279,8 @@ class FsgrPmaConfig(PretrainedConfig):
             raise ValueError(
                 f"concept_names has {len(self.concept_names)} names but num_concepts is {self.num_concepts}"
             )
-        if self.supcon_temperature <= 0 or self.gumbel_temperature <= 0:
-            raise ValueError("supcon_temperature and gumbel_temperature must be positive")
+        if self.supcon_temperature <= 0 or self.gumbel_temperature <= 0 or self.concept_logit_scale <= 0:
+            raise ValueError("supcon_temperature, gumbel_temperature and concept_logit_scale must be positive")
         if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError("dropout and label_smoothing must lie in [0, 1)")
         if self.prototype_dtype not in PROTOTYPE_DTYPES:

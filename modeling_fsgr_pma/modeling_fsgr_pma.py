@@ -47,8 +47,6 @@ except ImportError:  # FAISS is optional: K-Means falls back to the torch implem
 
 logger = logging.get_logger(__name__)
 
-# CLIP's contrastive temperature (0.07) turns cosine similarities into concept-assignment logits.
-CONCEPT_LOGIT_SCALE = 1.0 / 0.07
 # Up to this many prototypes, memory attention copies them after every sequence's keys and runs one fused SDPA;
 # beyond it, one matmul per head scores them for the whole batch (`attend_with_prototypes`). Measured on CPU: with
 # 32 prototypes the fused call is the faster one; with 1024, copying them per sequence and decoding step made
@@ -667,7 +665,9 @@ class FsgrPmaEncoder(nn.Module):
         image_scores = F.normalize(global_embedding, dim=-1) @ codebook.T  # (B, N_c)
         selected = image_scores.topk(self.config.concept_top_k, dim=-1).indices  # (B, k)
         concepts = codebook[selected]  # (B, k, d_clip)
-        logits = CONCEPT_LOGIT_SCALE * F.normalize(dense, dim=-1) @ concepts.transpose(1, 2)  # (B, n, k)
+        # The CLIP checkpoint's own logit scale turns cosine similarities into assignment logits (FSGR's code).
+        scale = self.config.concept_logit_scale
+        logits = scale * F.normalize(dense, dim=-1) @ concepts.transpose(1, 2)  # (B, n, k)
         if self.training:
             assignment = F.gumbel_softmax(logits.float(), tau=self.config.gumbel_temperature, hard=True)
             assignment = assignment.to(dense.dtype)  # (B, n, k), one-hot forward, soft gradient

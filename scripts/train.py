@@ -1,9 +1,10 @@
 """Train FSGR-PMA: cross-entropy + SupCon with prototype memory, then SCST, under Accelerate.
 
-Usage (the README demo's training step; any key of the YAML can be overridden on the command line):
+Usage (the README demo's training step; any key of the YAML can be overridden on the command line, any field of the
+model config with `--config-overrides`):
 
     accelerate launch scripts/train.py --config configuration/train/synthetic.yaml \
-        --data outputs/demo/data --clip-pretrained outputs/demo/clip.pt \
+        --data outputs/demo/data --clip-pretrained outputs/demo/clip.safetensors \
         --codebook outputs/demo/codebook.safetensors --output-dir outputs/demo/train
 
 Two processes on a machine without a GPU (a gloo group; `--cpu` alone would start one process):
@@ -12,12 +13,17 @@ Two processes on a machine without a GPU (a gloo group; `--cpu` alone would star
 Without `--tokenizer`, a BPE tokenizer is trained on the training captions into `OUTPUT_DIR/tokenizer` and reused on
 resume; BPE training breaks ties randomly, so pass `--tokenizer` for two fresh runs to be bitwise comparable.
 
-Stages: `--xe-steps` optimiser steps of XE + β·SupCon (prototypes refreshed every `memory_refresh_every` steps
-after `--memory-warmup-steps`, faded in over `--memory-ramp-steps`), then `--scst-steps` of SCST with a CIDEr-D
-reward and the prototypes frozen. An evaluation (and the save of a best model) at a refresh step runs before the
-refresh, so a saved model holds the prototypes its decoder trained with. Every `--eval-every` steps the
-model captions the evaluation split; the best CIDEr-D model is written with `save_pretrained` to
-`OUTPUT_DIR/model` (weights with prototypes and codebook, processor, generation config, remote code).
+Stages: `--xe-steps` optimiser steps of XE + β·SupCon, each epoch over the images (one random reference caption each)
+or, with `--xe-epoch pairs`, over every image-caption pair as the papers' data loader; the prototypes are refreshed
+every `memory_refresh_every` steps after `memory_warmup_steps` and faded in over `memory_ramp_steps` (the memory's
+schedule is the model config's, changed like any model field with `--config-overrides`). Then at most `--scst-steps`
+of on-policy SCST with a CIDEr-D reward on each image's beams (or samples, `--scst-sequences`), the prototypes frozen,
+stopped early after `--scst-patience` evaluations without a better CIDEr-D. An evaluation (and the save of a best
+model) at a refresh step runs before the refresh, so a saved model holds the prototypes its decoder trained with.
+Every `--eval-every` steps the model captions the evaluation split; the best CIDEr-D model is written with
+`save_pretrained` to `OUTPUT_DIR/model` (weights with prototypes and codebook, processor, generation config, remote
+code). `--print-schedule` prints the plan (steps, epochs in the papers' units, rates, images and captions seen) as
+JSON without loading data or model (docs/coco-recipe.md).
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerFast, get_scheduler
 
 from modeling_fsgr_pma import FsgrPmaConfig, FsgrPmaForConditionalGeneration
-from modeling_fsgr_pma.training.clip_backbone import load_codebook, load_pretrained_clip
+from modeling_fsgr_pma.training.clip_backbone import load_codebook, load_pretrained_clip, with_concepts
 from modeling_fsgr_pma.data.captions import CaptionPairs, load_caption_split
 from modeling_fsgr_pma.data.feature_cache import check_cache_matches, load_feature_cache
 from modeling_fsgr_pma.evaluation.metrics import TokenizedCiderD
@@ -209,16 +215,7 @@ def build_config(args: argparse.Namespace, vocab_size: int, concept_names: list[
         config.update_from_string(args.config_overrides)  # raises ValueError for an unknown field or a bad value
     overrides = {"vocab_size": vocab_size}
     if concept_names is not None:
-        if len(concept_names) != config.num_concepts:  # the codebook's vocabulary wins (scripts/extract_features.py)
-            logger.warning(
-                f"The codebook holds {len(concept_names)} concepts, the model config says num_concepts="
-                f"{config.num_concepts}: the model is built with the codebook's {len(concept_names)}"
-            )
-        overrides.update(
-            num_concepts=len(concept_names),
-            concept_names=concept_names,
-            concept_top_k=min(config.concept_top_k, len(concept_names)),
-        )
+        overrides.update(with_concepts(config, concept_names))  # ValueError unless it has num_concepts names
     if args.clip_pretrained is not None:
         overrides["clip_pretrained"] = args.clip_pretrained
     return FsgrPmaConfig(**{**config.to_dict(), **overrides})  # validated
@@ -259,9 +256,12 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = prepare_tokenizer(accelerator, args, train_data)
     codebook, concept_names = load_codebook(args.codebook) if args.codebook is not None else (None, None)
     config = build_config(args, len(tokenizer), concept_names)
-    model = FsgrPmaForConditionalGeneration(config)
+    clip = None
     if args.clip_pretrained is not None:
         clip = load_pretrained_clip(config.clip_config, config.clip_model_name, args.clip_pretrained)
+        config.concept_logit_scale = float(clip.logit_scale.detach().exp())  # the checkpoint's own, as FSGR's code uses
+    model = FsgrPmaForConditionalGeneration(config)
+    if clip is not None:
         model.load_clip_vision_weights(clip.visual.state_dict())
     if codebook is not None:
         model.set_codebook(codebook, concept_names)

@@ -111,7 +111,10 @@ def values(tmp_path_factory) -> dict[str, str]:
         ["--layout", "coco-karpathy", "--output-dir", str(root / "coco"), "--num-images", str(NUM_IMAGES),
          "--image-size", "48", "--num-workers", "2"]
     )  # fmt: skip
-    config = tiny_config(memory_refresh_every=2, num_prototypes=4, memory_tokens_per_step=8)
+    build = readme_recipe()[0]  # the codebook's vocabulary, as the README names it: the model has its concept count
+    vocabulary = ROOT / build[build.index("--vocabulary") + 1]
+    concepts = len([line for line in vocabulary.read_text().splitlines() if line.strip() and not line.startswith("#")])
+    config = tiny_config(memory_refresh_every=2, num_prototypes=4, memory_tokens_per_step=8, num_concepts=concepts)
     config.to_json_file(root / "model.json")
     torch.manual_seed(0)
     torch.save({"state_dict": build_clip(config.clip_config).state_dict()}, root / "clip.pt")

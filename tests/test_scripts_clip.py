@@ -31,7 +31,8 @@ def workspace(tmp_path_factory) -> dict[str, Path]:
     generate_world(root / "world", num_images=48, seed=0, image_size=32)
     model_config = root / "model.json"
     # The bare default config: a 32 px, 2-block tower of width 32 (the smallest preset).
-    FsgrPmaConfig(lora_first_block=1, concept_top_k=4, dropout=0.0).to_json_file(model_config)
+    concepts = len([line for line in VOCABULARY.read_text().splitlines() if line.strip()])
+    FsgrPmaConfig(lora_first_block=1, concept_top_k=4, dropout=0.0, num_concepts=concepts).to_json_file(model_config)
     paths = {
         "data": root / "world",
         "model_config": model_config,

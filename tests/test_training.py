@@ -111,6 +111,14 @@ def test_config_overrides_set_model_fields_and_are_validated(world):
         train.build_config(train.parse_args([*base, "--config-overrides", "num_prototypes=100000"]), 64, None)
 
 
+def test_a_codebook_must_have_num_concepts_names(world):
+    args = train.parse_args(["--data", "d", "--output-dir", "o", "--model-config", str(world / "model.json")])
+    names = [f"concept {i}" for i in range(12)]  # the world's model.json: num_concepts 12
+    assert train.build_config(args, 64, names).concept_names == names
+    with pytest.raises(ValueError, match="num_concepts=12"):
+        train.build_config(args, 64, names[:5])
+
+
 def test_unknown_config_key_and_missing_data_are_clear_errors(world, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("learning_rat: 0.1\n")
