@@ -53,6 +53,11 @@ class FsgrPmaConfig(PretrainedConfig):
         concept_names (`list[str]`, *optional*): the concept vocabulary, one name per codebook row.
         concept_top_k (`int`, *optional*, defaults to 8): concepts pre-selected per image (FSGR: 20).
         gumbel_temperature (`float`, *optional*, defaults to 1.0): temperature of the hard Gumbel-softmax.
+        concept_logit_scale (`float`, *optional*, defaults to 100.0):
+            Scale of the cosine similarities between the dense patch embeddings and the selected concepts, which
+            gives the concept-assignment logits (the Gumbel-softmax's input in training): the CLIP checkpoint's own
+            `logit_scale.exp()`, as FSGR's code uses its CLIP's (100 for OpenAI's). `scripts/train.py` fills it in
+            from the checkpoint it loads.
         use_fsgr (`bool`, *optional*, defaults to `True`):
             `False` gives the "no FSGR" ablation: the decoder reads projected CLIP patch tokens directly.
         num_interaction_layers (`int`, *optional*, defaults to 2): FSGR cross-modal interaction layers (N_s).
@@ -77,7 +82,14 @@ class FsgrPmaConfig(PretrainedConfig):
         memory_tokens_per_step (`int`, *optional*, defaults to 64):
             Keys/values a layer's bank keeps from each training step (a random subsample of the non-padding
             tokens); the bank holds `memory_window * memory_tokens_per_step` entries.
+        memory_warmup_steps (`int`, *optional*, defaults to 100):
+            Training steps (optimiser steps of XE) before the first prototype refresh; the memory is off until then.
+            PMA-Net does not publish it. With `memory_refresh_every` and `memory_ramp_steps` it is the memory's
+            whole schedule: `scripts/train.py` reads it from here and has no flag of its own for it.
         memory_refresh_every (`int`, *optional*, defaults to 50): refresh period R, in optimiser steps.
+        memory_ramp_steps (`int`, *optional*, defaults to 0):
+            *Our extension of PMA-Net.* Fade the prototypes in over this many steps after the first refresh (their
+            attention weights scaled by a factor rising linearly to 1); 0 switches them on at once, as the paper.
         memory_knn (`int`, *optional*, defaults to 8): values averaged per prototype (k nearest bank keys).
         memory_kmeans_iters (`int`, *optional*, defaults to 20): K-Means iterations per refresh.
         memory_prior (`bool`, *optional*, defaults to `False`):
@@ -106,6 +118,7 @@ class FsgrPmaConfig(PretrainedConfig):
         concept_names: list[str] | None = None,
         concept_top_k: int = 8,
         gumbel_temperature: float = 1.0,
+        concept_logit_scale: float = 100.0,
         use_fsgr: bool = True,
         num_interaction_layers: int = 2,
         use_concept_tokens: bool = False,
@@ -126,7 +139,9 @@ class FsgrPmaConfig(PretrainedConfig):
         num_prototypes: int = 16,
         memory_window: int = 50,
         memory_tokens_per_step: int = 64,
+        memory_warmup_steps: int = 100,
         memory_refresh_every: int = 50,
+        memory_ramp_steps: int = 0,
         memory_knn: int = 8,
         memory_kmeans_iters: int = 20,
         memory_prior: bool = False,
@@ -154,6 +169,7 @@ class FsgrPmaConfig(PretrainedConfig):
         self.concept_names = list(concept_names) if concept_names is not None else None
         self.concept_top_k = concept_top_k
         self.gumbel_temperature = gumbel_temperature
+        self.concept_logit_scale = concept_logit_scale
         self.use_fsgr = use_fsgr
         self.num_interaction_layers = num_interaction_layers
         self.use_concept_tokens = use_concept_tokens
@@ -174,7 +190,9 @@ class FsgrPmaConfig(PretrainedConfig):
         self.num_prototypes = num_prototypes
         self.memory_window = memory_window
         self.memory_tokens_per_step = memory_tokens_per_step
+        self.memory_warmup_steps = memory_warmup_steps
         self.memory_refresh_every = memory_refresh_every
+        self.memory_ramp_steps = memory_ramp_steps
         self.memory_knn = memory_knn
         self.memory_kmeans_iters = memory_kmeans_iters
         self.memory_prior = memory_prior
@@ -261,8 +279,8 @@ class FsgrPmaConfig(PretrainedConfig):
             raise ValueError(
                 f"concept_names has {len(self.concept_names)} names but num_concepts is {self.num_concepts}"
             )
-        if self.supcon_temperature <= 0 or self.gumbel_temperature <= 0:
-            raise ValueError("supcon_temperature and gumbel_temperature must be positive")
+        if self.supcon_temperature <= 0 or self.gumbel_temperature <= 0 or self.concept_logit_scale <= 0:
+            raise ValueError("supcon_temperature, gumbel_temperature and concept_logit_scale must be positive")
         if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError("dropout and label_smoothing must lie in [0, 1)")
         if self.prototype_dtype not in PROTOTYPE_DTYPES:
@@ -270,6 +288,7 @@ class FsgrPmaConfig(PretrainedConfig):
         if self.use_memory:
             _positive(self, "num_prototypes", "memory_window", "memory_tokens_per_step", "memory_refresh_every")
             _positive(self, "memory_knn", "memory_kmeans_iters")
+            _non_negative(self, "memory_warmup_steps", "memory_ramp_steps")
             if self.num_prototypes > self.memory_bank_size:
                 raise ValueError(
                     f"num_prototypes ({self.num_prototypes}) exceeds the bank size memory_window * "

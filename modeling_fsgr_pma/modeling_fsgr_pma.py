@@ -47,8 +47,6 @@ except ImportError:  # FAISS is optional: K-Means falls back to the torch implem
 
 logger = logging.get_logger(__name__)
 
-# CLIP's contrastive temperature (0.07) turns cosine similarities into concept-assignment logits.
-CONCEPT_LOGIT_SCALE = 1.0 / 0.07
 # Up to this many prototypes, memory attention copies them after every sequence's keys and runs one fused SDPA;
 # beyond it, one matmul per head scores them for the whole batch (`attend_with_prototypes`). Measured on CPU: with
 # 32 prototypes the fused call is the faster one; with 1024, copying them per sequence and decoding step made
@@ -675,7 +673,9 @@ class FsgrPmaEncoder(nn.Module):
         image_scores = F.normalize(global_embedding, dim=-1) @ codebook.T  # (B, N_c)
         selected = image_scores.topk(self.config.concept_top_k, dim=-1).indices  # (B, k)
         concepts = codebook[selected]  # (B, k, d_clip)
-        logits = CONCEPT_LOGIT_SCALE * F.normalize(dense, dim=-1) @ concepts.transpose(1, 2)  # (B, n, k)
+        # The CLIP checkpoint's own logit scale turns cosine similarities into assignment logits (FSGR's code).
+        scale = self.config.concept_logit_scale
+        logits = scale * F.normalize(dense, dim=-1) @ concepts.transpose(1, 2)  # (B, n, k)
         if self.training:
             assignment = F.gumbel_softmax(logits.float(), tau=self.config.gumbel_temperature, hard=True)
             assignment = assignment.to(dense.dtype)  # (B, n, k), one-hot forward, soft gradient
@@ -1758,15 +1758,22 @@ class FsgrPmaForConditionalGeneration(FsgrPmaPreTrainedModel, GenerationMixin):
     def num_parameters_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """Optimiser groups: decay on ≥2-D weights, none on biases, norms, embeddings of positions/segments."""
-        decay, no_decay = [], []
+    def param_groups(
+        self, weight_decay: float, learning_rate: float, backbone_learning_rate: float | None = None
+    ) -> list[dict]:
+        """Optimiser groups: decay on ≥2-D weights, none on biases, norms, embeddings of positions/segments; the
+        vision tower's adapters (LoRA, prompts) at `backbone_learning_rate` (FSGR trains them at 0.1× the rest,
+        `build_optimizer` in its `models/fsgr/optim_entry.py`), everything else at `learning_rate`."""
+        groups = {}
         for name, param in self.named_parameters():
             if not param.requires_grad:
                 continue
             is_matrix = param.ndim >= 2 and "embed_positions" not in name and "prompts" not in name
-            (decay if is_matrix else no_decay).append(param)
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            in_tower = name.startswith("model.encoder.tower.")
+            lr = backbone_learning_rate if in_tower and backbone_learning_rate is not None else learning_rate
+            key = (weight_decay if is_matrix else 0.0, lr)
+            groups.setdefault(key, []).append(param)
+        return [{"params": params, "weight_decay": decay, "lr": lr} for (decay, lr), params in groups.items()]
 
     # -- forward --------------------------------------------------------------------------------------------------
     @can_return_tuple

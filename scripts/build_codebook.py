@@ -8,7 +8,7 @@ Usage:
 
 For COCO with OpenAI's ViT-B/16: `--model-config configuration/model/vit-b16.json --clip-pretrained openai
 --vocabulary configuration/concepts/coco.txt`. Writes a safetensors file with the `(N, d_clip)` unit-norm
-`codebook` and the concept names in its metadata; training reads both (`num_concepts` follows the file).
+`codebook` and the concept names in its metadata; training reads both (the model config's `num_concepts` must equal the file's count).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from modeling_fsgr_pma import FsgrPmaConfig, FsgrPmaForConditionalGeneration
-from modeling_fsgr_pma.training.clip_backbone import load_codebook, load_pretrained_clip
+from modeling_fsgr_pma.training.clip_backbone import load_codebook, load_pretrained_clip, with_concepts
 from modeling_fsgr_pma.data.captions import load_caption_split
 from modeling_fsgr_pma.data.feature_cache import (
     DTYPES,
@@ -77,15 +77,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def cache_config(args: argparse.Namespace, names: list[str]) -> FsgrPmaConfig:
     """The model config as training will build it (same codebook, CLIP weights and first LoRA block).
 
-    Raises `ValueError` (from the config's validation) for a `--lora-first-block` outside the tower.
+    Raises `ValueError` for a codebook whose concept count is not the config's `num_concepts`, and (from the config's
+    validation) for a `--lora-first-block` outside the tower.
     """
     config = FsgrPmaConfig.from_json_file(args.model_config)
-    overrides = {
-        "num_concepts": len(names),
-        "concept_names": names,
-        "concept_top_k": min(config.concept_top_k, len(names)),
-        "clip_pretrained": args.clip_pretrained,
-    }
+    overrides = {**with_concepts(config, names), "clip_pretrained": args.clip_pretrained}
     if args.lora_first_block is not None:
         overrides["lora_first_block"] = args.lora_first_block
     return FsgrPmaConfig(**{**config.to_dict(), **overrides})

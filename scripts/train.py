@@ -1,9 +1,10 @@
 """Train FSGR-PMA: cross-entropy + SupCon with prototype memory, then SCST, under Accelerate.
 
-Usage (the README demo's training step; any key of the YAML can be overridden on the command line):
+Usage (the README demo's training step; any key of the YAML can be overridden on the command line, any field of the
+model config with `--config-overrides`):
 
     accelerate launch scripts/train.py --config configuration/train/synthetic.yaml \
-        --data outputs/demo/data --clip-pretrained outputs/demo/clip.pt \
+        --data outputs/demo/data --clip-pretrained outputs/demo/clip.safetensors \
         --codebook outputs/demo/codebook.safetensors --output-dir outputs/demo/train
 
 Two processes on a machine without a GPU (a gloo group; `--cpu` alone would start one process):
@@ -12,12 +13,17 @@ Two processes on a machine without a GPU (a gloo group; `--cpu` alone would star
 Without `--tokenizer`, a BPE tokenizer is trained on the training captions into `OUTPUT_DIR/tokenizer` and reused on
 resume; BPE training breaks ties randomly, so pass `--tokenizer` for two fresh runs to be bitwise comparable.
 
-Stages: `--xe-steps` optimiser steps of XE + β·SupCon (prototypes refreshed every `memory_refresh_every` steps
-after `--memory-warmup-steps`, faded in over `--memory-ramp-steps`), then `--scst-steps` of SCST with a CIDEr-D
-reward and the prototypes frozen. An evaluation (and the save of a best model) at a refresh step runs before the
-refresh, so a saved model holds the prototypes its decoder trained with. Every `--eval-every` steps the
-model captions the evaluation split; the best CIDEr-D model is written with `save_pretrained` to
-`OUTPUT_DIR/model` (weights with prototypes and codebook, processor, generation config, remote code).
+Stages: `--xe-steps` optimiser steps of XE + β·SupCon, each epoch over the images (one random reference caption each)
+or, with `--xe-epoch pairs`, over every image-caption pair as the papers' data loader; the prototypes are refreshed
+every `memory_refresh_every` steps after `memory_warmup_steps` and faded in over `memory_ramp_steps` (the memory's
+schedule is the model config's, changed like any model field with `--config-overrides`). Then at most `--scst-steps`
+of on-policy SCST with a CIDEr-D reward on each image's beams (or samples, `--scst-sequences`), the prototypes frozen,
+stopped early after `--scst-patience` evaluations without a better CIDEr-D. An evaluation (and the save of a best
+model) at a refresh step runs before the refresh, so a saved model holds the prototypes its decoder trained with.
+Every `--eval-every` steps the model captions the evaluation split; the best CIDEr-D model is written with
+`save_pretrained` to `OUTPUT_DIR/model` (weights with prototypes and codebook, processor, generation config, remote
+code). `--print-schedule` prints the plan (steps, epochs in the papers' units, rates, images and captions seen) as
+JSON without loading data or model (docs/coco-recipe.md).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import argparse
 import copy
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -33,13 +40,14 @@ import yaml
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
+from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerFast, get_scheduler
 
 from modeling_fsgr_pma import FsgrPmaConfig, FsgrPmaForConditionalGeneration
-from modeling_fsgr_pma.training.clip_backbone import load_codebook, load_pretrained_clip
-from modeling_fsgr_pma.data.captions import load_caption_split
+from modeling_fsgr_pma.training.clip_backbone import load_codebook, load_pretrained_clip, with_concepts
+from modeling_fsgr_pma.data.captions import CaptionPairs, load_caption_split
 from modeling_fsgr_pma.data.feature_cache import check_cache_matches, load_feature_cache
 from modeling_fsgr_pma.evaluation.metrics import TokenizedCiderD
 from modeling_fsgr_pma.processing_fsgr_pma import FsgrPmaProcessor
@@ -83,14 +91,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--codebook", type=Path, default=None, help="safetensors from scripts/build_codebook.py")
     model.add_argument("--tokenizer", type=Path, default=None, help="tokenizer directory; default: train one")
     model.add_argument("--vocab-size", type=int, default=10000, help="BPE size when training the tokenizer")
-    model.add_argument("--no-memory", action="store_true", help="ablation: decoder without prototype memory")
-    model.add_argument("--no-fsgr", action="store_true", help="ablation: plain CLIP patches, no quantisation")
-    model.add_argument("--no-supcon", action="store_true", help="ablation: no local contrastive loss")
-    model.add_argument("--num-prototypes", type=int, default=None, help="override the config's m")
     model.add_argument(
         "--config-overrides", default=None,
-        help="model config fields to override, e.g. 'memory_window=50,memory_prior=true' "
-        "(PretrainedConfig.update_from_string; applied last)",
+        help="model config fields to override, e.g. 'use_memory=false', 'memory_warmup_steps=50,memory_prior=true' "
+        "(PretrainedConfig.update_from_string; applied last): the one way to change the model, ablations included",
     )
     model.add_argument(
         "--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)"
@@ -102,40 +106,70 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--eval-batch-size", type=int, default=64)
     train.add_argument("--gradient-accumulation-steps", type=int, default=1)
     train.add_argument("--learning-rate", type=float, default=5e-4)
+    train.add_argument(
+        "--backbone-lr-scale", type=float, default=1.0,
+        help="the vision tower's adapters (LoRA, prompts) train at this multiple of the learning rate (FSGR: 0.1)",
+    )
+    train.add_argument(
+        "--lr-schedule", choices=["cosine", "fsgr"], default="cosine",
+        help="cosine: linear warm-up over --warmup-steps, cosine decay over the XE steps; fsgr: FSGR's per-epoch "
+        "factors (0.25, 0.5, 0.75 in epochs 1-3, 1 in 4-6, 0.2 in 7-12, 0.04 after; --warmup-steps unused)",
+    )
     train.add_argument("--weight-decay", type=float, default=0.01)
     train.add_argument("--warmup-steps", type=int, default=50)
     train.add_argument("--max-grad-norm", type=float, default=1.0)
     train.add_argument("--xe-steps", type=int, default=500)
-    train.add_argument("--memory-warmup-steps", type=int, default=100, help="XE steps before the first refresh")
     train.add_argument(
-        "--memory-ramp-steps", type=int, default=0,
-        help="fade the memory in over this many steps after the first refresh (0: switch it on at once)",
+        "--xe-epoch", choices=["images", "pairs"], default="images",
+        help="what an XE epoch passes over: every image once with a random reference caption, or every "
+        "image-caption pair once (the M² data loader's epoch, FSGR's and PMA-Net's)",
     )
     train.add_argument("--kmeans-backend", choices=["auto", "faiss", "torch"], default="auto")
-    train.add_argument("--scst-steps", type=int, default=0)
+    train.add_argument("--scst-steps", type=int, default=0, help="SCST steps at most (the cap with --scst-patience)")
     train.add_argument("--scst-learning-rate", type=float, default=5e-5)
-    train.add_argument("--scst-samples", type=int, default=5)
+    train.add_argument(
+        "--scst-sequences", choices=["beam", "sample"], default="beam",
+        help="an image's SCST sequences: its beams (M², FSGR, PMA-Net) or samples; the baseline is their mean reward",
+    )
+    train.add_argument("--scst-num-sequences", type=int, default=5, help="beams (or samples) per image (papers: 5)")
+    train.add_argument(
+        "--scst-patience", type=int, default=0,
+        help="stop SCST after this many evaluations without a better CIDEr-D (FSGR: 5 epochs); 0: run every step",
+    )
     train.add_argument("--eval-every", type=int, default=250)
     train.add_argument("--checkpoint-every", type=int, default=250)
     train.add_argument("--resume-from-checkpoint", type=str, default=None, help="a step_N directory or 'latest'")
     train.add_argument("--num-beams", type=int, default=3)
     train.add_argument("--max-new-tokens", type=int, default=20)
     train.add_argument("--report-to", default="tensorboard", help="Accelerate tracker, or 'none'")
+    plan = parser.add_argument_group("plan (--print-schedule)")
+    plan.add_argument(
+        "--print-schedule", action="store_true",
+        help="print the schedule as one JSON object and exit, loading neither data nor model",
+    )
+    plan.add_argument(
+        "--accelerate-config", type=Path, default=None,
+        help="accelerate config file whose num_processes the schedule assumes (default: this launch's processes)",
+    )
+    plan.add_argument("--expected-train-images", type=int, default=None, help="training images the recipe assumes")
+    plan.add_argument("--expected-train-pairs", type=int, default=None, help="image-caption pairs it assumes")
 
     args = parser.parse_args(argv)
     if args.config is not None:
         defaults = _read_config(args.config, parser)
         parser.set_defaults(**defaults)
         args = parser.parse_args(argv)
+    if args.print_schedule:
+        return args
     for name in ("data", "output_dir"):
         if getattr(args, name) is None:
             parser.error(f"--{name.replace('_', '-')} is required (on the command line or in --config)")
-    if args.memory_ramp_steps < 0:
-        parser.error("--memory-ramp-steps must be non-negative")
     if args.xe_steps + args.scst_steps <= 0:
         parser.error("nothing to do: --xe-steps and --scst-steps are both 0")
-    if args.scst_steps and args.scst_samples < 2:
-        parser.error("--scst-samples must be at least 2 (the baseline is the mean of the other samples)")
+    if args.scst_steps and args.scst_num_sequences < 2:
+        parser.error("--scst-num-sequences must be at least 2 (the baseline is the mean of the image's sequences)")
+    if not 0 < args.backbone_lr_scale <= 1:
+        parser.error("--backbone-lr-scale must lie in (0, 1]")
     if args.feature_cache is not None and not args.feature_cache.is_dir():
         parser.error(f"--feature-cache {args.feature_cache} is not a directory")
     if args.num_workers < 0:
@@ -177,32 +211,22 @@ def prepare_tokenizer(accelerator: Accelerator, args: argparse.Namespace, train_
 
 def build_config(args: argparse.Namespace, vocab_size: int, concept_names: list[str] | None) -> FsgrPmaConfig:
     config = FsgrPmaConfig.from_json_file(args.model_config)
-    overrides = {"vocab_size": vocab_size}
-    if concept_names is not None:
-        overrides.update(
-            num_concepts=len(concept_names),
-            concept_names=concept_names,
-            concept_top_k=min(config.concept_top_k, len(concept_names)),
-        )
-    if args.no_memory:
-        overrides["use_memory"] = False
-    if args.no_fsgr:
-        overrides["use_fsgr"] = False
-    if args.no_supcon:
-        overrides["supcon_weight"] = 0.0
-    if args.num_prototypes is not None:
-        overrides["num_prototypes"] = args.num_prototypes
-    if args.clip_pretrained is not None:
-        overrides["clip_pretrained"] = args.clip_pretrained
-    config = FsgrPmaConfig(**{**config.to_dict(), **overrides})
     if args.config_overrides:
         config.update_from_string(args.config_overrides)  # raises ValueError for an unknown field or a bad value
-        config = FsgrPmaConfig(**config.to_dict())  # validated again
-    return config
+    overrides = {"vocab_size": vocab_size}
+    if concept_names is not None:
+        overrides.update(with_concepts(config, concept_names))  # ValueError unless it has num_concepts names
+    if args.clip_pretrained is not None:
+        overrides["clip_pretrained"] = args.clip_pretrained
+    return FsgrPmaConfig(**{**config.to_dict(), **overrides})  # validated
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.print_schedule:
+        schedule = plan_schedule(args)
+        print(json.dumps(schedule, indent=2))  # the script's output, not a log line
+        return schedule
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -223,15 +247,21 @@ def main(argv: list[str] | None = None) -> dict:
         eval_data = eval_data.select(range(min(args.eval_max_images, len(eval_data))))
     train_data = train_data.add_column("row", list(range(len(train_data))))
     eval_data = eval_data.add_column("row", list(range(len(eval_data))))
-    logger.info(f"{len(train_data)} training images, {len(eval_data)} evaluation images")
+    logger.info(
+        f"{len(train_data)} training images ({sum(map(len, train_data['captions']))} image-caption pairs), "
+        f"{len(eval_data)} evaluation images"
+    )
 
     # Tokenizer, config, model
     tokenizer = prepare_tokenizer(accelerator, args, train_data)
     codebook, concept_names = load_codebook(args.codebook) if args.codebook is not None else (None, None)
     config = build_config(args, len(tokenizer), concept_names)
-    model = FsgrPmaForConditionalGeneration(config)
+    clip = None
     if args.clip_pretrained is not None:
         clip = load_pretrained_clip(config.clip_config, config.clip_model_name, args.clip_pretrained)
+        config.concept_logit_scale = float(clip.logit_scale.detach().exp())  # the checkpoint's own, as FSGR's code uses
+    model = FsgrPmaForConditionalGeneration(config)
+    if clip is not None:
         model.load_clip_vision_weights(clip.visual.state_dict())
     if codebook is not None:
         model.set_codebook(codebook, concept_names)
@@ -269,13 +299,18 @@ def main(argv: list[str] | None = None) -> dict:
     collator = CaptionCollator(
         processor, max_caption_length, seed=args.seed, features=train_features, augment=args.augment
     )
+    # XE over image-caption pairs or over images; SCST always over images (its sequences are generated per image).
+    xe_data = CaptionPairs(train_data) if args.xe_epoch == "pairs" else train_data
     eval_collator = CaptionCollator(processor, max_caption_length, features=eval_features, with_captions=False)
     # Loaders own their generators: creating an iterator (which a resumed run does mid-epoch) would otherwise
     # draw from the global RNG and shift dropout and Gumbel noise away from the uninterrupted run.
     # Workers are not persistent: each epoch's iterator copies the collator with its new `epoch`.
-    train_loader = DataLoader(
-        train_data, batch_size=args.batch_size, shuffle=True, collate_fn=collator, drop_last=True,
-        generator=torch.Generator().manual_seed(args.seed), num_workers=args.num_workers,
+    xe_loader, scst_loader = (
+        DataLoader(
+            data, batch_size=args.batch_size, shuffle=True, collate_fn=collator, drop_last=True,
+            generator=torch.Generator().manual_seed(args.seed), num_workers=args.num_workers,
+        )
+        for data in (xe_data, train_data)
     )
     eval_loader = DataLoader(
         eval_data, batch_size=args.eval_batch_size, collate_fn=eval_collator,
@@ -283,16 +318,32 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     # Optimisation
-    optimizer = torch.optim.AdamW(model.param_groups(args.weight_decay), lr=args.learning_rate)
-    scheduler = get_scheduler(
-        "cosine",
-        optimizer,
-        num_warmup_steps=args.warmup_steps * accelerator.num_processes,
-        num_training_steps=max(args.xe_steps, 1) * accelerator.num_processes,
+    backbone_lr = args.learning_rate * args.backbone_lr_scale
+    optimizer = torch.optim.AdamW(model.param_groups(args.weight_decay, args.learning_rate, backbone_lr))
+    model, optimizer, xe_loader, scst_loader, eval_loader = accelerator.prepare(
+        model, optimizer, xe_loader, scst_loader, eval_loader
     )
-    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, eval_loader, scheduler
-    )
+    steps_per_epoch = {  # optimiser steps per epoch of each stage, per process (the loaders are sharded)
+        "xe": len(xe_loader) // args.gradient_accumulation_steps,
+        "scst": len(scst_loader) // args.gradient_accumulation_steps,
+    }
+    if min(steps_per_epoch.values()) == 0:
+        raise ValueError(
+            f"The training split has {len(train_data)} images: fewer than one batch of "
+            f"{args.batch_size} x {args.gradient_accumulation_steps} per process"
+        )
+    # The prepared scheduler steps once per process at every optimiser step: counts are in steps x processes.
+    if args.lr_schedule == "fsgr":
+        epoch_steps = steps_per_epoch["xe"] * accelerator.num_processes
+        scheduler = LambdaLR(optimizer, lambda step: fsgr_lr_factor(step // epoch_steps))
+    else:
+        scheduler = get_scheduler(
+            "cosine",
+            optimizer,
+            num_warmup_steps=args.warmup_steps * accelerator.num_processes,
+            num_training_steps=max(args.xe_steps, 1) * accelerator.num_processes,
+        )
+    scheduler = accelerator.prepare(scheduler)
     unwrapped = accelerator.unwrap_model(model)
     accelerator.register_for_checkpointing(MemoryBankState(unwrapped))
     if accelerator.is_main_process:
@@ -312,29 +363,26 @@ def main(argv: list[str] | None = None) -> dict:
         logger.info(f"Resumed from {checkpoint} at step {global_step}")
 
     total_steps = args.xe_steps + args.scst_steps
-    steps_per_epoch = len(train_loader) // args.gradient_accumulation_steps
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"The training split has {len(train_data)} images: fewer than one batch of "
-            f"{args.batch_size} x {args.gradient_accumulation_steps} per process"
-        )
     progress = tqdm(
         total=total_steps, initial=global_step, desc="training", disable=not accelerator.is_local_main_process
     )
     model.train()
     meter = ThroughputMeter(accelerator)
     images = tokens = 0  # this process's, since the last optimiser step
-    while global_step < total_steps:
-        epoch, step_in_epoch = divmod(global_step, steps_per_epoch)
-        train_loader.set_epoch(epoch)
+    stop = False
+    while global_step < total_steps and not stop:
+        stage = "scst" if global_step >= args.xe_steps else "xe"
+        loader = scst_loader if stage == "scst" else xe_loader
+        epoch, step_in_epoch = divmod(global_step - (args.xe_steps if stage == "scst" else 0), steps_per_epoch[stage])
+        loader.set_epoch(epoch)
         collator.epoch = epoch
         batches = accelerator.skip_first_batches(
-            train_loader, step_in_epoch * args.gradient_accumulation_steps
-        ) if step_in_epoch else train_loader
+            loader, step_in_epoch * args.gradient_accumulation_steps
+        ) if step_in_epoch else loader
         for batch in batches:
-            scst = global_step >= args.xe_steps
+            scst = stage == "scst"
             if unwrapped.config.use_memory:
-                unwrapped.set_memory_ramp(_memory_ramp(global_step, args))
+                unwrapped.set_memory_ramp(_memory_ramp(global_step, unwrapped.config))
             images += len(batch["row"])
             tokens += int(batch["attention_mask"][:, 1:].sum())  # targets: every token after BOS
             with accelerator.accumulate(model):
@@ -343,12 +391,12 @@ def main(argv: list[str] | None = None) -> dict:
                         group["lr"] = args.scst_learning_rate
                     image_ids = [train_ids[int(row)] for row in batch["row"]]
                     loss, mean_reward = scst_loss(
-                        model, unwrapped, batch, tokenizer, image_ids, reward.score, args.scst_samples,
-                        args.max_new_tokens,
+                        model, unwrapped, batch, tokenizer, image_ids, reward.score, args.scst_num_sequences,
+                        args.max_new_tokens, args.scst_sequences,
                     )
                     logs = {"scst_loss": loss.item(), "reward": mean_reward}
                 else:
-                    inputs = {k: v for k, v in batch.items() if k != "row"}
+                    inputs = {k: v for k, v in batch.items() if k not in ("row", "caption_index")}
                     out = model(**inputs, labels=batch["input_ids"])
                     loss = out.loss
                     logs = {"loss": loss.item(), "xe_loss": out.xe_loss.item()}
@@ -383,15 +431,16 @@ def main(argv: list[str] | None = None) -> dict:
                 if cider > best_cider:
                     best_cider = cider
                     save_release(accelerator, unwrapped, processor, args.output_dir / "model")
+                stop = scst and _patience_exhausted(history, args)
             if unwrapped.config.use_memory and _is_refresh_step(global_step, args, unwrapped.config):
                 refresh_memory(accelerator, unwrapped, seed=args.seed + global_step, backend=args.kmeans_backend)
                 logger.info(f"step {global_step}: prototypes refreshed ({bank_report(unwrapped)})")
             accelerator.log(logs, step=global_step)
             progress.set_postfix({k: f"{v:.3g}" for k, v in logs.items()})
-            if global_step % args.checkpoint_every == 0 or global_step == total_steps:
+            if global_step % args.checkpoint_every == 0 or global_step == total_steps or stop:
                 state = {"global_step": global_step, "best_cider": best_cider, "history": history}
                 save_checkpoint(accelerator, args.output_dir, global_step, state)
-            if global_step >= total_steps:
+            if global_step >= total_steps or stop or (not scst and global_step == args.xe_steps):
                 break
             meter.restart()
     progress.close()
@@ -407,15 +456,94 @@ def _is_refresh_step(step: int, args: argparse.Namespace, config: FsgrPmaConfig)
 
     The last XE step never refreshes: SCST and the release keep the prototypes the decoder last trained with.
     """
-    after_warmup = step - args.memory_warmup_steps
+    after_warmup = step - config.memory_warmup_steps
     return 0 <= after_warmup and after_warmup % config.memory_refresh_every == 0 and step < args.xe_steps
 
 
-def _memory_ramp(completed_steps: int, args: argparse.Namespace) -> float:
+def _memory_ramp(completed_steps: int, config: FsgrPmaConfig) -> float:
     """The memory's weight in the next step: 1/N right after the first refresh, rising linearly to 1 over N steps."""
-    if args.memory_ramp_steps == 0:
+    if config.memory_ramp_steps == 0:
         return 1.0
-    return min(1.0, max(1, completed_steps - args.memory_warmup_steps + 1) / args.memory_ramp_steps)
+    return min(1.0, max(1, completed_steps - config.memory_warmup_steps + 1) / config.memory_ramp_steps)
+
+
+def _patience_exhausted(history: list[dict], args: argparse.Namespace) -> bool:
+    """SCST stops once its last `--scst-patience` evaluations all fell short of the best before them (FSGR's rule,
+    counted in evaluations: train_transformer.py's `patience == 5` over epochs)."""
+    scst = [entry["cider"] for entry in history if entry["step"] > args.xe_steps]
+    if args.scst_patience == 0 or len(scst) <= args.scst_patience:
+        return False
+    best_before = max(entry["cider"] for entry in history[: len(history) - args.scst_patience])
+    return all(cider < best_before for cider in scst[-args.scst_patience :])
+
+
+def fsgr_lr_factor(epoch: int) -> float:
+    """FSGR's XE learning-rate factor in (0-based) `epoch`: warm-up over 3 epochs, then steps down (`lr_lambda` of
+    FSGR's train_transformer.py)."""
+    if epoch < 3:
+        return (epoch + 1) / 4
+    return 1.0 if epoch < 6 else 0.2 if epoch < 12 else 0.04
+
+
+def plan_schedule(args: argparse.Namespace) -> dict:
+    """The run's plan in the papers' units, from the arguments alone (no data, no model).
+
+    Processes come from `--accelerate-config` (its `num_processes`), else from this launch. Epoch counts need the
+    split's size: `--expected-train-images` and `--expected-train-pairs` (the recipe's), else they are null.
+    """
+    if args.accelerate_config is not None:
+        processes = int(yaml.safe_load(args.accelerate_config.read_text()).get("num_processes", 1))
+    else:
+        processes = int(os.environ.get("WORLD_SIZE", 1))
+    config = FsgrPmaConfig.from_json_file(args.model_config)
+    if args.config_overrides:
+        config.update_from_string(args.config_overrides)
+    global_batch = args.batch_size * args.gradient_accumulation_steps * processes
+    images, pairs = args.expected_train_images, args.expected_train_pairs
+    xe_unit = pairs if args.xe_epoch == "pairs" else images
+    xe_steps_per_epoch = xe_unit // global_batch if xe_unit else None
+    scst_steps_per_epoch = images // global_batch if images else None
+    xe_images = args.xe_steps * global_batch
+    xe_captions = xe_images  # one caption per image in a step, whichever the epoch
+    scst_images = args.scst_steps * global_batch
+
+    def per(total: int, unit: int | None) -> float | None:
+        return round(total / unit, 3) if unit else None
+
+    if args.lr_schedule == "fsgr":  # FSGR's warm-up is its first 3 epochs
+        warmup = 3 * xe_steps_per_epoch if xe_steps_per_epoch else None
+    else:
+        warmup = args.warmup_steps
+    return {
+        "num_processes": processes,
+        "per_process_batch_size": args.batch_size,
+        "global_batch_size": global_batch,
+        "xe_epoch": args.xe_epoch,
+        "xe_steps": args.xe_steps,
+        "xe_steps_per_epoch": xe_steps_per_epoch,
+        "xe_pair_epochs": per(xe_captions, pairs),
+        "xe_image_epochs": per(xe_images, images),
+        "learning_rate": args.learning_rate,
+        "backbone_learning_rate": args.learning_rate * args.backbone_lr_scale,
+        "lr_schedule": args.lr_schedule,
+        "warmup_steps": warmup,
+        "weight_decay": args.weight_decay,
+        "scst_sequences": args.scst_sequences,
+        "scst_num_sequences": args.scst_num_sequences,
+        "scst_learning_rate": args.scst_learning_rate,
+        "scst_steps": args.scst_steps,
+        "scst_max_epochs": per(scst_images, images),
+        "scst_steps_per_epoch": scst_steps_per_epoch,
+        "scst_patience_evaluations": args.scst_patience,
+        "eval_every": args.eval_every,
+        "use_memory": config.use_memory,
+        "memory_warmup_steps": config.memory_warmup_steps if config.use_memory else None,
+        "memory_refresh_every": config.memory_refresh_every if config.use_memory else None,
+        "memory_ramp_steps": config.memory_ramp_steps if config.use_memory else None,
+        "memory_prior": config.memory_prior if config.use_memory else None,
+        "images_seen": xe_images + scst_images,
+        "captions_seen": xe_captions + scst_images * args.scst_num_sequences,
+    }
 
 
 def save_release(accelerator: Accelerator, model: FsgrPmaForConditionalGeneration, processor, directory: Path) -> None:

@@ -38,11 +38,11 @@ def test_an_interval_across_zero_decides_nothing():
 
 def test_sweeps_become_config_overrides_or_train_arguments(tmp_path):
     args = ablations.argparse.Namespace(
-        variants=["full", "no memory"], sweeps=[("num_prototypes", ["4", "8"]), ("memory-warmup-steps", ["50"])])
+        variants=["full", "no memory"], sweeps=[("num_prototypes", ["4", "8"]), ("xe-steps", ["50"])])
     flags = ablations.variant_flags(args)
-    assert flags["full"] == [] and flags["no memory"] == ["--no-memory"]
+    assert flags["full"] == [] and flags["no memory"] == ["--config-overrides", "use_memory=false"]
     assert flags["num_prototypes=4"] == ["--config-overrides", "num_prototypes=4"]
-    assert flags["memory-warmup-steps=50"] == ["--memory-warmup-steps", "50"]
+    assert flags["xe-steps=50"] == ["--xe-steps", "50"]
     assert ablations.parse_sweep("memory_window=20,50") == ("memory_window", ["20", "50"])
     for bad in ("memory_window", "=4", "memory_window=4,"):
         with pytest.raises(ValueError, match="FIELD=V1,V2"):

@@ -37,13 +37,13 @@ SIZES = {
     "extract_features": ["--batch-size", "16", "--shard-size", "32", "--num-workers", "0"],
     "train": [
         "--batch-size", "8", "--eval-batch-size", "16", "--eval-max-images", "8", "--eval-every", "3",
-        "--checkpoint-every", "3", "--warmup-steps", "1", "--memory-warmup-steps", "2", "--xe-steps", "3",
+        "--checkpoint-every", "3", "--warmup-steps", "1", "--config-overrides", "memory_warmup_steps=2", "--xe-steps", "3",
         "--scst-steps", "0", "--max-caption-length", "24", "--vocab-size", "64", "--num-workers", "0",
     ],
     "evaluate_captions": ["--batch-size", "32"],
 }  # fmt: skip
 # The second (resumed) training launch goes on into SCST.
-RESUME = ["--scst-steps", "2", "--scst-samples", "2", "--eval-every", "5", "--resume-from-checkpoint", "latest"]
+RESUME = ["--scst-steps", "2", "--scst-num-sequences", "2", "--eval-every", "5", "--resume-from-checkpoint", "latest"]
 
 
 def readme_recipe() -> list[list[str]]:
@@ -111,7 +111,10 @@ def values(tmp_path_factory) -> dict[str, str]:
         ["--layout", "coco-karpathy", "--output-dir", str(root / "coco"), "--num-images", str(NUM_IMAGES),
          "--image-size", "48", "--num-workers", "2"]
     )  # fmt: skip
-    config = tiny_config(memory_refresh_every=2, num_prototypes=4, memory_tokens_per_step=8)
+    build = readme_recipe()[0]  # the codebook's vocabulary, as the README names it: the model has its concept count
+    vocabulary = ROOT / build[build.index("--vocabulary") + 1]
+    concepts = len([line for line in vocabulary.read_text().splitlines() if line.strip() and not line.startswith("#")])
+    config = tiny_config(memory_refresh_every=2, num_prototypes=4, memory_tokens_per_step=8, num_concepts=concepts)
     config.to_json_file(root / "model.json")
     torch.manual_seed(0)
     torch.save({"state_dict": build_clip(config.clip_config).state_dict()}, root / "clip.pt")

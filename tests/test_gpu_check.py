@@ -39,4 +39,7 @@ def test_cpu_smoke_run_reports_every_figure(tmp_path):
     assert result["train_loss_finite"] and result["train_images_per_s"] > 0 and result["captions_per_s"] > 0
     assert result["caption_tokens"] == 21  # BOS + 20 new tokens
     assert result["train_peak_memory_gib"] is None  # measured on CUDA only
+    assert result["scst_sequences"] == "beam" and result["scst_num_sequences"] == 5  # the recipe's SCST
+    assert result["scst_loss_finite"] and result["scst_images_per_s"] > 0
+    assert result["pair_epoch_complete"] and result["pair_loader_pairs_per_s"] > 0
     AcceleratorState._reset_state(reset_partial_state=True)  # and leave none with bf16 to the next test

@@ -31,7 +31,8 @@ def workspace(tmp_path_factory) -> dict[str, Path]:
     generate_world(root / "world", num_images=48, seed=0, image_size=32)
     model_config = root / "model.json"
     # The bare default config: a 32 px, 2-block tower of width 32 (the smallest preset).
-    FsgrPmaConfig(lora_first_block=1, concept_top_k=4, dropout=0.0).to_json_file(model_config)
+    concepts = len([line for line in VOCABULARY.read_text().splitlines() if line.strip()])
+    FsgrPmaConfig(lora_first_block=1, concept_top_k=4, dropout=0.0, num_concepts=concepts).to_json_file(model_config)
     paths = {
         "data": root / "world",
         "model_config": model_config,
@@ -177,8 +178,8 @@ def test_train_from_the_feature_cache_never_reads_an_image(workspace, tmp_path, 
          "--clip-pretrained", str(workspace["clip"]), "--codebook", str(workspace["codebook"]),
          "--feature-cache", str(workspace["features"]), "--output-dir", str(tmp_path / "run"),
          "--batch-size", "8", "--eval-batch-size", "16", "--vocab-size", "64", "--warmup-steps", "1",
-         "--memory-warmup-steps", "2", "--kmeans-backend", "torch", "--report-to", "none", "--max-new-tokens", "6",
-         "--num-beams", "1", "--xe-steps", "3", "--scst-steps", "1", "--scst-samples", "2", "--eval-every", "4"]
+         "--config-overrides", "memory_warmup_steps=2", "--kmeans-backend", "torch", "--report-to", "none", "--max-new-tokens", "6",
+         "--num-beams", "1", "--xe-steps", "3", "--scst-steps", "1", "--scst-num-sequences", "2", "--eval-every", "4"]
     )  # fmt: skip
     assert summary["steps"] == 4 and summary["history"]
 

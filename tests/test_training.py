@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -15,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from scripts import train
-from conftest import tiny_config
+from conftest import tiny_config, tiny_model
 from modeling_fsgr_pma.data.captions import load_caption_split
 from modeling_fsgr_pma.data.synthetic import generate_world
 from modeling_fsgr_pma.data.tokenization import train_caption_tokenizer
@@ -28,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def world(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("world")
     generate_world(directory, num_images=48, seed=0, image_size=32)
-    config = tiny_config(memory_refresh_every=3, vocab_size=64, num_prototypes=4, memory_tokens_per_step=8)
+    config = tiny_config(memory_refresh_every=3, vocab_size=64, num_prototypes=4, memory_tokens_per_step=8,
+                         memory_warmup_steps=2)
     config.to_json_file(directory / "model.json")
     captions = [c for caps in load_caption_split(directory, "train")["captions"] for c in caps]
     # BPE training breaks ties randomly: independent runs share one tokenizer to be comparable.
@@ -40,18 +42,18 @@ def _train_args(world: Path, output: Path, *extra) -> list[str]:
     return [
         "--data", str(world), "--model-config", str(world / "model.json"), "--output-dir", str(output),
         "--batch-size", "8", "--eval-batch-size", "16", "--eval-max-images", "8", "--vocab-size", "64",
-        "--warmup-steps", "1", "--memory-warmup-steps", "2", "--kmeans-backend", "torch", "--report-to", "none",
+        "--warmup-steps", "1", "--kmeans-backend", "torch", "--report-to", "none",
         "--max-new-tokens", "6", "--num-beams", "1", *extra,
     ]
 
 
 def test_smoke_train_saves_resumes_and_reloads(world, tmp_path):
     output = tmp_path / "run"
-    summary = train.main(_train_args(world, output, "--xe-steps", "4", "--scst-steps", "2", "--scst-samples", "2",
+    summary = train.main(_train_args(world, output, "--xe-steps", "4", "--scst-steps", "2", "--scst-num-sequences", "2",
                                      "--eval-every", "3", "--checkpoint-every", "2"))
     assert summary["steps"] == 6 and len(summary["history"]) == 2
     assert find_checkpoint(output, "latest").name == "step_6"
-    resumed = train.main(_train_args(world, output, "--xe-steps", "6", "--scst-steps", "2", "--scst-samples", "2",
+    resumed = train.main(_train_args(world, output, "--xe-steps", "6", "--scst-steps", "2", "--scst-num-sequences", "2",
                                      "--eval-every", "3", "--checkpoint-every", "2", "--resume-from-checkpoint",
                                      "latest"))
     assert resumed["steps"] == 8
@@ -73,7 +75,7 @@ def test_a_saved_model_holds_the_prototypes_its_decoder_trained_with(world, tmp_
     """
     output = tmp_path / "run"
     summary = train.main(_train_args(world, output, "--xe-steps", "6", "--eval-every", "5", "--checkpoint-every", "2",
-                                     "--memory-ramp-steps", "2"))
+                                     "--config-overrides", "memory_warmup_steps=2,memory_ramp_steps=2"))
     best_step = max(summary["history"], key=lambda entry: entry["cider"])["step"]  # the first best, as train.py keeps
     released = load_file(output / "model" / "model.safetensors")
     at_step_4 = load_file(output / "checkpoints" / "step_4" / "model.safetensors")
@@ -87,18 +89,15 @@ def test_a_saved_model_holds_the_prototypes_its_decoder_trained_with(world, tmp_
 
 
 def test_refreshes_happen_in_xe_only_and_never_at_its_last_step():
-    args = train.parse_args(["--data", "d", "--output-dir", "o", "--xe-steps", "10", "--scst-steps", "6",
-                             "--memory-warmup-steps", "2"])
-    config = tiny_config(memory_refresh_every=4)
+    args = train.parse_args(["--data", "d", "--output-dir", "o", "--xe-steps", "10", "--scst-steps", "6"])
+    config = tiny_config(memory_refresh_every=4, memory_warmup_steps=2)
     assert [step for step in range(1, 17) if train._is_refresh_step(step, args, config)] == [2, 6]
 
 
 def test_memory_ramp_rises_from_the_first_refresh_to_one():
-    args = train.parse_args(["--data", "d", "--output-dir", "o", "--memory-warmup-steps", "2",
-                             "--memory-ramp-steps", "4"])
-    assert [train._memory_ramp(step, args) for step in range(2, 8)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    no_ramp = train.parse_args(["--data", "d", "--output-dir", "o"])
-    assert train._memory_ramp(0, no_ramp) == 1.0
+    config = tiny_config(memory_warmup_steps=2, memory_ramp_steps=4)
+    assert [train._memory_ramp(step, config) for step in range(2, 8)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert train._memory_ramp(0, tiny_config()) == 1.0
 
 
 def test_config_overrides_set_model_fields_and_are_validated(world):
@@ -110,6 +109,14 @@ def test_config_overrides_set_model_fields_and_are_validated(world):
         train.build_config(train.parse_args([*base, "--config-overrides", "memory_windw=7"]), 64, None)
     with pytest.raises(ValueError, match="num_prototypes"):  # the overridden config is validated again
         train.build_config(train.parse_args([*base, "--config-overrides", "num_prototypes=100000"]), 64, None)
+
+
+def test_a_codebook_must_have_num_concepts_names(world):
+    args = train.parse_args(["--data", "d", "--output-dir", "o", "--model-config", str(world / "model.json")])
+    names = [f"concept {i}" for i in range(12)]  # the world's model.json: num_concepts 12
+    assert train.build_config(args, 64, names).concept_names == names
+    with pytest.raises(ValueError, match="num_concepts=12"):
+        train.build_config(args, 64, names[:5])
 
 
 def test_unknown_config_key_and_missing_data_are_clear_errors(world, tmp_path):
@@ -147,8 +154,8 @@ def test_half_written_checkpoint_is_skipped(tmp_path, caplog):
 
 
 def test_caption_mask_stops_after_first_eos():
-    sequences = torch.tensor([[1, 5, 6, 2, 0, 0], [1, 5, 2, 7, 2, 0]])
-    assert caption_mask(sequences, eos_token_id=2, pad_token_id=0).tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0]]
+    sequences = torch.tensor([[1, 5, 6, 2, 0, 0], [1, 5, 2, 7, 2, 0], [1, 0, 5, 2, 0, 0]])  # a sampled pad is a token
+    assert caption_mask(sequences, eos_token_id=2).tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0]]
 
 
 def _launch(args: list[str]) -> subprocess.Popen:
@@ -159,7 +166,7 @@ def _launch(args: list[str]) -> subprocess.Popen:
 
 def test_killed_run_resumes_to_identical_weights(world, tmp_path):
     common = ["--xe-steps", "24", "--eval-every", "1000", "--checkpoint-every", "2", "--tokenizer", str(world / "tokenizer"),
-              "--memory-ramp-steps", "12"]
+              "--config-overrides", "memory_warmup_steps=2,memory_ramp_steps=12"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     first = _launch(_train_args(world, straight, *common))
     second = _launch(_train_args(world, killed, *common))
@@ -202,3 +209,47 @@ def test_two_processes_refresh_to_identical_prototypes_and_train_without_unused_
     assert rank0["params"].keys() == rank1["params"].keys()
     for name, value in rank0["params"].items():
         assert torch.equal(value, rank1["params"][name]), name  # DDP kept the replicas in sync
+
+
+def test_print_schedule_reads_the_recipe_and_the_accelerate_config_only(capsys):
+    """No --data, no model: the plan of the COCO recipe on 2 nodes of 8 GPUs, in the papers' units."""
+    plan = train.main(["--config", str(ROOT / "configuration/train/coco-vit-b16.yaml"), "--print-schedule",
+                       "--accelerate-config", str(ROOT / "configuration/accelerate/2node-8gpu.yaml")])
+    assert json.loads(capsys.readouterr().out) == plan
+    assert (plan["num_processes"], plan["global_batch_size"]) == (16, 96)
+    assert plan["xe_steps_per_epoch"] == 566747 // 96 and plan["warmup_steps"] == 3 * plan["xe_steps_per_epoch"]
+    assert plan["xe_pair_epochs"] == round(plan["xe_steps"] * 96 / 566747, 3)
+    assert plan["backbone_learning_rate"] == pytest.approx(0.1 * plan["learning_rate"])
+    assert plan["scst_sequences"] == "beam" and plan["memory_prior"] is False and plan["memory_ramp_steps"] == 0
+    assert plan["captions_seen"] == plan["xe_steps"] * 96 + plan["scst_steps"] * 96 * 5
+    for key in ("scst_max_epochs", "memory_warmup_steps", "memory_refresh_every", "images_seen"):
+        assert plan[key] is not None
+
+
+def test_pair_epochs_visit_every_caption_once_and_the_collator_uses_it(world):
+    from modeling_fsgr_pma.data.captions import CaptionPairs
+    from modeling_fsgr_pma.training.steps import CaptionCollator
+
+    images = load_caption_split(world, "train").remove_columns("image").add_column("row", list(range(48)))
+    pairs = CaptionPairs(images)
+    assert len(pairs) == sum(len(captions) for captions in images["captions"])
+    seen = [(pairs[i]["row"], CaptionCollator(processor=None, max_length=16).pick_caption(pairs[i]))
+            for i in range(len(pairs))]
+    assert sorted(seen) == sorted((row, c) for row, captions in enumerate(images["captions"]) for c in captions)
+
+
+def test_backbone_adapters_get_their_own_learning_rate():
+    model = tiny_model()
+    groups = model.param_groups(0.01, 1e-3, 1e-4)
+    tower = {id(p) for n, p in model.named_parameters() if n.startswith("model.encoder.tower.") and p.requires_grad}
+    assert tower and all((g["lr"] == 1e-4) == (id(g["params"][0]) in tower) for g in groups)
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
+
+
+def test_scst_stops_after_patience_evaluations_without_improvement():
+    args = train.parse_args(["--data", "d", "--output-dir", "o", "--xe-steps", "10", "--scst-patience", "2"])
+    history = [{"step": 10, "cider": 1.0}, {"step": 12, "cider": 1.2}, {"step": 14, "cider": 1.1}]
+    assert not train._patience_exhausted(history, args)
+    assert train._patience_exhausted(history + [{"step": 16, "cider": 1.15}], args)
+    assert not train._patience_exhausted(history + [{"step": 16, "cider": 1.3}], args)
+    assert [train.fsgr_lr_factor(e) for e in range(14)] == [0.25, 0.5, 0.75, 1, 1, 1] + [0.2] * 6 + [0.04] * 2

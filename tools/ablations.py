@@ -8,8 +8,8 @@ Usage (after `scripts/demo.py`, whose world, CLIP, codebook, feature cache and t
 
 Variants: `full` (the training config as it is), `no memory`, `no FSGR` (the decoder reads projected CLIP patches:
 the interaction layers stay, the language map goes), `no SupCon`, and one per value of each `--sweep FIELD=V1,V2`
-(a model config field, set with `train.py --config-overrides`, or one of train.py's own arguments such as
-`memory-warmup-steps`). Every variant trains once per seed; for a seed, all variants share the world, the CLIP,
+(a model config field, set with `train.py --config-overrides`, such as `memory_warmup_steps`, or one of train.py's
+own arguments such as `xe-steps`). Every variant trains once per seed; for a seed, all variants share the world, the CLIP,
 the codebook and the tokenizer, and differ only in what they ablate, so each seed gives one paired difference.
 
 Evaluation runs on a world made once next to the demo's (`DEMO_DIR/ablation-data`): the demo world's own training
@@ -39,8 +39,13 @@ from scipy import stats
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "scripts"
 # Sweepable train.py arguments; any other sweep field is a model config field (`--config-overrides`).
-TRAIN_ARGUMENTS = {"memory-warmup-steps", "memory-ramp-steps", "xe-steps", "scst-steps", "learning-rate"}
-ABLATIONS = {"full": [], "no memory": ["--no-memory"], "no FSGR": ["--no-fsgr"], "no SupCon": ["--no-supcon"]}
+TRAIN_ARGUMENTS = {"xe-steps", "scst-steps", "learning-rate"}
+ABLATIONS = {
+    "full": [],
+    "no memory": ["--config-overrides", "use_memory=false"],
+    "no FSGR": ["--config-overrides", "use_fsgr=false"],
+    "no SupCon": ["--config-overrides", "supcon_weight=0.0"],
+}
 METRICS = {  # (split, key in evaluate_captions.py's output, better when)
     "CIDEr test": ("test", "CIDEr", "higher"),
     "CIDEr test_novel": ("test_novel", "CIDEr", "higher"),

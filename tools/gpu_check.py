@@ -4,11 +4,15 @@ Usage (on a machine with a CUDA GPU; random weights, nothing downloaded):
 
     python tools/gpu_check.py --output outputs/gpu_check.json
 
-The training step is the recipe's (`configuration/train/coco-vit-b16.yaml`): a batch of 50 images from cached
-frozen-prefix features, XE + SupCon with prototype memory on, AdamW, under Accelerate's bf16 autocast. Captioning is
-the released model's (LoRA merged) from 224-px pixels, beam 5, 20 new tokens. Prints and writes
-`train_images_per_s`, `train_tokens_per_s`, `train_peak_memory_gib`, `captions_per_s`, `caption_peak_memory_gib`,
-the card and the library versions. `--device cpu --tiny` runs the same code on the CPU with the tiny preset (a
+The training step is the recipe's (`configuration/train/coco-vit-b16.yaml`): its per-process batch of images from
+cached frozen-prefix features, XE + SupCon with prototype memory on, AdamW, under Accelerate's bf16 autocast. The SCST
+step is the recipe's too: beam SCST (`--scst-sequences beam`, its beams per image and length), one encoder pass, the
+beams scored with gradient, on a stand-in reward (no references here). The pair-epoch loader (`--xe-epoch pairs`)
+runs one epoch over 5 captions of each of 500 images from an in-memory feature cache, through the training collator.
+Captioning is the released model's (LoRA merged) from 224-px pixels, beam 5, 20 new tokens. Prints and writes
+`train_images_per_s`, `train_tokens_per_s`, `train_peak_memory_gib`, `scst_images_per_s`, `scst_peak_memory_gib`,
+`pair_loader_pairs_per_s`, `pair_epoch_complete`, `captions_per_s`, `caption_peak_memory_gib`, the card and the
+library versions. `--device cpu --tiny` runs the same code on the CPU with the tiny preset (a
 smoke test of the path, not a measurement); `--device cuda` without a GPU exits with status 2.
 """
 
@@ -26,6 +30,9 @@ import yaml
 from accelerate import Accelerator
 
 from modeling_fsgr_pma import FsgrPmaConfig, FsgrPmaForConditionalGeneration
+from modeling_fsgr_pma.data.captions import CaptionPairs
+from modeling_fsgr_pma.data.tokenization import train_caption_tokenizer
+from modeling_fsgr_pma.training.steps import CaptionCollator, scst_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configuration/train/coco-vit-b16.yaml"
@@ -61,6 +68,7 @@ def recipe_model(tiny: bool) -> tuple[FsgrPmaForConditionalGeneration, dict]:
     settings = {
         "batch_size": 4 if tiny else recipe["batch_size"], "num_beams": recipe["num_beams"],
         "max_new_tokens": recipe["max_new_tokens"], "caption_length": 16,
+        "scst_sequences": recipe["scst_sequences"], "scst_num_sequences": recipe["scst_num_sequences"],
     }  # fmt: skip
     return model, settings
 
@@ -86,7 +94,7 @@ def check_training(accelerator: Accelerator, model, settings: dict, steps: int) 
     ids[:, 0], ids[:, -1] = config.bos_token_id, config.eos_token_id
     inputs = {"vision_hidden_states": prefix.float(), "patch_labels": labels, "input_ids": ids, "labels": ids}
     inputs = {key: value.to(accelerator.device) for key, value in inputs.items()}
-    optimizer = torch.optim.AdamW(model.param_groups(0.0), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.param_groups(0.0, 1e-4))
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
 
@@ -112,6 +120,76 @@ def check_training(accelerator: Accelerator, model, settings: dict, steps: int) 
         "train_peak_memory_gib": peak_memory_gib(accelerator),
         "train_loss_finite": bool(torch.isfinite(model(**inputs).loss).item()),
     }
+
+
+def check_beam_scst(accelerator: Accelerator, model, settings: dict, steps: int) -> dict:
+    """Images/s and peak memory of the recipe's SCST step (beams scored with gradient), on a stand-in reward."""
+    unwrapped = accelerator.unwrap_model(model)
+    config, batch = unwrapped.config, settings["batch_size"]
+    generator = torch.Generator().manual_seed(1)
+    prefix = torch.randn(batch, 1 + config.num_patches, config.vision_width, generator=generator)
+    inputs = {"row": torch.arange(batch), "vision_hidden_states": prefix.to(accelerator.device)}
+    tokenizer = _IdTokenizer()
+
+    def reward(captions: list[str], image_ids: list[str]) -> list[float]:  # prefers short, varied captions
+        return [len(set(caption.split())) / (1 + len(caption.split())) for caption in captions]
+
+    def step() -> torch.Tensor:
+        with accelerator.autocast():
+            loss, _ = scst_loss(model, unwrapped, inputs, tokenizer, [str(i) for i in range(batch)], reward,
+                                settings["scst_num_sequences"], settings["max_new_tokens"], settings["scst_sequences"])
+        accelerator.backward(loss)
+        return loss
+
+    step()
+    synchronize(accelerator)
+    if accelerator.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(accelerator.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    synchronize(accelerator)
+    seconds = time.perf_counter() - start
+    model.zero_grad(set_to_none=True)
+    return {
+        "scst_images_per_s": steps * batch / seconds,
+        "scst_peak_memory_gib": peak_memory_gib(accelerator),
+        "scst_loss_finite": bool(torch.isfinite(loss).item()),
+    }
+
+
+class _IdTokenizer:
+    """Token ids as words: the stand-in reward needs text, not a vocabulary."""
+
+    def batch_decode(self, sequences: torch.Tensor, skip_special_tokens: bool = True) -> list[str]:
+        return [" ".join(str(token) for token in row.tolist() if token > 2) for row in sequences]
+
+
+def check_pair_loader(config: FsgrPmaConfig, settings: dict, images: int = 500) -> dict:
+    """One pair epoch (`--xe-epoch pairs`) over 5 captions of each image, from an in-memory feature cache: pairs/s
+    through the training collator, and whether every pair came exactly once."""
+    from datasets import Dataset
+
+    words = ["a", "red", "blue", "circle", "square", "left", "of", "the", "big", "small"]
+    captions = [[f"{words[(i + j) % 10]} {words[(i * 7 + j) % 10]} {i} {j}" for j in range(5)] for i in range(images)]
+    data = Dataset.from_dict({"image_id": [str(i) for i in range(images)], "captions": captions, "row": list(range(images))})
+    tokenizer = train_caption_tokenizer((c for caps in captions for c in caps), 200)
+    features = {
+        "vision_hidden_states": torch.zeros(images, 1 + config.num_patches, config.vision_width, dtype=torch.float16),
+        "patch_labels": torch.zeros(images, config.num_patches, dtype=torch.long),
+    }
+    collator = CaptionCollator(type("Processor", (), {"tokenizer": tokenizer})(), 24, features=features)
+    pairs = CaptionPairs(data)
+    loader = torch.utils.data.DataLoader(pairs, batch_size=settings["batch_size"], shuffle=True, collate_fn=collator,
+                                         generator=torch.Generator().manual_seed(0))
+    seen = []
+    start = time.perf_counter()
+    for batch in loader:
+        seen += [(int(row), tokenizer.decode(ids, skip_special_tokens=True)) for row, ids in zip(batch["row"], batch["input_ids"])]
+    seconds = time.perf_counter() - start
+    expected = sorted((i, tokenizer.decode(tokenizer(c)["input_ids"], skip_special_tokens=True))
+                      for i, caps in enumerate(captions) for c in caps)
+    return {"pair_loader_pairs_per_s": len(seen) / seconds, "pair_epoch_complete": sorted(seen) == expected}
 
 
 @torch.inference_mode()
@@ -152,7 +230,10 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "device": card or platform.machine(), "preset": "tiny" if args.tiny else "vit-b16",
         "mixed_precision": accelerator.mixed_precision, **settings,
-        **check_training(accelerator, model, settings, args.steps), **check_captioning(accelerator, model, settings),
+        **check_training(accelerator, model, settings, args.steps),
+        **check_beam_scst(accelerator, model, settings, max(1, args.steps // 5)),
+        **check_pair_loader(model.config, settings),
+        **check_captioning(accelerator, model, settings),
         "torch": torch.__version__, "transformers": transformers.__version__,
     }  # fmt: skip
     text = json.dumps(result, indent=2)

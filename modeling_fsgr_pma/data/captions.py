@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import torch
 import numpy as np
 import pyarrow.compute as pc
 from datasets import Dataset, Features, Image, Sequence, Value, load_dataset, load_from_disk
@@ -584,3 +585,24 @@ class _SplitIndex:
         if len(keep) < len(records):
             records = records.select(keep)
         return records.cast_column("image", Image(mode="RGB"))
+
+
+class CaptionPairs(torch.utils.data.Dataset):
+    """Every (image, reference caption) pair of a split once: the XE epoch of the M² Transformer's data loader, which
+    FSGR and PMA-Net train with (COCO Karpathy train + restval: 113,287 images, 566,747 pairs).
+
+    Item `i` is the row of its image with `caption_index` added; the collator then uses that caption instead of
+    drawing one. Rows are read lazily from the wrapped split: an image is decoded once per pair that uses it.
+    """
+
+    def __init__(self, images: Dataset):
+        self.images = images
+        counts = [len(captions) for captions in images["captions"]]
+        self.pairs = [(row, index) for row, count in enumerate(counts) for index in range(count)]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict:
+        row, index = self.pairs[i]
+        return {**self.images[row], "caption_index": index}

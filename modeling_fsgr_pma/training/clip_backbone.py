@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..configuration_fsgr_pma import FsgrPmaConfig
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a {} object.", "a picture with {}.")
@@ -132,3 +134,15 @@ def load_codebook(path: str | Path) -> tuple[torch.Tensor, list[str]]:
     if len(names) != len(embeddings):
         raise ValueError(f"codebook {path} has {len(embeddings)} rows but {len(names)} concept names")
     return embeddings, names
+
+
+def with_concepts(config: FsgrPmaConfig, names: list[str]) -> dict:
+    """The config fields a codebook sets (its concept names); a `ValueError` when their count is not the config's
+    `num_concepts`: the model is built for the vocabulary its preset names, never silently resized."""
+    if len(names) != config.num_concepts:
+        raise ValueError(
+            f"The codebook holds {len(names)} concepts but the model config says num_concepts={config.num_concepts}: "
+            f"build the codebook from the vocabulary the preset was written for (configuration/concepts/README.md), "
+            f"or set num_concepts to {len(names)} in the model config"
+        )
+    return {"concept_names": list(names)}

@@ -20,7 +20,7 @@ from accelerate.utils import broadcast, gather, pad_across_processes
 from torchvision.transforms import RandomResizedCrop
 from tqdm.auto import tqdm
 
-from ..modeling_fsgr_pma import FsgrPmaForConditionalGeneration
+from ..modeling_fsgr_pma import FsgrPmaEncoderOutput, FsgrPmaForConditionalGeneration
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,8 @@ STATE_FILE = "training_state.json"
 class CaptionCollator:
     """Turns dataset rows into model inputs.
 
-    Each image contributes one of its reference captions, chosen by a generator seeded with (seed, epoch, row),
+    Each image contributes its pair's caption (rows of [`CaptionPairs`]) or one of its reference captions, chosen by a
+    generator seeded with (seed, epoch, row),
     so the choice never touches the global RNG: a resumed run sees exactly the captions of an uninterrupted one
     even though the data loader prefetches a batch ahead. `augment` applies a small random resized crop seeded the
     same way (no flips: captions say "left" and "right"). With a feature cache, the frozen-prefix features and
@@ -74,6 +75,8 @@ class CaptionCollator:
         return image.crop((left, top, left + width, top + height))
 
     def pick_caption(self, row: dict) -> str:
+        if "caption_index" in row:  # an image-caption pair ([`CaptionPairs`])
+            return row["captions"][row["caption_index"]]
         generator = np.random.default_rng([self.seed, self.epoch, row["row"]])
         return row["captions"][int(generator.integers(len(row["captions"])))]
 
@@ -156,11 +159,46 @@ def sequence_log_probs(logits: torch.Tensor, sequences: torch.Tensor, mask: torc
     return (chosen * mask[:, 1:]).sum(1)
 
 
-def caption_mask(sequences: torch.Tensor, eos_token_id: int, pad_token_id: int) -> torch.Tensor:
-    """1 up to and including the first EOS, 0 after it (generation pads finished rows)."""
-    is_eos = sequences == eos_token_id
-    after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
-    return (~after_eos & ((sequences != pad_token_id) | is_eos)).long()
+def caption_mask(sequences: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """1 up to and including the first EOS, 0 after it (generation pads finished rows).
+
+    A padding id sampled before EOS is a token of the caption, not padding: masking it would score the sequence
+    under another context than the one it was sampled in.
+    """
+    is_eos = (sequences == eos_token_id).long()
+    return ((is_eos.cumsum(1) - is_eos) == 0).long()  # 0 strictly after the first EOS
+
+
+SCST_SEQUENCES = ("beam", "sample")
+
+
+def scst_generation_kwargs(sequences: str, num_sequences: int, max_new_tokens: int) -> dict:
+    """`generate` arguments for the SCST sequences of one image: its `num_sequences` beams or samples.
+
+    Samples come from the model's own distribution (no top-k, top-p or temperature: transformers' default top-k of
+    50 would sample from a truncated policy whose log-probabilities are not the ones scored).
+    """
+    if sequences not in SCST_SEQUENCES:
+        raise ValueError(f"SCST sequences must be one of {SCST_SEQUENCES}, got {sequences!r}")
+    if sequences == "beam":
+        return dict(do_sample=False, num_beams=num_sequences, num_return_sequences=num_sequences,
+                    max_new_tokens=max_new_tokens)
+    return dict(do_sample=True, num_beams=1, num_return_sequences=num_sequences, max_new_tokens=max_new_tokens,
+                top_k=0, top_p=1.0, temperature=1.0)
+
+
+def reinforce_loss(log_probs: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
+    """Self-critical REINFORCE with the mean reward of the image's sequences as baseline (M² Transformer).
+
+    Args:
+        log_probs: `(B, S)` log-probability of each of an image's S sequences.
+        rewards: `(B, S)` their rewards (no gradient).
+
+    Returns `-mean((r - mean_S r) * log p)`. With sampled sequences its expected gradient is (1 - 1/S) times
+    -∇ E[r]: the baseline includes the sequence itself, as in the M² code.
+    """
+    advantage = rewards - rewards.mean(1, keepdim=True)  # (B, S)
+    return -(advantage.detach() * log_probs).mean()
 
 
 def scst_loss(
@@ -170,35 +208,66 @@ def scst_loss(
     tokenizer,
     image_ids: list[str],
     reward_fn,
-    num_samples: int,
+    num_sequences: int,
     max_new_tokens: int,
+    sequences: str = "beam",
 ) -> tuple[torch.Tensor, float]:
-    """Self-critical sequence training with the mean-of-samples baseline (Rennie et al. 2017; M² variant).
+    """On-policy self-critical sequence training (Rennie et al. 2017), as the M² Transformer code runs it.
 
-    Samples `num_samples` captions per image, rewards them with `reward_fn(captions, image_ids)` (CIDEr-D), and
-    returns `-(reward - mean reward of the image's samples) * log p(caption)` averaged, plus the mean reward.
+    The sequences of an image are its `num_sequences` beams (`sequences="beam"`, what FSGR's and PMA-Net's code
+    do, after M²'s `train_scst`) or samples; each is rewarded with `reward_fn(captions, image_ids)` (CIDEr-D) and
+    the baseline is the mean reward of the image's sequences ([`reinforce_loss`]).
+
+    On-policy: the whole step runs in eval mode (no dropout, argmax concept assignment: one deterministic policy),
+    the encoder runs once per image with gradient, the sequences are generated from its output, and one
+    teacher-forced decoder pass over that same output scores them, so the log-probabilities that get the gradient
+    are the ones generation used. M² runs its beam search in train mode with the search's own log-probabilities;
+    transformers' `generate` keeps no graph, hence the separate scoring pass, and eval mode, so that both passes
+    see the same policy.
+
+    Returns the loss and the mean reward.
     """
-    image_inputs = image_inputs_of(batch)
+    was_training = unwrapped.training
     unwrapped.eval()
-    with torch.no_grad():
-        sequences = unwrapped.generate(
-            encoder_outputs=unwrapped.get_encoder()(**image_inputs),
-            do_sample=True,
-            num_beams=1,
-            num_return_sequences=num_samples,
-            max_new_tokens=max_new_tokens,
-        )  # (B * S, L)
-    unwrapped.train()
-    captions = tokenizer.batch_decode(sequences, skip_special_tokens=True)
-    repeated_ids = [image_id for image_id in image_ids for _ in range(num_samples)]
-    rewards = torch.as_tensor(reward_fn(captions, repeated_ids), dtype=torch.float32, device=sequences.device)
-    rewards = rewards.view(-1, num_samples)  # (B, S)
-    advantage = (rewards - rewards.mean(1, keepdim=True)).flatten()  # (B * S,)
-    mask = caption_mask(sequences, unwrapped.config.eos_token_id, unwrapped.config.pad_token_id)
-    repeated = {k: v.repeat_interleave(num_samples, 0) for k, v in image_inputs.items()}
-    logits = model(**repeated, input_ids=sequences, attention_mask=mask).logits
-    log_probs = sequence_log_probs(logits, sequences, mask)  # (B * S,)
-    return -(advantage * log_probs).mean(), rewards.mean().item()
+    try:
+        encoder_outputs = unwrapped.get_encoder()(**image_inputs_of(batch))  # one pass per image, with gradient
+        memory = encoder_outputs.last_hidden_state  # (B, n, d)
+        with torch.no_grad():
+            generated = unwrapped.generate(
+                encoder_outputs=FsgrPmaEncoderOutput(last_hidden_state=memory.detach()),
+                **scst_generation_kwargs(sequences, num_sequences, max_new_tokens),
+            )  # (B * S, L), the S sequences of an image adjacent
+        captions = tokenizer.batch_decode(generated, skip_special_tokens=True)
+        repeated_ids = [image_id for image_id in image_ids for _ in range(num_sequences)]
+        rewards = torch.as_tensor(reward_fn(captions, repeated_ids), dtype=torch.float32, device=generated.device)
+        log_probs = score_sequences(model, unwrapped.config, memory, generated, num_sequences)  # (B * S,)
+    finally:
+        unwrapped.train(was_training)
+    rewards = rewards.view(-1, num_sequences)  # (B, S)
+    return reinforce_loss(log_probs.view(-1, num_sequences), rewards), rewards.mean().item()
+
+
+def score_sequences(
+    model, config, memory: torch.Tensor, sequences: torch.Tensor, num_sequences: int
+) -> torch.Tensor:
+    """Log-probability of each generated sequence under the decoder, over the encoder output it was generated from.
+
+    Args:
+        model: the (possibly DDP-wrapped) captioner.
+        config: the model's config (its EOS id).
+        memory: `(B, n, d)` encoder output, with gradient.
+        sequences: `(B * S, L)` BOS-led sequences, the S of an image adjacent, padded after EOS.
+        num_sequences: S.
+
+    Returns `(B * S,)` sums of the token log-probabilities up to and including the first EOS.
+    """
+    mask = caption_mask(sequences, config.eos_token_id)  # (B * S, L)
+    repeated = memory.repeat_interleave(num_sequences, 0)  # (B * S, n, d): an index, not S encoder passes
+    logits = model(
+        encoder_outputs=FsgrPmaEncoderOutput(last_hidden_state=repeated), input_ids=sequences, attention_mask=mask,
+        use_cache=False,
+    ).logits  # (B * S, L, V)
+    return sequence_log_probs(logits, sequences, mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------
