@@ -25,8 +25,8 @@ under `per_domain`, `reference_cross_entropy` (the teacher-forced loss of the re
 the data lists the objects in each image (the synthetic world), `hallucination_rate` split into
 `hallucination_wrong_shape`, `..._wrong_colour` and `..._wrong_binding` (`null` when no caption names a known
 object) with `objects_mentioned_per_caption`; then the decoding settings (`--num-beams`, `--max-new-tokens`,
-`--no-repeat-ngram-size`, `--repetition-penalty`; those not given come from the model's `generation_config.json`), and every caption under `predictions`. A
-split without reference captions gets no metrics.
+`--no-repeat-ngram-size`, `--repetition-penalty`; those not given come from the model's `generation_config.json`),
+and every caption under `predictions`. A split without reference captions gets no metrics.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-beams", type=int, default=None, help="default: the model's generation config")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the model's generation config")
     parser.add_argument("--no-repeat-ngram-size", type=int, default=None,
-                        help="no n-gram of this many tokens twice in a caption (0: off); default: the generation config")
+                        help="no n tokens twice in a caption (0: off); default: the generation config")
     parser.add_argument("--repetition-penalty", type=float, default=None,
                         help="divide the scores of tokens already generated (1.0: off); default: the generation config")
     parser.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images")

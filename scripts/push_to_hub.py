@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset-name", default="synthetic-shapes", help="dataset named in the model-index")
     parser.add_argument("--license", default="apache-2.0")
     parser.add_argument("--training-data", default=SYNTHETIC_WORLD,
-                        help="the card's Training data paragraph, which the CLI and the app show (default: the synthetic world)")
+                        help="the card's Training data paragraph, shown by the CLI and the app (default: the synthetic world)")
     parser.add_argument("--training-command", default="python scripts/demo.py")
     args = parser.parse_args(argv)
     for flag, repo in (("--repo-id", args.repo_id), ("--space", args.space)):

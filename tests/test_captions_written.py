@@ -29,7 +29,8 @@ from scripts import evaluate_captions
 
 SPACED = re.compile(r" [,.;:!?)]")  # a space before punctuation: what the captions must never show
 WRITTEN = ["there is a red ring, a black cross and a white star.", "a man's t-shirt (blue): it isn't red!"]
-CARD = "---\ndatasets:\n- synthetic-shapes\n---\n# m\n\n## Training data\n\nProcedural shapes\non plain backgrounds.\n\n## Model\n"
+CARD = ("---\ndatasets:\n- synthetic-shapes\n---\n# m\n\n"
+        "## Training data\n\nProcedural shapes\non plain backgrounds.\n\n## Model\n")
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,12 @@ Usage:
 
 `caption` first prints (on stderr) what the model was trained on, from its model card (`README.md`, the "Training
 data" section; `modeling_fsgr_pma.cli.loading.training_data`): a model only names what its training data shows, so
-the demo model of the synthetic world describes any photo with shapes. It loads the model with `AutoModel.from_pretrained(model, revision=..., trust_remote_code=True)` and the
-processor with `AutoProcessor` (same arguments), expands directories (sorted, non-recursive; extensions .png .jpg
-.jpeg .bmp .gif .webp .tif .tiff), applies EXIF orientation, converts every image to RGB and captions the good ones
-in batches. `--adapter DIR` loads a PEFT adapter written by `scripts/finetune_peft.py` onto the model and merges it.
+the demo model of the synthetic world describes any photo with shapes. It loads the model with
+`AutoModel.from_pretrained(model, revision=..., trust_remote_code=True)` and the processor with `AutoProcessor`
+(same arguments), expands directories (sorted, non-recursive; extensions .png .jpg .jpeg .bmp .gif .webp .tif
+.tiff), applies EXIF orientation, converts every image to RGB and captions the good ones in batches, with the
+model's `generation_config.json` (beam size, length, `no_repeat_ngram_size`) unless `--num-beams` or
+`--max-new-tokens` say otherwise. `--adapter DIR` loads a PEFT adapter written by `scripts/finetune_peft.py` onto the model and merges it.
 
 Output (stdout), one line per input file, in input order:
     PATH<TAB>CAPTION                    a captioned image

@@ -11,8 +11,8 @@ from transformers import PreTrainedTokenizerFast
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 
 # The pre-tokenizer splits punctuation into words of its own ("ring," → "ring" ","), so the BPE decoder puts a space
-# before it; these rewrites close the spaces again on the decoded string: "ring , a" → "ring, a", "man ' s" → "man's",
-# "t - shirt" → "t-shirt". The same list as transformers' `clean_up_tokenization` plus hyphens, colons and brackets.
+# before it; these rewrites close the spaces again on the decoded string: "ring , a" → "ring, a",
+# "man ' s" → "man's", "t - shirt" → "t-shirt". The same list as transformers' `clean_up_tokenization` plus hyphens, colons and brackets.
 JOINS = [
     (" ,", ","), (" .", "."), (" !", "!"), (" ?", "?"), (" ;", ";"), (" :", ":"), (" )", ")"), ("( ", "("),
     (" ' ", "'"), (" - ", "-"),
