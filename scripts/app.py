@@ -10,7 +10,9 @@ loads the first model named under `models:` in a `README.md` next to this file (
 `--examples` (default `app_examples/` next to this file: four `test_novel` images of the synthetic world that
 `scripts/demo.py` generates with its defaults, 2,000 images and seed 0).
 
-A visitor uploads or drops images (or clicks a bundled example), sets the beam size and the maximum caption length
+The header says what the model was trained on (its model card's "Training data" section), so a visitor who uploads
+a photo to the demo model, which knows only the synthetic world, reads why the caption names shapes. A visitor
+uploads or drops images (or clicks a bundled example), sets the beam size and the maximum caption length
 and presses **Caption**. Every upload gets its caption, or the error text `fsgr-pma caption` prints for that file
 (`modeling_fsgr_pma.data.captions.decode_image`); nothing a visitor uploads raises in the server. With **Explain** ticked,
 each good image also gets the `fsgr-pma explain` figure (`modeling_fsgr_pma.cli.explain`) for its greedy caption.
@@ -45,7 +47,7 @@ from PIL import Image  # noqa: E402
 from modeling_fsgr_pma.cli.main import Result, caption_images, error_reason, load_image  # noqa: E402
 from modeling_fsgr_pma.data.captions import BadImageError  # noqa: E402
 from modeling_fsgr_pma.cli.explain import explain_image, plot_explanation  # noqa: E402
-from modeling_fsgr_pma.cli.loading import ModelLoadError, load_pretrained, looks_like_path  # noqa: E402
+from modeling_fsgr_pma.cli.loading import ModelLoadError, load_pretrained, looks_like_path, training_data  # noqa: E402
 
 logger = logging.getLogger("fsgr_pma.app")
 
@@ -117,8 +119,10 @@ def upload_paths(gallery: list[tuple[str, str | None]] | None) -> list[str]:
     return [path for path, _ in gallery or []]
 
 
-def model_description(model_id: str, config, num_parameters: int) -> str:
-    """Title, what the model is, and where it comes from: a link to its card on the Hub, or its local directory."""
+def model_description(model_id: str, config, num_parameters: int, trained_on: str) -> str:
+    """Title, what the model is, what it was trained on, and where it comes from: a link to its card on the Hub, or
+    its local directory. `trained_on` is its card's training data (`modeling_fsgr_pma.cli.loading.training_data`):
+    a visitor who uploads a photo to a model of the synthetic world reads why the caption names shapes."""
     if looks_like_path(model_id):
         source = f"`{model_id}` (local directory)"
     else:
@@ -131,7 +135,9 @@ def model_description(model_id: str, config, num_parameters: int) -> str:
         "prototypes of its own past activations (PMA-Net, Barraco et al., ICCV 2023).\n\n"
         f"**Model:** {source} · "
         f"{num_parameters:,} parameters · {config.image_size}-px input · {config.num_concepts} concepts · "
-        f"{memory}. Upload or drop images, or click an example, then press **Caption**."
+        f"{memory}.\n\n"
+        f"**Trained on:** {trained_on} It can only name what it saw there.\n\n"
+        "Upload or drop images, or click an example, then press **Caption**."
     )
 
 
@@ -247,7 +253,7 @@ def example_images(folder: Path) -> list[str]:
 
 # ----------------------------------------------------------------------------------------------------------------
 # The page
-def build_demo(captioner: Captioner, model_id: str, examples: list[str], max_batch_size: int,
+def build_demo(captioner: Captioner, model_id: str, examples: list[str], max_batch_size: int, trained_on: str,
                card: str | None = None) -> gr.Blocks:
     """The Gradio page: inputs and examples on the left, captions and explain figures on the right.
 
@@ -255,7 +261,8 @@ def build_demo(captioner: Captioner, model_id: str, examples: list[str], max_bat
     """
     config = captioner.model.config
     with gr.Blocks(title="FSGR-PMA image captioning", analytics_enabled=False) as demo:
-        gr.Markdown(model_description(model_id, config, captioner.model.num_parameters()), elem_id="description")
+        gr.Markdown(model_description(model_id, config, captioner.model.num_parameters(), trained_on),
+                    elem_id="description")
         if card is not None:
             with gr.Accordion("Model card", open=False):
                 gr.Markdown(card)
@@ -324,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     loaded = time.perf_counter()
     captioner = Captioner(model, processor, args.device, args.batch_size, args.max_images, args.max_pixels)
     demo = build_demo(captioner, args.model, example_images(args.examples), args.max_batch_size,
-                      model_card(args.model))
+                      training_data(args.model, args.revision), model_card(args.model))
     caption_s, explain_s = captioner.warm_up()
     logger.info("imports %.1f s, model %.1f s, warm-up caption %.2f s and explain figure %.2f s",
                 imported - START, loaded - imported, caption_s, explain_s)

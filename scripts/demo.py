@@ -8,7 +8,8 @@ Steps: generate the synthetic world → take the shipped tiny CLIP (`weights/cli
 made by `tools/pretrain_clip.py`; its docstring has the command) → build the concept codebook → cache the
 frozen-prefix features → train (XE + SupCon with prototype memory, then SCST) → evaluate on `test` and
 `test_novel` → probe what the vision side sees (`tools/probe_vision.py`) → caption a few images with
-`AutoModel`/`AutoProcessor`. Results land in `--output-dir`: `model/`, `metrics_test.json`,
+`AutoModel`/`AutoProcessor`. Results land in `--output-dir`: `model/` (with its model card, `README.md`, which
+says what it was trained on and carries the test metrics), `metrics_test.json`,
 `metrics_test_novel.json`, `probe_vision.json`, `timings.json`, `data/`, `samples/`.
 """
 
@@ -29,6 +30,7 @@ import build_codebook
 import evaluate_captions
 import extract_features
 import make_synthetic
+import push_to_hub
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,6 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
         results[split] = timed(f"evaluate_{split}", evaluate_captions.main, [
             "--model", model_dir, "--data", data, "--split", split, "--output", out / f"metrics_{split}.json",
         ])
+    write_model_card(model_dir, [out / f"metrics_{split}.json" for split in results])
     timed("probe_vision", lambda argv: run_tool("probe_vision", argv), [
         "--model", model_dir, "--clip-pretrained", clip, "--data", data, "--output", out / "probe_vision.json",
     ])
@@ -107,6 +110,16 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "timings.json").write_text(json.dumps(timings, indent=2))
     print_report(results, samples, timings)
     return results
+
+
+def write_model_card(model_dir: Path, metric_files: list[Path]) -> None:
+    """`model_dir/README.md`: the card `scripts/push_to_hub.py` would publish (the CLI and the app read it)."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(model_dir, trust_remote_code=True)
+    args = push_to_hub.parse_args(["--model", str(model_dir), "--repo-id", "USER/fsgr-pma-synthetic",
+                                   "--metrics", *map(str, metric_files)])
+    push_to_hub.build_card(model, args).save(model_dir / "README.md")
 
 
 def caption_samples(model_dir: Path, data: Path, samples_dir: Path, count: int = 4) -> list[tuple[str, str, str]]:

@@ -21,10 +21,12 @@ With `--adapter DIR` (a `scripts/finetune_peft.py` output) the adapter is loaded
 `--output` gets pycocoevalcap's metric names (`Bleu_1`..`Bleu_4`, `METEOR`, `ROUGE_L`, `CIDEr`, `SPICE`; a metric
 whose Java part is missing is `null` with its reason under `skipped`), `CIDEr` and `SPICE` per nocaps `domain`
 under `per_domain`, `reference_cross_entropy` (the teacher-forced loss of the reference captions, nats per token),
-and, when the data lists the objects in each image (the synthetic world), `hallucination_rate` split into
+`repeated_trigram_rate` (the share of captions that say some three words twice, `a red ring, a red ring`), and, when
+the data lists the objects in each image (the synthetic world), `hallucination_rate` split into
 `hallucination_wrong_shape`, `..._wrong_colour` and `..._wrong_binding` (`null` when no caption names a known
-object) with `objects_mentioned_per_caption`; then the decoding settings, and every caption under `predictions`. A
-split without reference captions gets no metrics.
+object) with `objects_mentioned_per_caption`; then the decoding settings (`--num-beams`, `--max-new-tokens`,
+`--no-repeat-ngram-size`, `--repetition-penalty`; those not given come from the model's `generation_config.json`),
+and every caption under `predictions`. A split without reference captions gets no metrics.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from torch.utils.data import DataLoader
 
 from modeling_fsgr_pma.data.captions import load_caption_split
 from modeling_fsgr_pma.cli.loading import load_pretrained
-from modeling_fsgr_pma.evaluation.metrics import compute_caption_metrics
+from modeling_fsgr_pma.evaluation.metrics import compute_caption_metrics, simple_tokenize
 from modeling_fsgr_pma.data.synthetic import hallucination_breakdown
 from modeling_fsgr_pma.training.steps import CaptionCollator, generate_captions, reference_cross_entropy
 
@@ -64,6 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-beams", type=int, default=None, help="default: the model's generation config")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the model's generation config")
+    parser.add_argument("--no-repeat-ngram-size", type=int, default=None,
+                        help="no n tokens twice in a caption (0: off); default: the generation config")
+    parser.add_argument("--repetition-penalty", type=float, default=None,
+                        help="divide the scores of tokens already generated (1.0: off); default: the generation config")
     parser.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images")
     args = parser.parse_args(argv)
     if args.output is None and args.results_file is None:
@@ -93,9 +99,13 @@ def main(argv: list[str] | None = None) -> dict:
     unwrapped = accelerator.unwrap_model(model)
     num_beams = args.num_beams or unwrapped.generation_config.num_beams
     max_new_tokens = args.max_new_tokens or unwrapped.generation_config.max_new_tokens
+    repetition = {  # what the flags leave unset comes from generation_config.json, as in every other caller
+        name: getattr(args, name) if getattr(args, name) is not None else getattr(unwrapped.generation_config, name)
+        for name in ("no_repeat_ngram_size", "repetition_penalty")
+    }
     predictions = generate_captions(
         accelerator, unwrapped, loader, processor.tokenizer, image_ids, num_beams=num_beams,
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=max_new_tokens, **repetition,
     )
     reference_loss = reference_cross_entropy(
         accelerator, unwrapped, loader, processor.tokenizer, list(data["captions"]),
@@ -127,6 +137,9 @@ def main(argv: list[str] | None = None) -> dict:
         num_images=len(predictions),
         num_beams=num_beams,
         max_new_tokens=max_new_tokens,
+        no_repeat_ngram_size=repetition["no_repeat_ngram_size"] or 0,
+        repetition_penalty=repetition["repetition_penalty"] or 1.0,
+        repeated_trigram_rate=repeated_trigram_rate(predictions.values()),
         model=str(args.model),
         adapter=args.adapter,
         predictions=predictions,
@@ -138,6 +151,17 @@ def main(argv: list[str] | None = None) -> dict:
     summary = ", ".join(f"{k} {v:.3f}" for k, v in scores.items()) or "no reference captions, not scored"
     logger.info(f"{args.split}: {summary}")
     return result
+
+
+def repeated_trigram_rate(captions) -> float:
+    """The share of captions in which some three words (punctuation dropped) occur twice: `a red ring, a red ring`."""
+    captions = list(captions)
+    repeated = 0
+    for caption in captions:
+        words = simple_tokenize(caption).split()
+        trigrams = list(zip(words, words[1:], words[2:]))
+        repeated += len(trigrams) != len(set(trigrams))
+    return repeated / max(len(captions), 1)
 
 
 def reference_status(references: dict[str, list[str]]) -> bool:

@@ -141,6 +141,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--resume-from-checkpoint", type=str, default=None, help="a step_N directory or 'latest'")
     train.add_argument("--num-beams", type=int, default=3)
     train.add_argument("--max-new-tokens", type=int, default=20)
+    train.add_argument("--no-repeat-ngram-size", type=int, default=4,
+                       help="generation_config.json: never say the same N tokens twice (0: off; docs/results.md)")
     train.add_argument("--report-to", default="tensorboard", help="Accelerate tracker, or 'none'")
     plan = parser.add_argument_group("plan (--print-schedule)")
     plan.add_argument(
@@ -274,6 +276,7 @@ def main(argv: list[str] | None = None) -> dict:
         decoder_start_token_id=config.decoder_start_token_id,
         max_new_tokens=args.max_new_tokens,
         num_beams=args.num_beams,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
     )
     processor = FsgrPmaProcessor.for_config(config, tokenizer)
     max_caption_length = args.max_caption_length or config.max_position_embeddings

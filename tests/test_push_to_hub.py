@@ -12,6 +12,7 @@ from transformers import AutoModel
 from scripts import push_to_hub
 from conftest import fill_memory, random_batch, tiny_model
 from modeling_fsgr_pma.processing_fsgr_pma import FsgrPmaProcessor
+from modeling_fsgr_pma.cli.loading import training_data
 from modeling_fsgr_pma.data.tokenization import train_caption_tokenizer
 
 
@@ -57,7 +58,8 @@ def test_dry_run_folder_loads_and_card_validates(trained, tmp_path, monkeypatch)
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-to-text"
     values = {result.metric_name: result.metric_value for result in card.data.eval_results}
     assert values == {"CIDEr": 1.25, "Bleu_4": 0.5, "METEOR": 0.3, "ROUGE_L": 0.6}
-    assert "trust_remote_code=True" in card.text and "num_beams=3" in card.text and "{{" not in card.text
+    assert "trust_remote_code=True" in card.text and "beam size 3" in card.text and "{{" not in card.text
+    assert training_data(str(out)) == push_to_hub.SYNTHETIC_WORLD  # what the CLI and the app say the model knows
     assert "K-Means refreshed every" in card.text  # the memory row
 
 

@@ -1,6 +1,6 @@
 """Data benchmarks at COCO shape: indexing a JPEG corpus (first and second load) and training from the feature cache.
 
-Usage (the README's figures; writes the corpus once, ~1.2 GB for 20,001 Karpathy images at 640×480):
+Usage (docs/benchmarks.md; writes the corpus once, ~1.2 GB for 20,001 Karpathy images at 640×480):
 
     python tools/benchmark_data.py --corpus outputs/coco-bench --output outputs/benchmark_data.json
 

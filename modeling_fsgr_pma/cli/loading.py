@@ -1,11 +1,13 @@
-"""Load a trained model and its processor (and optionally a PEFT adapter) with errors that say what to do.
+"""Load a trained model and its processor (and optionally a PEFT adapter) with errors that say what to do, and say
+what the model was trained on (its model card's "Training data" section).
 
-Used by the `fsgr-pma` CLI and the scripts.
+Used by the `fsgr-pma` CLI, the web app and the scripts.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 PROCESSOR_FILES = ("tokenizer.json", "processor_config.json")
@@ -82,3 +84,35 @@ def load_pretrained(model: str, revision: str | None = None, adapter: str | None
         except ValueError as error:
             raise ModelLoadError(str(error)) from error
     return network.eval(), processor
+
+
+UNKNOWN_TRAINING_DATA = "unknown (the model has no model card, README.md, with a '## Training data' section)"
+
+
+def training_data(model: str, revision: str | None = None) -> str:
+    """What the model was trained on: the first paragraph of the `## Training data` section of its model card.
+
+    The card is `README.md` in the model directory or Hub repo (`scripts/push_to_hub.py` and `scripts/demo.py`
+    write it from `model_cards/fsgr_pma.md`); without one, or without that section, the card's `datasets:` metadata,
+    else `UNKNOWN_TRAINING_DATA`. The CLI prints it first and the web app shows it in its header, so that a user who
+    captions a photo with a model of the synthetic world is told why the caption names shapes.
+    """
+    from huggingface_hub import ModelCard, hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    model = str(model)
+    if looks_like_path(model):
+        readme = Path(model).expanduser() / "README.md"
+    else:
+        try:
+            readme = Path(hf_hub_download(model, "README.md", revision=revision))
+        except (OSError, ValueError, HfHubHTTPError):
+            return UNKNOWN_TRAINING_DATA
+    if not readme.is_file():
+        return UNKNOWN_TRAINING_DATA
+    card = ModelCard.load(readme)
+    section = re.search(r"^## Training data[ \t]*\n+(.+?)(?:\n\s*\n|\Z)", card.text, flags=re.MULTILINE | re.DOTALL)
+    if section:
+        return " ".join(section.group(1).split())
+    datasets = card.data.datasets
+    return ", ".join(datasets) if datasets else UNKNOWN_TRAINING_DATA

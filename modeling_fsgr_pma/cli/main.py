@@ -1,8 +1,8 @@
 """Command-line interface for FSGR-PMA (the `fsgr-pma` console script).
 
 Usage:
-    fsgr-pma caption --model DIR_OR_REPO [--revision REV] [--adapter DIR] [--batch-size 16] [--num-beams 3]
-                     [--max-new-tokens 20] [--json] [--device cpu|cuda] [--max-pixels N]
+    fsgr-pma caption --model DIR_OR_REPO [--revision REV] [--adapter DIR] [--batch-size 16] [--num-beams N]
+                     [--max-new-tokens N] [--json] [--device cpu|cuda] [--max-pixels N]
                      IMAGE_OR_DIR [IMAGE_OR_DIR ...]
 
     fsgr-pma explain IMAGE --model DIR_OR_REPO [--revision REV] [--adapter DIR] --output PNG [--max-new-tokens 20]
@@ -10,10 +10,14 @@ Usage:
 
     python -m modeling_fsgr_pma.cli.main caption ...   (same thing without the installed script)
 
-`caption` loads the model with `AutoModel.from_pretrained(model, revision=..., trust_remote_code=True)` and the
-processor with `AutoProcessor` (same arguments), expands directories (sorted, non-recursive; extensions .png .jpg
-.jpeg .bmp .gif .webp .tif .tiff), applies EXIF orientation, converts every image to RGB and captions the good ones
-in batches. `--adapter DIR` loads a PEFT adapter written by `scripts/finetune_peft.py` onto the model and merges it.
+`caption` first prints (on stderr) what the model was trained on, from its model card (`README.md`, the "Training
+data" section; `modeling_fsgr_pma.cli.loading.training_data`): a model only names what its training data shows, so
+the demo model of the synthetic world describes any photo with shapes. It loads the model with
+`AutoModel.from_pretrained(model, revision=..., trust_remote_code=True)` and the processor with `AutoProcessor`
+(same arguments), expands directories (sorted, non-recursive; extensions .png .jpg .jpeg .bmp .gif .webp .tif
+.tiff), applies EXIF orientation, converts every image to RGB and captions the good ones in batches, with the
+model's `generation_config.json` (beam size, length, `no_repeat_ngram_size`) unless `--num-beams` or
+`--max-new-tokens` say otherwise. `--adapter DIR` loads a PEFT adapter written by `scripts/finetune_peft.py` onto the model and merges it.
 
 Output (stdout), one line per input file, in input order:
     PATH<TAB>CAPTION                    a captioned image
@@ -40,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .loading import ModelLoadError, load_pretrained
+from .loading import ModelLoadError, load_pretrained, training_data
 
 logger = logging.getLogger("fsgr_pma.cli")
 
@@ -87,15 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
     caption = subparsers.add_parser(
         "caption",
         help="caption images",
-        description="Caption image files and directories of images; one output line per file, in input order.",
+        description="Caption image files and directories of images; one output line per file, in input order. "
+        "A model names only what its training data shows (the demo model: the synthetic world of shapes, so a photo "
+        "gets a caption made of shapes); the first line, on stderr, says what the loaded model was trained on, "
+        "from its model card (README.md, section 'Training data').",
     )
     caption.add_argument("--model", required=True, metavar="DIR_OR_REPO", help="a saved model directory or Hub id")
     caption.add_argument("--revision", default=None, metavar="REV", help="Hub revision (branch, tag or commit)")
     caption.add_argument("--adapter", default=None, metavar="DIR", help="PEFT adapter from scripts/finetune_peft.py")
     caption.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or directories")
     caption.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="images per batch (16)")
-    caption.add_argument("--num-beams", type=_positive_int, default=3, metavar="N", help="beam width (3)")
-    caption.add_argument("--max-new-tokens", type=_positive_int, default=20, metavar="N", help="caption limit (20)")
+    caption.add_argument("--num-beams", type=_positive_int, default=None, metavar="N",
+                         help="beam width (default: the model's generation_config.json)")
+    caption.add_argument("--max-new-tokens", type=_positive_int, default=None, metavar="N",
+                         help="caption limit (default: the model's generation_config.json)")
     caption.add_argument("--json", action="store_true", help="print one JSON object per line")
     caption.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="(cpu)")
     caption.add_argument("--max-pixels", type=_positive_int, default=None, metavar="N", help="refuse larger images")
@@ -207,7 +216,11 @@ def caption_command(args: argparse.Namespace) -> int:
     if not files:
         raise CliError("no image files found in the given inputs")
     model, processor = load_model(args.model, args.revision, args.device, args.adapter)
-    check_max_new_tokens(model, args.max_new_tokens)
+    generation = model.generation_config
+    num_beams = args.num_beams or generation.num_beams or 1
+    max_new_tokens = args.max_new_tokens or generation.max_new_tokens or 20
+    check_max_new_tokens(model, max_new_tokens)
+    print(f"fsgr-pma: {args.model} was trained on: {training_data(args.model, args.revision)}", file=sys.stderr)
 
     results = [Result(file=path) for path in files]
     good: list[tuple[int, object]] = []
@@ -221,8 +234,7 @@ def caption_command(args: argparse.Namespace) -> int:
     if good:
         logger.info("captioning %d of %d files", len(good), len(files))
         captions = caption_images(
-            model, processor, [image for _, image in good], args.batch_size, args.num_beams, args.max_new_tokens,
-            args.device,
+            model, processor, [image for _, image in good], args.batch_size, num_beams, max_new_tokens, args.device,
         )
         for (index, _), caption in zip(good, captions):
             results[index].caption = caption
