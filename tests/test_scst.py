@@ -72,7 +72,8 @@ def test_reinforce_gradient_matches_the_exact_expectation_on_a_toy_vocabulary():
     reward_table = torch.rand(vocab, vocab)
 
     def log_prob(first, second):
-        return F.log_softmax(theta[0], -1)[first] + F.log_softmax(theta[1 + first], -1).gather(-1, second[:, None])[:, 0]
+        second_log_probs = F.log_softmax(theta[1 + first], -1).gather(-1, second[:, None])[:, 0]
+        return F.log_softmax(theta[0], -1)[first] + second_log_probs
 
     pairs = torch.tensor(list(itertools.product(range(vocab), repeat=2)))  # (16, 2)
     exact = (log_prob(pairs[:, 0], pairs[:, 1]).exp() * reward_table[pairs[:, 0], pairs[:, 1]]).sum()

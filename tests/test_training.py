@@ -155,7 +155,8 @@ def test_half_written_checkpoint_is_skipped(tmp_path, caplog):
 
 def test_caption_mask_stops_after_first_eos():
     sequences = torch.tensor([[1, 5, 6, 2, 0, 0], [1, 5, 2, 7, 2, 0], [1, 0, 5, 2, 0, 0]])  # a sampled pad is a token
-    assert caption_mask(sequences, eos_token_id=2).tolist() == [[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0]]
+    expected = [[1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 0, 0]]
+    assert caption_mask(sequences, eos_token_id=2).tolist() == expected
 
 
 def _launch(args: list[str]) -> subprocess.Popen:

@@ -172,7 +172,8 @@ def check_pair_loader(config: FsgrPmaConfig, settings: dict, images: int = 500) 
 
     words = ["a", "red", "blue", "circle", "square", "left", "of", "the", "big", "small"]
     captions = [[f"{words[(i + j) % 10]} {words[(i * 7 + j) % 10]} {i} {j}" for j in range(5)] for i in range(images)]
-    data = Dataset.from_dict({"image_id": [str(i) for i in range(images)], "captions": captions, "row": list(range(images))})
+    ids = [str(i) for i in range(images)]
+    data = Dataset.from_dict({"image_id": ids, "captions": captions, "row": list(range(images))})
     tokenizer = train_caption_tokenizer((c for caps in captions for c in caps), 200)
     features = {
         "vision_hidden_states": torch.zeros(images, 1 + config.num_patches, config.vision_width, dtype=torch.float16),
@@ -185,7 +186,8 @@ def check_pair_loader(config: FsgrPmaConfig, settings: dict, images: int = 500) 
     seen = []
     start = time.perf_counter()
     for batch in loader:
-        seen += [(int(row), tokenizer.decode(ids, skip_special_tokens=True)) for row, ids in zip(batch["row"], batch["input_ids"])]
+        for row, tokens in zip(batch["row"], batch["input_ids"]):
+            seen.append((int(row), tokenizer.decode(tokens, skip_special_tokens=True)))
     seconds = time.perf_counter() - start
     expected = sorted((i, tokenizer.decode(tokenizer(c)["input_ids"], skip_special_tokens=True))
                       for i, caps in enumerate(captions) for c in caps)

@@ -15,7 +15,7 @@ variant resumes from that checkpoint into `--scst-steps` of SCST, so the variant
 - `beam`: on-policy SCST with the 5 beams of each image (`--scst-sequences beam`, the papers').
 
 The metric is CIDEr-D on the first `--eval-max-images` validation images at the run's last step (no selection),
-greedy-free: beam 3 as the demo captions. Writes `--output` (every run's CIDEr-D, and per variant the mean paired gain
+captioned with beam 3, as the demo does. Writes `--output` (every run's CIDEr-D, and per variant the mean paired gain
 over XE only and over the off-policy variant, with 95% t-intervals) and the table as markdown next to it (`.md`).
 Runs whose summaries exist are not repeated.
 """
@@ -150,7 +150,8 @@ def markdown(summary: dict, args: argparse.Namespace) -> str:
         return f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
 
     lines = [
-        f"{len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}); XE {args.xe_steps} steps, SCST {args.scst_steps} "
+        f"{len(args.seeds)} seeds ({', '.join(map(str, args.seeds))}); XE {args.xe_steps} steps, "
+        f"SCST {args.scst_steps} "
         f"steps from the same XE checkpoint; CIDEr-D on {args.eval_max_images} validation images at the last step.",
         "",
         "| variant | CIDEr-D mean ± sd | gain over XE only [95% CI] | gain over off-policy [95% CI] |",
