@@ -108,8 +108,8 @@ extract_features.main(sys.argv[1:])
 def values(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("coco_recipe")
     make_synthetic.main(
-        ["--layout", "coco-karpathy", "--output-dir", str(root / "coco"), "--num-images", str(NUM_IMAGES),
-         "--image-size", "48", "--num-workers", "2"]
+        ["--layout", "coco-karpathy", "--domain", "synthetic", "--output-dir", str(root / "coco"), "--num-images",
+         str(NUM_IMAGES), "--image-size", "48", "--num-workers", "2"]
     )  # fmt: skip
     config = tiny_config(memory_refresh_every=2, num_prototypes=4, memory_tokens_per_step=8)
     config.to_json_file(root / "model.json")
