@@ -84,7 +84,8 @@ def test_metrics_file_has_chair_and_error_rates_on_the_scene_world(saved):
     from modeling_fsgr_pma.evaluation.faithfulness import faithfulness_metrics
 
     world = saved["root"] / "scenes"
-    scenes.generate_world(world, num_images=4, seed=0, image_size=32, split_fractions=dict.fromkeys(scenes.SPLITS[1:], 0.5))
+    fractions = dict.fromkeys(scenes.SPLITS[1:], 0.5)
+    scenes.generate_world(world, num_images=4, seed=0, image_size=32, split_fractions=fractions)
     output = saved["root"] / "metrics_scenes.json"
     evaluate_captions.main([
         "--model", str(saved["model"]), "--data", str(world), "--split", "test_out_domain", "--output", str(output),
