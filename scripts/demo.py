@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> dict:
         timings[step] = round(time.perf_counter() - start, 1)
         return result
 
-    timed("data", make_synthetic.main, ["--output-dir", data, "--num-images", args.num_images, "--seed", args.seed])
+    timed("data", make_synthetic.main, [  # the world the shipped tiny CLIP was pre-trained on
+        "--domain", "synthetic", "--output-dir", data, "--num-images", args.num_images, "--seed", args.seed,
+    ])
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(args.clip, clip)  # the demo directory holds everything the ablations and the probes reuse
     vocabulary = ROOT / "configuration/concepts/synthetic.txt"

@@ -19,14 +19,17 @@ str}]` with the ids of their image-info files; splits without captions are capti
 With `--adapter DIR` (a `scripts/finetune_peft.py` output) the adapter is loaded onto the model and merged first.
 
 `--output` gets pycocoevalcap's metric names (`Bleu_1`..`Bleu_4`, `METEOR`, `ROUGE_L`, `CIDEr`, `SPICE`; a metric
-whose Java part is missing is `null` with its reason under `skipped`), `CIDEr` and `SPICE` per nocaps `domain`
-under `per_domain`, `reference_cross_entropy` (the teacher-forced loss of the reference captions, nats per token),
-`repeated_trigram_rate` (the share of captions that say some three words twice, `a red ring, a red ring`), and, when
-the data lists the objects in each image (the synthetic world), `hallucination_rate` split into
-`hallucination_wrong_shape`, `..._wrong_colour` and `..._wrong_binding` (`null` when no caption names a known
-object) with `objects_mentioned_per_caption`; then the decoding settings (`--num-beams`, `--max-new-tokens`,
-`--no-repeat-ngram-size`, `--repetition-penalty`; those not given come from the model's `generation_config.json`),
-and every caption under `predictions`. A split without reference captions gets no metrics.
+whose Java part is missing is `null` with its reason under `skipped`), `CIDEr` and `SPICE` per nocaps `domain` under
+`per_domain`, `reference_cross_entropy` (the teacher-forced loss of the reference captions, nats per token),
+`repeated_trigram_rate` (the share of captions that say some three words twice, `a red ring, a red ring`), and the
+faithfulness metrics when the data lists the objects in each image: on the scene world (`make_synthetic.py --domain
+scenes`), CHAIR's `chair_i` and `chair_s`, `attribute_error_rate`, `count_error_rate`, `relation_error_rate`,
+`object_recall` and `mentions_per_caption` (`modeling_fsgr_pma.evaluation.faithfulness`); on the shape worlds
+(`synthetic`, `synthetic-b`), `hallucination_rate` split into `hallucination_wrong_shape`, `..._wrong_colour` and
+`..._wrong_binding` with `objects_mentioned_per_caption`. A rate is `null` when its denominator is zero. Then the
+decoding settings (`--num-beams`, `--max-new-tokens`, `--no-repeat-ngram-size`, `--repetition-penalty`; those not
+given come from the model's `generation_config.json`), and every caption under `predictions`. A split without
+reference captions gets no metrics.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from torch.utils.data import DataLoader
 
 from modeling_fsgr_pma.data.captions import load_caption_split
 from modeling_fsgr_pma.cli.loading import load_pretrained
+from modeling_fsgr_pma.evaluation.faithfulness import faithfulness_metrics
 from modeling_fsgr_pma.evaluation.metrics import compute_caption_metrics, simple_tokenize
 from modeling_fsgr_pma.data.synthetic import hallucination_breakdown
 from modeling_fsgr_pma.training.steps import CaptionCollator, generate_captions, reference_cross_entropy
@@ -129,9 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
             )
             result["per_domain"][domain] = {"CIDEr": scores["CIDEr"], "SPICE": scores["SPICE"], "num_images": len(ids)}
     if "objects" in data.column_names:
-        breakdown = hallucination_breakdown(predictions, dict(zip(image_ids, list(data["objects"]))))
-        result |= {key: value for key, value in breakdown.items() if key != "mentions"}
-        result["objects_mentioned_per_caption"] = breakdown["mentions"] / max(len(predictions), 1)
+        result |= object_faithfulness(predictions, image_ids, data)
     result.update(
         split=args.split,
         num_images=len(predictions),
@@ -162,6 +164,18 @@ def repeated_trigram_rate(captions) -> float:
         trigrams = list(zip(words, words[1:], words[2:]))
         repeated += len(trigrams) != len(set(trigrams))
     return repeated / max(len(captions), 1)
+
+
+def object_faithfulness(predictions: dict[str, str], image_ids: list[str], data) -> dict:
+    """CHAIR and the error rates on the scene world (objects with a `category`), the shape worlds' hallucination
+    breakdown otherwise (objects with a `shape`)."""
+    objects = dict(zip(image_ids, list(data["objects"])))
+    if any(obj and "category" in obj[0] for obj in objects.values()):
+        relations = dict(zip(image_ids, list(data["relations"]))) if "relations" in data.column_names else None
+        return faithfulness_metrics(predictions, objects, relations)
+    breakdown = hallucination_breakdown(predictions, objects)
+    result = {key: value for key, value in breakdown.items() if key != "mentions"}
+    return result | {"objects_mentioned_per_caption": breakdown["mentions"] / max(len(predictions), 1)}
 
 
 def reference_status(references: dict[str, list[str]]) -> bool:

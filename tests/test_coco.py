@@ -108,8 +108,8 @@ extract_features.main(sys.argv[1:])
 def values(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("coco_recipe")
     make_synthetic.main(
-        ["--layout", "coco-karpathy", "--output-dir", str(root / "coco"), "--num-images", str(NUM_IMAGES),
-         "--image-size", "48", "--num-workers", "2"]
+        ["--layout", "coco-karpathy", "--domain", "synthetic", "--output-dir", str(root / "coco"), "--num-images",
+         str(NUM_IMAGES), "--image-size", "48", "--num-workers", "2"]
     )  # fmt: skip
     build = readme_recipe()[0]  # the codebook's vocabulary, as the README names it: the model has its concept count
     vocabulary = ROOT / build[build.index("--vocabulary") + 1]

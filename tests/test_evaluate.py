@@ -1,4 +1,5 @@
-"""`scripts/evaluate_captions.py`: the metrics file (captions, reference loss, hallucination by kind) on a tiny world."""
+"""`scripts/evaluate_captions.py`: the metrics file (captions, reference loss, hallucination by kind, CHAIR and the error
+rates on the scene world) on tiny worlds."""
 
 from __future__ import annotations
 
@@ -75,3 +76,25 @@ def test_reference_cross_entropy_is_the_mean_token_loss_of_every_reference(saved
                 total += F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum").item()
                 tokens += ids.shape[1] - 1
     assert pooled == pytest.approx(total / tokens, rel=1e-4)
+
+
+def test_metrics_file_has_chair_and_error_rates_on_the_scene_world(saved):
+    """On the scene world the objects have categories: CHAIR and the error rates replace the shape breakdown."""
+    from modeling_fsgr_pma.data import scenes
+    from modeling_fsgr_pma.evaluation.faithfulness import faithfulness_metrics
+
+    world = saved["root"] / "scenes"
+    fractions = dict.fromkeys(scenes.SPLITS[1:], 0.5)
+    scenes.generate_world(world, num_images=4, seed=0, image_size=32, split_fractions=fractions)
+    output = saved["root"] / "metrics_scenes.json"
+    evaluate_captions.main([
+        "--model", str(saved["model"]), "--data", str(world), "--split", "test_out_domain", "--output", str(output),
+    ])
+    written = json.loads(output.read_text())
+    data = load_caption_split(world, "test_out_domain")
+    ids = list(data["image_id"])
+    expected = faithfulness_metrics(
+        written["predictions"], dict(zip(ids, data["objects"])), dict(zip(ids, data["relations"]))
+    )
+    assert {key: written[key] for key in expected} == expected
+    assert "hallucination_rate" not in written

@@ -205,3 +205,78 @@ def test_cider_d_rejects_bad_input():
         scorer.score(["a dog"], ["c"])
     with pytest.raises(ValueError, match="2 candidates but 1 image ids"):
         scorer.score(["a dog", "a cat"], ["a"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Faithfulness on the scene world: CHAIR (Rohrbach et al., EMNLP 2018) and the error rates, on hand-made examples
+from modeling_fsgr_pma.evaluation.faithfulness import (  # noqa: E402
+    caption_mentions,
+    caption_relations,
+    faithfulness_metrics,
+)
+
+
+def _object(category, colour, size, group, salient, count=1, pattern="plain"):
+    return {"category": category, "colour": colour, "size": size, "pattern": pattern, "group": group,
+            "count": count, "salient": salient}  # fmt: skip
+
+
+# Two brown dogs on (one instance) and next to (the other) a large green bench; a small green tree, left of the
+# bench, that is not salient.
+SCENE_OBJECTS = [
+    _object("dog", "brown", "medium", 0, True, count=2), _object("dog", "brown", "medium", 0, True, count=2),
+    _object("bench", "green", "large", 1, True), _object("tree", "green", "small", 2, False),
+]  # fmt: skip
+SCENE_RELATIONS = [
+    {"subject": 0, "predicate": "on", "object": 2}, {"subject": 1, "predicate": "next to", "object": 2},
+    {"subject": 2, "predicate": "next to", "object": 1}, {"subject": 3, "predicate": "left of", "object": 2},
+]  # fmt: skip
+HAND_CAPTIONS = {
+    "right": "two brown dogs on a green bench",  # all correct, both salient objects named
+    "cat": "a cat next to a large bench",  # cat hallucinated; its relation is not scored (no cat)
+    "puppy": "a puppy beside a pine tree",  # synonym of dog with a wrong count; "pine tree" is not "tree"
+    "colour": "a red bench to the right of a tree",  # wrong colour; inverse relation, true
+    "relation": "a bench on two dogs",  # a false relation
+}
+# Mentions (distinct categories per caption) 2 + 2 + 2 + 2 + 2 = 10, hallucinated: cat, pine tree.
+# Attributes stated on present categories: brown, green (right), large (cat), red (colour): 1 wrong of 4.
+# Counts on present categories: two dogs, a bench (right), a bench (cat), a puppy (wrong: 2 dogs), a bench, a tree
+# (colour), a bench, two dogs (relation): 1 wrong of 8. Relations between present categories: dog on bench (true),
+# tree left of bench (true), bench on dog (false): 1 of 3. Salient categories named: 2 + 1 + 1 + 1 + 2 of 10.
+HAND_EXPECTED = {
+    "chair_i": 2 / 10, "chair_s": 2 / 5, "attribute_error_rate": 1 / 4, "count_error_rate": 1 / 8,
+    "relation_error_rate": 1 / 3, "object_recall": 7 / 10, "mentions_per_caption": 10 / 5,
+}  # fmt: skip
+
+
+def test_chair_and_error_rates_on_hand_made_captions():
+    objects = dict.fromkeys(HAND_CAPTIONS, SCENE_OBJECTS)
+    relations = dict.fromkeys(HAND_CAPTIONS, SCENE_RELATIONS)
+    result = faithfulness_metrics(HAND_CAPTIONS, objects, relations)
+    assert result == pytest.approx(HAND_EXPECTED)
+    alone = faithfulness_metrics({"cat": HAND_CAPTIONS["cat"]}, objects, relations)
+    assert alone["chair_i"] == pytest.approx(1 / 2) and alone["chair_s"] == 1.0 and alone["relation_error_rate"] is None
+
+
+def test_chair_counts_each_category_once_per_caption_and_none_without_mentions():
+    objects = {"a": SCENE_OBJECTS, "b": SCENE_OBJECTS}
+    result = faithfulness_metrics({"a": "a cat and two cats near a cat", "b": "nothing to see here"}, objects)
+    assert result["chair_i"] == 1.0 and result["chair_s"] == 0.5 and result["relation_error_rate"] is None
+    empty = faithfulness_metrics({"b": "nothing to see here"}, objects)
+    assert empty["chair_i"] is None and empty["attribute_error_rate"] is None and empty["object_recall"] == 0.0
+
+
+def test_caption_mentions_read_synonyms_counts_and_attributes():
+    cups, plate = caption_mentions("a pair of small red polka dot mugs on top of a house plant")
+    assert (cups.category, cups.count, cups.plural) == ("cup", 2, True)
+    assert cups.attributes == [("size", "small"), ("colour", "red"), ("pattern", "spotted")]
+    assert plate.category == "potted plant"  # the longest phrase wins: not a house
+    assert caption_relations("a pair of small red polka dot mugs on top of a house plant") == [
+        ("cup", "on", "potted plant")
+    ]
+    assert [(m.category, m.count) for m in caption_mentions("three gray kittens and some fish")] == [
+        ("cat", 3), ("fish", None)
+    ]
+    assert caption_relations("a dog and a cat in a park") == []  # a list, not a relation
+    assert caption_relations("a kite is flying above two dogs") == [("kite", "above", "dog")]
+    assert caption_relations("two dogs below a kite") == [("kite", "above", "dog")]

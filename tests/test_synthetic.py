@@ -1,4 +1,5 @@
-"""The synthetic world: determinism, splits, held-out pairs, captions, the second domain, the hallucination metric."""
+"""The synthetic worlds: the shape world (determinism, splits, held-out pairs, captions, the second domain, the
+hallucination metric) and the scene world (its measured properties on small worlds, splits, determinism)."""
 
 from __future__ import annotations
 
@@ -216,8 +217,8 @@ def coco_world(tmp_path_factory) -> Path:
     """10 Karpathy training images (7 train + 3 restval) and 2 in every evaluation part, short side 48."""
     directory = tmp_path_factory.mktemp("coco_world")
     make_synthetic.main(
-        ["--layout", "coco-karpathy", "--output-dir", str(directory), "--num-images", "10", "--image-size", "48",
-         "--num-workers", "2"]
+        ["--layout", "coco-karpathy", "--domain", "synthetic", "--output-dir", str(directory), "--num-images", "10",
+         "--image-size", "48", "--num-workers", "2"]
     )  # fmt: skip
     return directory
 
@@ -257,8 +258,8 @@ def test_coco_world_test_server_and_nocaps_files(coco_world):
 
 
 def test_coco_world_is_the_same_with_one_worker(coco_world, tmp_path):
-    make_synthetic.main(["--layout", "coco-karpathy", "--output-dir", str(tmp_path), "--num-images", "10",
-                         "--image-size", "48", "--num-workers", "1"])  # fmt: skip
+    make_synthetic.main(["--layout", "coco-karpathy", "--domain", "synthetic", "--output-dir", str(tmp_path),
+                         "--num-images", "10", "--image-size", "48", "--num-workers", "1"])  # fmt: skip
     assert (tmp_path / "dataset_coco.json").read_text() == (coco_world / "dataset_coco.json").read_text()
     for name in ("train2014/COCO_train2014_000000000001.jpg", "test2014/COCO_test2014_000000000015.jpg"):
         assert (tmp_path / name).read_bytes() == (coco_world / name).read_bytes()
@@ -271,3 +272,177 @@ def test_coco_split_sizes_follow_coco():
     with pytest.raises(ValueError, match="at least 2"):
         coco_split_sizes(1)
     assert make_synthetic.parse_args(["--output-dir", "x", "--layout", "coco-karpathy"]).image_size == 480
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The scene world (`--domain scenes`): the issue's properties, measured on small worlds with seeds of their own
+from collections import Counter  # noqa: E402
+
+from modeling_fsgr_pma.data import scenes  # noqa: E402
+from modeling_fsgr_pma.evaluation.faithfulness import caption_mentions, faithfulness_metrics  # noqa: E402
+
+SCENE_IMAGES = 40
+
+
+@pytest.fixture(scope="module")
+def scene_world(tmp_path_factory) -> Path:
+    """40 training images and 4 in every other split, through the script's defaults."""
+    directory = tmp_path_factory.mktemp("scenes")
+    make_synthetic.main(["--output-dir", str(directory), "--num-images", str(SCENE_IMAGES), "--seed", "31"])
+    return directory
+
+
+@pytest.fixture(scope="module")
+def sampled_scenes() -> list[tuple[dict, list[tuple[str, str]]]]:
+    """1,500 training scenes with their five (structure, caption) pairs, without rendering (fast)."""
+    examples = []
+    for index in range(1500):
+        record, rng = scenes.sample_example("train", index, seed=977)
+        examples.append((record, scenes.compose_captions(record, rng)))
+    return examples
+
+
+def test_scene_world_files_columns_and_world_json(scene_world):
+    info = json.loads((scene_world / "world.json").read_text())
+    assert info["domain"] == "scenes" and info["seed"] == 31 and info["image_size"] == 96
+    assert info["counts"] == {"train": SCENE_IMAGES} | dict.fromkeys(scenes.SPLITS[1:], 4)
+    assert len(info["categories"]) >= 40 and len(info["out_domain_categories"]) >= 5
+    assert len(info["scene_types"]) >= 6
+    for split in scenes.SPLITS:
+        rows = read_split(scene_world, split)
+        assert len(rows) == info["counts"][split]
+        row = rows[0]
+        assert set(row) == {"image_id", "image", "captions", "objects", "relations", "scene"}
+        assert len(row["captions"]) == 5 and len(set(row["captions"])) == 5
+        assert {"category", "colour", "size", "pattern", "count", "group", "salient", "x", "y", "box"} <= set(
+            row["objects"][0]
+        )
+        assert Image.open(BytesIO(row["image"]["bytes"])).size == (96, 96)
+        for obj in row["objects"]:
+            assert 1 <= obj["count"] <= 4 and obj["count"] == sum(o["group"] == obj["group"] for o in row["objects"])
+            assert obj["box"][0] < obj["x"] < obj["box"][2] and obj["box"][1] < obj["y"] < obj["box"][3]
+        assert any(obj["salient"] for obj in row["objects"])
+
+
+def test_scene_world_is_deterministic_per_seed(scene_world, tmp_path):
+    make_synthetic.main(["--output-dir", str(tmp_path / "again"), "--num-images", str(SCENE_IMAGES), "--seed", "31"])
+    make_synthetic.main(["--output-dir", str(tmp_path / "other"), "--num-images", str(SCENE_IMAGES), "--seed", "32"])
+    for split in ("train", "test_out_domain"):
+        same = read_split(tmp_path / "again", split)
+        assert same == read_split(scene_world, split)
+        assert [r["captions"] for r in read_split(tmp_path / "other", split)] != [r["captions"] for r in same]
+
+
+def test_out_domain_categories_only_in_test_out_domain(scene_world):
+    out_domain = set(scenes.OUT_DOMAIN)
+    for split in scenes.SPLITS:
+        for row in read_split(scene_world, split):
+            categories = {o["category"] for o in row["objects"]}
+            named = {m.category for caption in row["captions"] for m in caption_mentions(caption)}
+            assert named <= categories, row["captions"]
+            if split == "test_out_domain":
+                assert categories & out_domain, row["image_id"]
+            else:
+                assert not (categories | named) & out_domain, row["image_id"]
+    assert set(scenes.OUT_DOMAIN) <= set(scenes.concept_vocabulary())
+    concepts = (Path(__file__).parents[1] / "configuration/concepts/scenes.txt").read_text().splitlines()
+    assert concepts == scenes.concept_vocabulary()
+
+
+def test_novel_combinations_never_in_training(sampled_scenes, scene_world):
+    held_colours, held_scenes = set(scenes.HELD_OUT_COLOURS), set(scenes.HELD_OUT_SCENES)
+    for record, captions in sampled_scenes:
+        scene = record["scene"]["type"]
+        assert not {(o["colour"], o["category"]) for o in record["objects"]} & held_colours
+        assert not {(o["category"], scene) for o in record["objects"]} & held_scenes
+        for _, caption in captions:
+            for mention in caption_mentions(caption):
+                assert (mention.category, scene) not in held_scenes, caption
+                assert not {(v, mention.category) for k, v in mention.attributes if k == "colour"} & held_colours
+    for row in read_split(scene_world, "test_novel"):
+        pairs = {(o["colour"], o["category"]) for o in row["objects"]} & held_colours
+        pairs |= {(o["category"], row["scene"]["type"]) for o in row["objects"]} & held_scenes
+        assert pairs, row["image_id"]
+
+
+def test_scene_properties(sampled_scenes):
+    """≥ 40 categories, ≥ 6 scene types with different object distributions, counts 1–4, all five relations, a
+    long tail (the top 10 categories about half of the objects, ≥ 10 categories under 1 %)."""
+    groups, by_scene, counts, predicates = Counter(), {}, Counter(), Counter()
+    for record, _ in sampled_scenes:
+        per_group = {o["group"]: o for o in record["objects"]}
+        groups.update(o["category"] for o in per_group.values())
+        by_scene.setdefault(record["scene"]["type"], Counter()).update(o["category"] for o in per_group.values())
+        counts.update(o["count"] for o in per_group.values())
+        predicates.update(r["predicate"] for r in record["relations"])
+    assert len(groups) >= 40 and len(by_scene) >= 6
+    assert set(counts) == {1, 2, 3, 4} and set(predicates) == set(scenes.RELATIONS)
+    total = sum(groups.values())
+    shares = sorted((n / total for n in groups.values()), reverse=True)
+    assert 0.4 <= sum(shares[:10]) <= 0.6
+    assert sum(share < 0.01 for share in shares) >= 10
+    names = list(by_scene)
+    for i, a in enumerate(names):  # context predicts objects: every two scene types differ (total variation)
+        for b in names[i + 1 :]:
+            pa = {k: v / sum(by_scene[a].values()) for k, v in by_scene[a].items()}
+            pb = {k: v / sum(by_scene[b].values()) for k, v in by_scene[b].items()}
+            distance = 0.5 * sum(abs(pa.get(k, 0) - pb.get(k, 0)) for k in set(pa) | set(pb))
+            assert distance > 0.3, (a, b, distance)
+
+
+def test_caption_grammar(sampled_scenes):
+    """≥ 12 structures, none over 15 % of the captions, ≥ 300 distinct words, salient objects named, five captions
+    of five structures per image."""
+    structures, words, recall = Counter(), set(), []
+    for record, captions in sampled_scenes[:400]:
+        assert len({name for name, _ in captions}) == 5
+        structures.update(name for name, _ in captions)
+        words.update(word for _, caption in captions for word in caption.split() if word.isalpha())
+        for _, caption in captions:
+            assert caption == caption.lower().strip()
+    assert len(structures) >= 12 and max(structures.values()) / sum(structures.values()) <= 0.15
+    assert len(words) >= 300
+    references = {str(k): captions[0][1] for k, (_, captions) in enumerate(sampled_scenes[:400])}
+    objects = {str(k): record["objects"] for k, (record, _) in enumerate(sampled_scenes[:400])}
+    relations = {str(k): record["relations"] for k, (record, _) in enumerate(sampled_scenes[:400])}
+    scores = faithfulness_metrics(references, objects, relations)
+    assert scores["chair_i"] == 0 and scores["attribute_error_rate"] == 0 and scores["count_error_rate"] == 0
+    assert scores["relation_error_rate"] == 0 and 0.5 < scores["object_recall"] < 1  # salient, not every object
+
+
+def test_oracle_captions_follow_the_grammar_and_the_truth(sampled_scenes):
+    records = {str(k): record for k, (record, _) in enumerate(sampled_scenes[:60])}
+    for candidates in (1, 4):
+        captions = scenes.oracle_captions(records, seed=3, candidates=candidates)
+        assert set(captions) == set(records)
+        objects = {k: r["objects"] for k, r in records.items()}
+        scores = faithfulness_metrics(captions, objects, {k: r["relations"] for k, r in records.items()})
+        assert scores["chair_i"] == 0 and scores["chair_s"] == 0 and scores["relation_error_rate"] == 0
+    assert scenes.oracle_captions(records, seed=3) == scenes.oracle_captions(records, seed=3)
+    with pytest.raises(ValueError, match="candidates"):
+        scenes.oracle_captions(records, candidates=0)
+
+
+def test_clip_pretraining_set_holds_the_out_domain_categories():
+    seen = set()
+    for index in range(300):
+        record, _ = scenes.sample_example("train", index, seed=5, pretraining=True)
+        seen |= {o["category"] for o in record["objects"]}
+    assert set(scenes.OUT_DOMAIN) <= seen
+    with pytest.raises(SystemExit):
+        make_synthetic.parse_args(["--output-dir", "x", "--domain", "synthetic", "--clip-pretraining"])
+
+
+def test_scene_world_in_coco_layout_has_nocaps_domains(tmp_path):
+    make_synthetic.main(["--layout", "coco-karpathy", "--output-dir", str(tmp_path), "--num-images", "30",
+                         "--image-size", "48", "--num-workers", "1"])  # fmt: skip
+    validation = json.loads((tmp_path / "nocaps" / "nocaps_val_4500_captions.json").read_text())
+    assert [image["domain"] for image in validation["images"]] == ["in-domain", "near-domain", "out-domain"]
+    by_id = {}
+    for annotation in validation["annotations"]:
+        by_id.setdefault(annotation["image_id"], []).append(annotation["caption"])
+    named = {m.category for caption in by_id[2] for m in caption_mentions(caption)}
+    assert named & set(scenes.OUT_DOMAIN)
+    images = json.loads((tmp_path / "dataset_coco.json").read_text())["images"]
+    assert all(len(image["sentences"]) == 5 for image in images)
+    assert json.loads((tmp_path / "world.json").read_text())["domain"] == "scenes"

@@ -5,8 +5,8 @@ a file: the JSON's content):
 
 1. **Parquet with images inside** (the synthetic world, HF Hub captioning datasets): `path/data/{split}-*.parquet`
    or `path/{split}-*.parquet` (or `{split}.parquet`) with columns `image` and `captions`, optionally `image_id`
-   (made from the split and row number when missing), `objects` and `background` (kept: the synthetic world's
-   ground truth).
+   (made from the split and row number when missing), `objects`, `background`, `relations` and `scene` (kept: the
+   synthetic worlds' ground truth).
 2. **Karpathy-split COCO Parquet** (as the Hub's `yerevann/coco-karpathy`): the same file names, with columns
    `filepath` (e.g. `val2014`), `filename`, `cocoid` and `sentences` (strings, or Karpathy's `{"raw": ...}` dicts);
    the images live on disk under `image_root/filepath/filename`. `image_id` is the `cocoid`.
@@ -67,7 +67,7 @@ from tqdm.auto import tqdm
 logger = logging.getLogger(__name__)
 
 SPLIT_ALIASES = {"validation": ("validation", "val", "valid")}
-COLUMNS = ("image_id", "image", "captions", "objects", "background", "domain")
+COLUMNS = ("image_id", "image", "captions", "objects", "background", "relations", "scene", "domain")
 KARPATHY_FILE = "dataset_coco.json"
 INDEX_VERSION = 1  # bump when the cached index's format or the validation changes
 CHUNK = 2048  # images validated per round of the thread pool: memory stays flat in the number of images

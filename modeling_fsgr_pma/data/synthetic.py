@@ -26,6 +26,8 @@ from PIL import Image as PILImage
 from PIL import ImageDraw
 from tqdm.auto import tqdm
 
+from modeling_fsgr_pma.data import scenes
+
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test", "test_novel")
@@ -488,13 +490,16 @@ def coco_split_sizes(num_images: int) -> dict[str, int]:
     return {"train": num_images - sizes["restval"], **sizes}
 
 
-def render_coco_image(scene: dict, spec: Domain, short_side: int, portrait: bool, rng: np.random.Generator):
-    """The scene drawn at `COCO_RENDER_SIDE`, upscaled to a square of `short_side` and centred on a 4:3 canvas of the
-    background's tone (landscape, or portrait), with grain: a CLIP centre crop sees exactly the square scene."""
-    scene_image = render_scene(scene, spec, COCO_RENDER_SIDE, rng).resize((short_side, short_side), PILImage.BILINEAR)
+def render_coco_image(
+    scene_image: PILImage.Image, fill: tuple[int, int, int], short_side: int, portrait: bool, rng: np.random.Generator
+):
+    """A scene drawn at `COCO_RENDER_SIDE`, upscaled to a square of `short_side` and centred on a 4:3 canvas of
+    `fill` (the background's tone; landscape, or portrait), with grain: a CLIP centre crop sees exactly the square
+    scene."""
+    scene_image = scene_image.resize((short_side, short_side), PILImage.BILINEAR)
     long_side = round(short_side * 4 / 3)
     size = (short_side, long_side) if portrait else (long_side, short_side)
-    canvas = PILImage.new("RGB", size, spec.tones[scene["tone"]])
+    canvas = PILImage.new("RGB", size, fill)
     canvas.paste(scene_image, ((size[0] - short_side) // 2, (size[1] - short_side) // 2))
     grain = _grain(long_side)  # (2L, 2L, 3); a random window of it per image
     top, left = (int(offset) for offset in rng.integers(0, long_side, size=2))
@@ -513,14 +518,23 @@ def _write_coco_images(
     images: list[_CocoImage], output_dir: str, seed: int, domain: str, short_side: int
 ) -> list[tuple[list[str], list[dict], tuple[int, int]]]:
     """Render and save a chunk of JPEGs (a worker process's job); returns captions, objects and size per image."""
-    spec = domain_spec(domain)
     written = []
     for image in images:
-        scene, rng = sample_example(spec, image.scene_split, image.scene_index, seed)
-        picture = render_coco_image(scene, spec, short_side, image.portrait, rng)
+        if domain == scenes.DOMAIN:
+            square, captions, record = scenes.render_example(
+                image.scene_split, image.scene_index, seed, COCO_RENDER_SIDE
+            )
+            objects, rng = record["objects"], np.random.default_rng([seed, image.scene_index, 4])
+            fill = square.getpixel((0, square.height - 1))  # the ground's colour
+        else:
+            spec = domain_spec(domain)
+            scene, rng = sample_example(spec, image.scene_split, image.scene_index, seed)
+            square, fill = render_scene(scene, spec, COCO_RENDER_SIDE, rng), spec.tones[scene["tone"]]
+            objects = [{k: o[k] for k in ("shape", "colour", "size")} for o in scene["objects"]]
+            captions = make_captions(scene, rng)
+        picture = render_coco_image(square, fill, short_side, image.portrait, rng)
         picture.save(Path(output_dir) / image.path, format="JPEG", quality=90)
-        objects = [{k: o[k] for k in ("shape", "colour", "size")} for o in scene["objects"]]
-        written.append((make_captions(scene, rng), objects, picture.size))
+        written.append((captions, objects, picture.size))
     return written
 
 
@@ -548,13 +562,14 @@ def generate_coco_world(
         num_images: Karpathy training images (train + restval); see `coco_split_sizes` for the other parts.
         seed: the same seed (and arguments) gives the same files, whatever `num_workers`.
         image_size: short side of the images in pixels.
-        domain: `"synthetic"` or `"synthetic-b"`.
+        domain: `"synthetic"`, `"synthetic-b"` or `"scenes"` (`modeling_fsgr_pma.data.scenes`, whose nocaps
+            part has in-domain, near-domain and out-domain images).
         num_workers: processes rendering JPEGs (default: the CPUs this process may use).
 
     Returns:
         The content of `world.json`: domain, seed, image size, counts per part, vocabulary, held-out pairs.
     """
-    spec = domain_spec(domain)
+    spec = None if domain == scenes.DOMAIN else domain_spec(domain)
     sizes = coco_split_sizes(num_images)
     output_dir = Path(output_dir)
     for folder in ("train2014", "val2014", "test2014", "annotations", "nocaps/validation", "nocaps/test"):
@@ -562,7 +577,12 @@ def generate_coco_world(
 
     # Which scene every file shows: each part takes its own stretch of a synthetic split's image sequence.
     karpathy, servers = [], {"test2014": [], "nocaps_val": [], "nocaps_test": []}
-    offsets = {"train": 0, "validation": 0, "test": 0, "test_novel": 0}
+    offsets = dict.fromkeys(scenes.SPLITS if spec is None else SPLITS, 0)
+    # nocaps' domains: in-domain scenes as in training; near-domain (scene world) and out-domain scenes held out
+    nocaps_domains = (
+        [("test", "in-domain"), ("test_novel", "near-domain"), ("test_out_domain", "out-domain")] if spec is None
+        else [("test", "in-domain"), ("test_novel", "out-domain")]
+    )
 
     def take(scene_split: str) -> int:
         offsets[scene_split] += 1
@@ -585,7 +605,7 @@ def generate_coco_world(
         servers["test2014"].append((cocoid, name, image))
     for part, folder in (("nocaps_val", "validation"), ("nocaps_test", "test")):
         for i in range(sizes[part]):
-            scene_split = "test" if i % 2 == 0 else "test_novel"  # in-domain and out-domain alternate
+            scene_split = nocaps_domains[i % len(nocaps_domains)][0]  # the domains take turns
             name = f"{hashlib.sha256(f'{seed}-{part}-{i}'.encode()).hexdigest()[:16]}.jpg"
             image = _CocoImage(f"nocaps/{folder}/{name}", scene_split, take(scene_split), portrait=False)
             servers[part].append((i, name, image))
@@ -614,7 +634,7 @@ def generate_coco_world(
             width, height = results[job.path][2]
             record = {"id": image_id, "file_name": name, "width": width, "height": height}
             if domains:
-                record["domain"] = "in-domain" if job.scene_split == "test" else "out-domain"
+                record["domain"] = dict(nocaps_domains)[job.scene_split]
             info.append(record)
         return info
 
@@ -641,12 +661,15 @@ def generate_coco_world(
     (output_dir / "nocaps" / "nocaps_test_image_info.json").write_text(
         json.dumps({"images": image_info(servers["nocaps_test"], domains=True)})
     )
-    world = {
-        "layout": "coco-karpathy", "domain": domain, "seed": seed, "image_size": image_size, "counts": sizes,
-        "shapes": list(spec.shapes), "colours": list(spec.colours), "sizes": list(SIZES),
-        "textures": list(spec.textures), "tones": list(spec.tones),
-        "held_out_pairs": [list(pair) for pair in spec.held_out_pairs()],
-    }  # fmt: skip
+    if spec is None:
+        world = {"layout": "coco-karpathy"} | scenes.world_info(seed, image_size, sizes)
+    else:
+        world = {
+            "layout": "coco-karpathy", "domain": domain, "seed": seed, "image_size": image_size, "counts": sizes,
+            "shapes": list(spec.shapes), "colours": list(spec.colours), "sizes": list(SIZES),
+            "textures": list(spec.textures), "tones": list(spec.tones),
+            "held_out_pairs": [list(pair) for pair in spec.held_out_pairs()],
+        }  # fmt: skip
     (output_dir / "world.json").write_text(json.dumps(world, indent=2))
     logger.info("wrote %d JPEGs and the COCO annotation files to %s", len(jobs), output_dir)
     return world
