@@ -27,7 +27,6 @@ from unittest import mock
 import torch
 import transformers
 from transformers import GenerationMixin
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from modeling_fsgr_pma import modeling_fsgr_pma as fsgr
 from tools.benchmark import model_with_prototypes, preset, released
@@ -36,51 +35,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = [(1, 1), (1, 5), (32, 1), (32, 5)]  # (batch, beams)
 
 
-def transformers_sdpa(*args, **kwargs):
-    """transformers' SDPA function, told that the masks are explicit (no causal inference from the shapes)."""
-    return ALL_ATTENTION_FUNCTIONS["sdpa"](*args, is_causal=False, **kwargs)
-
-
-# name → (what it is, a context manager that patches it out)
+# name → (what it is, a context manager that patches it out). The mechanisms measured below 3% were removed after
+# the run in docs/benchmarks-mechanisms.md; their entries are in this file at commit 57b9789.
 MECHANISMS = {
-    "private_sdpa": (
-        "our `sdpa_attention_forward` beside ALL_ATTENTION_FUNCTIONS (B: transformers' SDPA function)",
-        lambda: mock.patch.object(fsgr, "sdpa_attention_forward", transformers_sdpa),
-    ),
-    "prototype_heads_reuse": (
-        "`_reused`: per-head prototype keys/values (and the decoding mask row) kept while the tensors' id/_version "
-        "are unchanged (B: rebuilt at every layer of every step)",
-        lambda: mock.patch.object(
-            fsgr.FsgrPmaPrototypeMemoryAttention, "_reused", lambda self, name, tensors, key, build: build()
-        ),
-    ),
-    "ready_flag_tracking": (
-        "`_is_ready`: the prototype_ready flag read from the buffer only after its _version changed (B: read at "
-        "every layer of every step)",
-        lambda: mock.patch.object(
-            fsgr.FsgrPmaPrototypeMemoryAttention, "_is_ready", lambda self: bool(self.prototype_ready.item())
-        ),
-    ),
     "shared_cross_attention_rows": (
         "one cross-attention key/value row per image shared by its beams (`FsgrPmaCache.rows_per_image`, set by "
         "the `_expand_inputs_for_generation` override; B: one row per sequence, reordered at every beam step)",
         lambda: mock.patch.object(
             fsgr.FsgrPmaForConditionalGeneration, "_expand_inputs_for_generation",
             GenerationMixin._expand_inputs_for_generation,
-        ),
-    ),
-    "prefix_cache_concatenation": (
-        "prototypes concatenated to the keys, held as a fixed prefix of the self-attention cache "
-        "(`FsgrPmaPrototypePrefixLayer`, `mask_with_prototypes`, `decoding_mask`), used up to "
-        "MAX_PROTOTYPES_TO_CONCATENATE = 64 prototypes; with 256 the shared matmul (`attend_with_prototypes`) runs. "
-        "B: the prefix path forced at 256",
-        lambda: mock.patch.object(fsgr, "MAX_PROTOTYPES_TO_CONCATENATE", 10**9),
-    ),
-    "prepare_inputs_override": (
-        "`prepare_inputs_for_generation` override (B: GenerationMixin's)",
-        lambda: mock.patch.object(
-            fsgr.FsgrPmaForConditionalGeneration, "prepare_inputs_for_generation",
-            GenerationMixin.prepare_inputs_for_generation,
         ),
     ),
 }
