@@ -12,6 +12,17 @@ References:
 - MaskCLIP: Zhou et al., "Extract Free Dense Labels from CLIP", ECCV 2022 (dense CLIP-space patch embeddings).
 - SupCon: Khosla et al., "Supervised Contrastive Learning", NeurIPS 2020.
 
+Decoding speed. One mechanism beyond transformers' usual code remains, because it earned at least 3% of a whole
+captioning call at the size users run (`configuration/model/vit-b16.json`, `tools/benchmark_mechanisms.py`, see
+docs/benchmarks-mechanisms.md): the r rows of an image in `generate` (beams, returned sequences) share one copy of
+its cross-attention keys/values (`FsgrPmaCache.rows_per_image`, set by `_expand_inputs_for_generation`), which
+also spares beam search reordering them at every step: 7.7% of a call at batch 32 with 5 beams. Memory attention
+scores the prototypes with one matmul per head for the whole batch (`attend_with_prototypes`); they never enter
+the cache. Measured below 3% and removed: a private SDPA function beside `ALL_ATTENTION_FUNCTIONS`, reusing the
+per-head prototypes while the tensors' `id`/`_version` were unchanged, prototypes as a fixed prefix of the
+self-attention cache (used only up to 64 prototypes, slower than the shared matmul at 256), and an override of
+`prepare_inputs_for_generation`. `_is_ready` keeps the memory flag as a Python bool for `torch.compile`/`export`.
+
 This file is remote code: it imports only public packages and `configuration_fsgr_pma`.
 """
 
@@ -33,7 +44,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput, can_return_tuple, logging
@@ -46,12 +57,6 @@ except ImportError:  # FAISS is optional: K-Means falls back to the torch implem
     faiss = None
 
 logger = logging.get_logger(__name__)
-
-# Up to this many prototypes, memory attention copies them after every sequence's keys and runs one fused SDPA;
-# beyond it, one matmul per head scores them for the whole batch (`attend_with_prototypes`). Measured on CPU: with
-# 32 prototypes the fused call is the faster one; with 1024, copying them per sequence and decoding step made
-# training 1.9x and beam search 9x slower than without memory (`tools/benchmark.py`, `..._b16` figures).
-MAX_PROTOTYPES_TO_CONCATENATE = 64
 
 
 # ==============================================================================================================
@@ -264,36 +269,10 @@ def attend_with_prototypes(
     return sequence_weights @ value + read, (weights if output_attentions else None)
 
 
-# Adapted from transformers' `sdpa_attention_forward` (integrations/sdpa_attention.py).
-def sdpa_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    output_attentions: bool = False,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """`F.scaled_dot_product_attention` with `eager_attention_forward`'s arguments and output layout `(B, T, h, hd)`.
-
-    transformers' `sdpa_attention_forward` does the same behind checks for features this model has none of (grouped
-    key/value heads, paged caches, `is_causal`); at every layer of every decoding step they cost more than the
-    attention itself at small sizes. Computes no weights.
-    """
-    if output_attentions:
-        logger.warning_once("SDPA computes no attention weights: load the model with attn_implementation='eager'")
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
-    return out.transpose(1, 2), None
-
-
 def attention_function(config: FsgrPmaConfig) -> Callable:
-    """The attention function `config._attn_implementation` names: SDPA (the default) or eager."""
-    implementation = config._attn_implementation
-    if implementation == "sdpa":
-        return sdpa_attention_forward
-    return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+    """The attention function `config._attn_implementation` names (transformers' `ALL_ATTENTION_FUNCTIONS`; SDPA by
+    default), or eager. Called with explicit masks and `is_causal=False`: no causality is inferred from the shapes."""
+    return ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)
 
 
 class FsgrPmaCrossAttention(nn.Module):
@@ -345,7 +324,8 @@ class FsgrPmaCrossAttention(nn.Module):
         query = self.q_proj(hidden_states).view(groups, -1, self.num_heads, self.head_dim).transpose(1, 2)
         dropout = self.dropout if self.training else 0.0
         out, weights = attention_function(self.config)(
-            self, query, key, value, None, dropout=dropout, scaling=self.scaling, output_attentions=output_attentions
+            self, query, key, value, None, dropout=dropout, scaling=self.scaling, is_causal=False,
+            output_attentions=output_attentions,
         )  # (G, r * T, h, hd)
         out = out.reshape(*hidden_states.shape)  # (B, T, d)
         if weights is not None and groups != batch:  # shared keys: (G, h, r * T, S) → (B, h, T, S)
@@ -827,38 +807,6 @@ def _lloyd(points: torch.Tensor, centroids: torch.Tensor, iters: int) -> torch.T
     return centroids
 
 
-def mask_with_prototypes(
-    mask: torch.Tensor | None,
-    memory_bias: torch.Tensor | None,
-    batch: int,
-    length: int,
-    total: int,
-    num_prototypes: int,
-    first: bool = False,
-) -> torch.Tensor | None:
-    """The attention mask over `[sequence ; prototypes]` (`first`: `[prototypes ; sequence]`, the cache's layout) for
-    `attend`, from the sequence's boolean `(B, 1, T, S)` mask.
-
-    Without a bias: boolean `(B, 1, T, S + m)` (every query sees every prototype), or None when `mask` is None. With
-    a `(h,)` `memory_bias`: an additive float `(B, h, T, S + m)`, 0 / dtype-min on the sequence, the bias on the
-    prototypes.
-    """
-    if memory_bias is None:
-        if mask is None:
-            return None
-        parts = [mask, mask.new_ones(*mask.shape[:-1], num_prototypes)]  # (B, 1, T, S) and (B, 1, T, m)
-    else:
-        heads, dtype = memory_bias.shape[0], memory_bias.dtype
-        if mask is None:
-            sequence = memory_bias.new_zeros(1, 1, length, total)  # (1, 1, T, S)
-        else:
-            sequence = memory_bias.new_zeros(mask.shape).masked_fill(~mask, torch.finfo(dtype).min)  # (B, 1, T, S)
-        sequence = sequence.expand(batch, heads, length, total)  # (B, h, T, S)
-        memory = memory_bias.view(1, heads, 1, 1).expand(batch, heads, length, num_prototypes)  # (B, h, T, m)
-        parts = [sequence, memory]
-    return torch.cat(parts[::-1] if first else parts, dim=-1)  # (B, 1 or h, T, S + m)
-
-
 def nearest_neighbours(points: torch.Tensor, queries: torch.Tensor, k: int, backend: str = "auto") -> torch.Tensor:
     """Indices `(Q, k)` of the k nearest `points` `(N, d)` (L2) of every query `(Q, d)`."""
     if backend == "auto":
@@ -923,39 +871,19 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
         self.bank_next = 0
         self.bank_filled = 0
         self._pending: torch.Tensor | None = None
-        # Derived from the buffers and reused while they are unchanged (see `_is_ready`, `memory_heads`); never saved.
-        self._ready_state: tuple | None = None
-        self._ready_value = False
-        self._reuse: dict[str, tuple | None] = {}  # see `_reused`
+        self._ready_value = False  # `prototype_ready` as last read in eager mode (see `_is_ready`); never saved
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.view(*x.shape[:-1], self.num_heads, self.head_dim).transpose(-3, -2)  # (..., h, L, hd)
 
-    @staticmethod
-    def _state(*tensors: torch.Tensor) -> tuple | None:
-        """Identity and in-place write count (`_version`) of each tensor; None for inference tensors (they keep none).
-
-        A value derived from the tensors is still valid while this is unchanged and the tensors are kept alive (so that
-        no `id` is reused): `fill_`, `copy_`, `load_state_dict` and optimiser steps bump `_version`, while `.to()` and
-        re-assigning a buffer put another tensor in its place.
-        """
-        if any(tensor.is_inference() for tensor in tensors):
-            return None
-        return tuple((id(tensor), tensor._version) for tensor in tensors)
-
     def _is_ready(self) -> bool:
-        """`prototype_ready` as a Python bool, read from the buffer (a GPU sync) only after it changed.
+        """`prototype_ready` as a Python bool, read from the buffer in eager mode and kept for traced code.
 
         `torch.compile` and `torch.export` use the value last read in eager mode (a data-dependent branch cannot be
         traced; dynamo guards on the value, so a compiled forward is traced again after it changes). Refreshing,
         `from_pretrained` and weight initialisation read it, so a loaded or refreshed model compiles with its memory.
         """
-        if torch.compiler.is_compiling():
-            return self._ready_value
-        state = self._state(self.prototype_ready)
-        if state is None or self._ready_state is None or self._ready_state[0] != state:
-            # the buffer is kept in the state so that its `id` is not reused while the state is compared
-            self._ready_state = (state, self.prototype_ready)
+        if not torch.compiler.is_compiling():
             self._ready_value = bool(self.prototype_ready.item())
         return self._ready_value
 
@@ -964,38 +892,11 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
         return self.memory_enabled and self._is_ready()
 
     def memory_heads(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Per-head prototype keys `M_K + s_mem - s_seq` and values `M_V`, `(h, m, hd)` each; None while there are none.
-
-        With gradients enabled (training) they are recomputed at every forward, so that `segment_memory` learns. Under
-        `no_grad` or `inference_mode` (captioning) they are computed once and reused until a prototype buffer or a
-        segment embedding changes (see `_state`), rather than at every layer of every decoding step.
-        """
+        """Per-head prototype keys `M_K + s_mem - s_seq` and values `M_V`, `(h, m, hd)` each; None while there are none."""
         if not self.memory_active:
             return None
-
-        def heads() -> tuple[torch.Tensor, torch.Tensor]:
-            keys = self._split_heads((self.prototype_keys + (self.segment_memory - self.segment_sequence)).to(dtype))
-            return keys, self._split_heads(self.prototype_values.to(dtype))  # (h, m, hd) each
-
-        tensors = (self.prototype_keys, self.prototype_values, self.segment_memory, self.segment_sequence)
-        return self._reused("heads", tensors, dtype, heads)
-
-    def _reused(self, name: str, tensors: tuple, key: object, build: Callable) -> object:
-        """`build()`, or the value it returned last time for `name` while `key` and the `_state` of `tensors` are
-        unchanged. Only without gradients and outside `torch.compile` (a compiled graph computes the value in the
-        graph: dynamo cannot trace the reuse check); with gradients the value is built at every call, so it learns.
-        """
-        reusable = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        state = self._state(*tensors) if reusable else None
-        if state is not None:
-            state = (key, torch.is_inference_mode_enabled(), *state)
-            cached = self._reuse.get(name)
-            if cached is not None and cached[0] == state:
-                return cached[2]
-        value = build()
-        # the tensors are kept with the state so that their `id`s are not reused while it is compared
-        self._reuse[name] = None if state is None else (state, tensors, value)
-        return value
+        keys = self._split_heads((self.prototype_keys + (self.segment_memory - self.segment_sequence)).to(dtype))
+        return keys, self._split_heads(self.prototype_values.to(dtype))  # (h, m, hd) each
 
     def idle_parameters(self) -> list[nn.Parameter]:
         """The trainable parameters that only the prototypes use (segment embeddings, log-prior): all of them while the
@@ -1012,28 +913,6 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
             return None
         ramp = math.log(self.memory_ramp)
         return (prior.to(dtype) + ramp) if prior is not None else torch.full((self.num_heads,), ramp, dtype=dtype)
-
-    def decoding_mask(self, dtype: torch.dtype, length: int) -> torch.Tensor | None:
-        """Additive `(1, h, 1, m + S)` mask of a decoding step that masks nothing, in the cache's layout
-        `[prototypes ; caption]`: `memory_bias` on the prototypes, 0 on the S caption positions; None without a bias.
-
-        Under `no_grad` or `inference_mode` it is a view of one `(1, h, 1, m + max_position_embeddings)` row, built
-        once and reused while the log-prior and the ramp are unchanged (see `_state`), so that a decoding step builds
-        no mask; with gradients enabled it is built at every call, so that the log-prior learns.
-        """
-        prior = getattr(self, "prototype_log_prior", None)
-        if prior is None and self.memory_ramp == 1.0:
-            return None
-        m = self.config.num_prototypes
-
-        def row() -> torch.Tensor:
-            bias = self.memory_bias(dtype)  # (h,)
-            full = bias.new_zeros(1, self.num_heads, 1, m + self.config.max_position_embeddings)  # (1, h, 1, m + P)
-            full[..., :m] = bias.view(1, -1, 1, 1)
-            return full
-
-        tensors = () if prior is None else (prior,)
-        return self._reused("mask_row", tensors, (dtype, self.memory_ramp), row)[..., : m + length]  # (1, h, 1, m + S)
 
     def forward(
         self,
@@ -1054,41 +933,21 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
         heads = qkv.view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, h, T, hd)
         query, key, value = heads.unbind(0)  # (B, h, T, hd) each, views of qkv
         memory = self.memory_heads(key.dtype)  # (h, m, hd) keys and values, or None
-        concatenated = memory is not None and memory[0].shape[1] <= MAX_PROTOTYPES_TO_CONCATENATE
-        cache = past_key_values.self_attention_cache if past_key_values is not None else None
-        prefixed = isinstance(cache, FsgrPmaSelfAttentionCache) and concatenated
-        if prefixed:  # the cache holds the prototypes before the caption: (B, h, m + S, hd)
-            key, value = cache.update(key, value, self.layer_idx, prefix=memory)
-        elif cache is not None:
-            key, value = cache.update(key, value, self.layer_idx)  # (B, h, S, hd)
-        mask = attention_mask  # None: every sequence position is visible
+        if past_key_values is not None:
+            key, value = past_key_values.self_attention_cache.update(key, value, self.layer_idx)  # (B, h, S, hd)
         dropout = self.dropout if self.training else 0.0
         attention = attention_function(self.config)
-        if memory is not None and not concatenated:
-            # its own softmax for either implementation; the weights are eager's to return
-            bias = self.memory_bias(key.dtype)  # (h,) or None
-            with_weights = output_attentions and attention is eager_attention_forward
-            out, weights = attend_with_prototypes(query, key, value, mask, *memory, bias, dropout, with_weights)
-            out = out.transpose(1, 2)  # (B, T, h, hd)
-        else:
-            if memory is not None:
-                memory_keys, memory_values = memory  # (h, m, hd) each
-                num_prototypes = memory_keys.shape[1]
-                total = key.shape[2] - (num_prototypes if prefixed else 0)
-                if prefixed and mask is None:  # a decoding step: one row for the batch
-                    mask = self.decoding_mask(key.dtype, total)  # (1, h, 1, m + S) or None
-                else:
-                    bias = self.memory_bias(key.dtype)  # (h,) or None
-                    mask = mask_with_prototypes(mask, bias, batch, length, total, num_prototypes, first=prefixed)
-                if not prefixed:
-                    key = torch.cat([key, memory_keys.expand(batch, -1, -1, -1)], dim=2)  # (B, h, S + m, hd)
-                    value = torch.cat([value, memory_values.expand(batch, -1, -1, -1)], dim=2)  # (B, h, S + m, hd)
+        if memory is None:
             out, weights = attention(
-                self, query, key, value, mask, dropout=dropout, scaling=self.scaling,
+                self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, is_causal=False,
                 output_attentions=output_attentions,
             )  # (B, T, h, hd)
-            if prefixed and weights is not None:  # prototype columns last, as without the cache: (B, h, T, S + m)
-                weights = torch.cat([weights[..., num_prototypes:], weights[..., :num_prototypes]], dim=-1)
+        else:  # its own softmax for either implementation; the weights are eager's to return
+            with_weights = output_attentions and attention is eager_attention_forward
+            out, weights = attend_with_prototypes(
+                query, key, value, attention_mask, *memory, self.memory_bias(key.dtype), dropout, with_weights
+            )
+            out = out.transpose(1, 2)  # (B, T, h, hd)
         out = out.reshape(*hidden_states.shape)  # (B, T, d)
         return self.out_proj(out), (weights if output_attentions else None)
 
@@ -1277,105 +1136,14 @@ class FsgrPmaDecoder(nn.Module):
         return (mask | (key_pos == query_pos)[None])[:, None]  # (B, 1, T, S)
 
 
-class FsgrPmaPrototypePrefixLayer(DynamicLayer):
-    """One layer's self-attention cache: the m prototypes as a fixed prefix, then the caption's keys and values.
-
-    Each of keys and values lives in one preallocated `(B, h, m + capacity, hd)` buffer, whose first m positions hold
-    the layer's prototype keys (values) once per `generate` call; `update` writes the new positions after the cached
-    ones and returns `[prototypes ; caption]` as a view, so no decoding step copies the cache or the prototypes (its
-    capacity doubles when full). `keys` / `values` are views of the caption part: the cache's length
-    (`get_seq_length`) is the caption's, and beam reordering, cropping and batch selection touch that part only.
-    With gradients enabled the buffers are rebuilt by concatenation instead, as `DynamicLayer` does, since an
-    in-place write would modify tensors that autograd saved.
-    """
-
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, prefix: tuple | None = None, *args, **kwargs
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append `(B, h, T, hd)` states; `prefix`, `(h, m, hd)` keys and values, is read at the first update only."""
-        new = key_states.shape[-2]
-        if not self.is_initialized:
-            self.dtype, self.device = key_states.dtype, key_states.device
-            self.prefix_length, self.length = (0 if prefix is None else prefix[0].shape[1]), 0
-            self.buffers = [self._new_buffer(states, part, 2 * new) for states, part in zip(
-                (key_states, value_states), prefix if prefix is not None else (None, None))]
-            self.is_initialized = True
-        start, end = self.prefix_length + self.length, self.prefix_length + self.length + new
-        if torch.is_grad_enabled():
-            self.buffers = [torch.cat([buffer[:, :, :start], states], dim=2)
-                            for buffer, states in zip(self.buffers, (key_states, value_states))]
-        else:
-            if end > self.buffers[0].shape[2]:
-                self.buffers = [self._grown(buffer, start, 2 * end) for buffer in self.buffers]
-            for buffer, states in zip(self.buffers, (key_states, value_states)):
-                buffer[:, :, start:end] = states
-        self.length += new
-        self._set_views()
-        return self.buffers[0][:, :, :end], self.buffers[1][:, :, :end]  # (B, h, m + S, hd) each
-
-    @staticmethod
-    def _new_buffer(states: torch.Tensor, prefix: torch.Tensor | None, capacity: int) -> torch.Tensor:
-        batch, heads, _, head_dim = states.shape
-        length = 0 if prefix is None else prefix.shape[1]
-        buffer = states.new_zeros(batch, heads, length + capacity, head_dim)  # (B, h, m + capacity, hd); zeros, not
-        # uninitialised memory, in the unused part: a copied or exported cache compares equal
-        if prefix is not None:
-            buffer[:, :, :length] = prefix.to(states.dtype)  # (h, m, hd) broadcast over the batch
-        return buffer
-
-    @staticmethod
-    def _grown(buffer: torch.Tensor, used: int, capacity: int) -> torch.Tensor:
-        grown = buffer.new_zeros(*buffer.shape[:2], capacity, buffer.shape[-1])
-        grown[:, :, :used] = buffer[:, :, :used]
-        return grown
-
-    def _set_views(self) -> None:
-        caption = slice(self.prefix_length, self.prefix_length + self.length)
-        self.keys, self.values = self.buffers[0][:, :, caption], self.buffers[1][:, :, caption]  # (B, h, S, hd)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        if self.get_seq_length() > 0:
-            for caption in (self.keys, self.values):
-                caption.copy_(caption.index_select(0, beam_idx.to(caption.device)))
-
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0:
-            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
-        if self.is_initialized and tokens_to_remove < 0:
-            self.length = max(self.length + tokens_to_remove, 0)
-            self._set_views()
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.get_seq_length() > 0:
-            self.buffers = [buffer.repeat_interleave(repeats, dim=0) for buffer in self.buffers]
-            self._set_views()
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        if self.get_seq_length() > 0:
-            self.buffers = [buffer[indices] for buffer in self.buffers]
-            self._set_views()
-
-    def reset(self) -> None:
-        self.buffers = None
-        super().reset()
-
-
-class FsgrPmaSelfAttentionCache(DynamicCache):
-    """The decoder's self-attention cache: a [`FsgrPmaPrototypePrefixLayer`] per layer, added as first written."""
-
-    def __init__(self):
-        super().__init__()
-        self.layer_class_to_replicate = FsgrPmaPrototypePrefixLayer
-
-
 class FsgrPmaCache(EncoderDecoderCache):
     """Self- and cross-attention cache whose cross-attention part holds one copy per image.
 
     The r rows of one image in `generate` (beams, returned sequences) share its encoder output, so their
     cross-attention keys/values are identical: the cache keeps them once, `(B / r, h, S, hd)`, which also makes beam
     reordering (what `EncoderDecoderCache` does at every beam-search step) a no-op there. Batch selection and
-    repetition first restore one row per sequence, and so does `generate` before it returns the cache. The
-    self-attention part keeps the prototypes as a fixed prefix of each layer (`FsgrPmaSelfAttentionCache`).
+    repetition first restore one row per sequence, and so does `generate` before it returns the cache. Prototypes
+    never enter it: memory attention reads them beside the cached sequence (`attend_with_prototypes`).
     """
 
     rows_per_image = 1  # set by `generate` (`_expand_inputs_for_generation`): the cross-attention part's sharing
@@ -1498,7 +1266,7 @@ class FsgrPmaPreTrainedModel(PreTrainedModel):
     def new_cache(self) -> FsgrPmaCache:
         # Layers are added as they are first written (every layer is full attention): `DynamicCache(config=...)`
         # would deep-copy the config to find the layer types, at every `generate` call.
-        return FsgrPmaCache(FsgrPmaSelfAttentionCache(), DynamicCache())
+        return FsgrPmaCache(DynamicCache(), DynamicCache())
 
 
 class FsgrPmaModel(FsgrPmaPreTrainedModel):
@@ -1877,25 +1645,6 @@ class FsgrPmaForConditionalGeneration(FsgrPmaPreTrainedModel, GenerationMixin):
             cache.rows_per_image = expand_size
         return super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
 
-    def prepare_inputs_for_generation(
-        self,
-        input_ids: torch.LongTensor,
-        next_sequence_length: int | None = None,
-        is_first_iteration: bool | None = False,
-        **kwargs,
-    ) -> dict:
-        """The inputs of one decoding step: the last `next_sequence_length` tokens, and the other kwargs unchanged.
-
-        Replaces `GenerationMixin.prepare_inputs_for_generation`, whose per-step work is for inputs this model does
-        not take (position and token-type ids, compilable caches, and, for remote code, an `inspect.signature` of
-        `forward` at every step to look for `cache_position`). `is_first_iteration` changes nothing here: the
-        encoder output is already in `kwargs`.
-        """
-        if next_sequence_length is not None:
-            input_ids = input_ids[:, -next_sequence_length:]  # (B, new tokens)
-        kwargs.pop("labels", None)
-        return {"decoder_input_ids": input_ids, **kwargs}
-
     def caption_loss(
         self, logits: torch.Tensor, labels: torch.LongTensor, attention_mask: torch.Tensor | None
     ) -> torch.Tensor:
@@ -1932,8 +1681,6 @@ FsgrPmaForConditionalGeneration.register_for_auto_class("AutoModel")
 
 __all__ = [
     "FsgrPmaCache",
-    "FsgrPmaPrototypePrefixLayer",
-    "FsgrPmaSelfAttentionCache",
     "FsgrPmaConceptCodebook",
     "FsgrPmaEncoder",
     "FsgrPmaEncoderOutput",

@@ -1,4 +1,4 @@
-"""The decoding cache: prototypes as a fixed prefix of each self-attention layer, written once per `generate` call."""
+"""The decoding cache: prototypes never enter it; the rows of an image share one copy of its cross-attention keys."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import torch
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from conftest import fill_memory, random_batch, tiny_model
-from modeling_fsgr_pma.modeling_fsgr_pma import FsgrPmaPrototypePrefixLayer
 
 
 def _model(num_prototypes: int = 6, memory_prior: bool = False, use_memory: bool = True):
@@ -23,7 +22,7 @@ def _model(num_prototypes: int = 6, memory_prior: bool = False, use_memory: bool
 
 
 def _plain_cache() -> EncoderDecoderCache:
-    """transformers' own cache: the attention concatenates the prototypes after the cached sequence at every step."""
+    """transformers' own cache, one cross-attention row per sequence."""
     return EncoderDecoderCache(DynamicCache(), DynamicCache())
 
 
@@ -31,9 +30,9 @@ def _plain_cache() -> EncoderDecoderCache:
 @pytest.mark.parametrize(
     "num_prototypes, memory_prior, use_memory",
     [(6, False, True), (6, True, True), (80, False, True), (6, False, False)],
-    ids=["prefix", "prefix-log-prior", "batch-shared-matmul", "no-memory"],
+    ids=["memory", "memory-log-prior", "more-prototypes", "no-memory"],
 )
-def test_generate_with_the_prefix_cache_equals_the_plain_cache(num_beams, num_prototypes, memory_prior, use_memory):
+def test_generate_with_our_cache_equals_the_plain_cache(num_beams, num_prototypes, memory_prior, use_memory):
     model = _model(num_prototypes, memory_prior, use_memory)
     pixel_values, _ = random_batch(model.config, batch=3)
     settings = dict(pixel_values=pixel_values, max_new_tokens=12, num_beams=num_beams, do_sample=False,
@@ -45,7 +44,7 @@ def test_generate_with_the_prefix_cache_equals_the_plain_cache(num_beams, num_pr
         torch.testing.assert_close(got, want)
 
 
-def test_cached_attention_weights_put_the_prototype_columns_last_as_without_the_cache():
+def test_cached_attention_weights_put_the_prototype_columns_last():
     model = _model()
     model.set_attn_implementation("eager")
     pixel_values, ids = random_batch(model.config, batch=2, length=5)
@@ -61,76 +60,8 @@ def test_cached_attention_weights_put_the_prototype_columns_last_as_without_the_
                 torch.testing.assert_close(layer_got, layer_want)
 
 
-def test_the_prototypes_are_written_once_and_the_cache_length_is_the_captions():
-    model = _model()
-    pixel_values, ids = random_batch(model.config, batch=2, length=9)
-    cache, pointers = model.new_cache(), set()
-    with torch.no_grad():
-        encoder_outputs = model.get_encoder()(pixel_values=pixel_values)
-        for t in range(ids.shape[1]):
-            model(encoder_outputs=encoder_outputs, input_ids=ids[:, t : t + 1], past_key_values=cache)
-            layer = cache.self_attention_cache.layers[0]
-            pointers.add(layer.buffers[0].data_ptr())
-            assert cache.get_seq_length() == t + 1 and layer.keys.shape[2] == t + 1
-    assert isinstance(layer, FsgrPmaPrototypePrefixLayer) and layer.prefix_length == 6
-    assert len(pointers) <= 3  # 9 steps: the buffer was allocated once and grew twice (capacity doubles), not per step
-    keys, _ = model.memory_layers()[0].memory_heads(torch.float32)  # (h, m, hd)
-    torch.testing.assert_close(layer.buffers[0][:, :, :6], keys.expand(2, -1, -1, -1))
-
-
-def _filled_layer(batch: int = 3, length: int = 4, prototypes: int = 2):
-    prefix = (torch.randn(2, prototypes, 4), torch.randn(2, prototypes, 4))  # (h, m, hd)
-    layer = FsgrPmaPrototypePrefixLayer()
-    keys, values = torch.randn(batch, 2, length, 4), torch.randn(batch, 2, length, 4)  # (B, h, T, hd)
-    with torch.no_grad():
-        layer.update(keys, values, prefix=prefix)
-    return layer, prefix, keys, values
-
-
-def test_update_returns_prototypes_then_the_caption():
-    layer, prefix, keys, values = _filled_layer()
-    new = torch.randn(3, 2, 1, 4)
-    with torch.no_grad():
-        all_keys, all_values = layer.update(new, new)
-    torch.testing.assert_close(all_keys, torch.cat([prefix[0].expand(3, -1, -1, -1), keys, new], dim=2))
-    torch.testing.assert_close(all_values, torch.cat([prefix[1].expand(3, -1, -1, -1), values, new], dim=2))
-
-
-def test_beam_reordering_moves_the_caption_only():
-    layer, prefix, keys, _ = _filled_layer()
-    beam_idx = torch.tensor([2, 2, 0])
-    layer.reorder_cache(beam_idx)
-    torch.testing.assert_close(layer.keys, keys[beam_idx])
-    torch.testing.assert_close(layer.buffers[0][:, :, :2], prefix[0].expand(3, -1, -1, -1))
-
-
-def test_crop_and_batch_selection_keep_the_prefix():
-    layer, prefix, keys, _ = _filled_layer()
-    layer.crop(-1)
-    assert layer.get_seq_length() == 3
-    torch.testing.assert_close(layer.keys, keys[:, :, :3])
-    layer.batch_select_indices(torch.tensor([1]))
-    torch.testing.assert_close(layer.keys, keys[1:2, :, :3])
-    layer.batch_repeat_interleave(2)
-    torch.testing.assert_close(layer.keys, keys[1:2, :, :3].repeat_interleave(2, dim=0))
-    torch.testing.assert_close(layer.buffers[0][:, :, :2], prefix[0].expand(2, -1, -1, -1))
-    with pytest.raises(ValueError, match="negative"):
-        layer.crop(2)
-
-
-def test_with_gradients_the_cache_concatenates_and_gradients_flow():
-    layer = FsgrPmaPrototypePrefixLayer()
-    prefix = (torch.randn(2, 2, 4), torch.randn(2, 2, 4))
-    first = torch.randn(1, 2, 1, 4, requires_grad=True)
-    second = torch.randn(1, 2, 1, 4, requires_grad=True)
-    layer.update(first, first, prefix=prefix)
-    keys, _ = layer.update(second, second)
-    keys.sum().backward()  # no in-place write modified a saved tensor
-    assert torch.equal(first.grad, torch.ones_like(first)) and torch.equal(second.grad, torch.ones_like(second))
-
-
-def test_the_reused_decoding_mask_follows_every_change_of_the_log_prior_and_the_ramp():
-    """Decoding steps read one mask row per layer, built once; a changed log-prior, ramp or dtype is seen at once."""
+def test_generation_follows_every_change_of_the_log_prior_and_the_ramp():
+    """A changed log-prior, ramp or dtype is seen at once by generation, as by the plain cache."""
     model = _model(memory_prior=True)
     layer = model.memory_layers()[0]
     pixel_values, _ = random_batch(model.config, batch=2)
@@ -160,7 +91,7 @@ def test_the_reused_decoding_mask_follows_every_change_of_the_log_prior_and_the_
         after = scores()
         assert not torch.allclose(before, after), name
         torch.testing.assert_close(after, scores(_plain_cache()), msg=name)
-    model.double()  # a float32 row would not match float64 queries (SDPA raises)
+    model.double()  # the reused prototype heads follow the dtype
     torch.testing.assert_close(scores(), scores(_plain_cache()))
 
 

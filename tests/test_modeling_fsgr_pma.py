@@ -161,17 +161,17 @@ def test_prototypes_change_the_output(model_with_memory):
     assert not torch.allclose(with_memory, without)
 
 
-def test_reused_prototype_heads_follow_every_change(model_with_memory):
-    """Without gradients the per-head prototypes are computed once and reused; every change is seen at once."""
+def test_prototype_heads_follow_every_change(model_with_memory):
+    """Captioning (inference mode) and training read the same prototypes: every change is seen at once."""
     model = model_with_memory
     pixel_values, ids = random_batch(model.config)
     layer = model.memory_layers()[0]
 
-    def captioning_logits():  # reuses the heads between forwards
+    def captioning_logits():
         with torch.inference_mode():
             return model(pixel_values=pixel_values, input_ids=ids).logits.clone()
 
-    def fresh_logits():  # with gradients on, the heads are recomputed at every forward
+    def fresh_logits():
         return model(pixel_values=pixel_values, input_ids=ids).logits.detach()
 
     def train_segment_embeddings():
