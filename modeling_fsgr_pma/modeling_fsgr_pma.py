@@ -1395,14 +1395,6 @@ class FsgrPmaModel(FsgrPmaPreTrainedModel):
         )
 
 
-def _add_base_model_prefix(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
-    """`load_state_dict` pre-hook: a state dict saved before [`FsgrPmaModel`] existed names `encoder.*` and `decoder.*`
-    what is now `model.encoder.*` and `model.decoder.*` (training checkpoints; `from_pretrained` maps these keys
-    itself through `base_model_prefix`)."""
-    for key in [key for key in state_dict if key.startswith((prefix + "encoder.", prefix + "decoder."))]:
-        state_dict[prefix + "model." + key[len(prefix) :]] = state_dict.pop(key)
-
-
 class FsgrPmaForConditionalGeneration(FsgrPmaPreTrainedModel, GenerationMixin):
     """FSGR-PMA captioner: [`FsgrPmaModel`] (FSGR image encoder + PMA-Net decoder) with a tied LM head.
 
@@ -1421,7 +1413,6 @@ class FsgrPmaForConditionalGeneration(FsgrPmaPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = FsgrPmaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.register_load_state_dict_pre_hook(_add_base_model_prefix)
         self.post_init()
 
     @property

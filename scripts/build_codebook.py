@@ -3,7 +3,7 @@
 Usage:
 
     python scripts/build_codebook.py --model-config configuration/model/tiny.json \
-        --clip-pretrained outputs/demo/clip.pt --vocabulary configuration/concepts/synthetic.txt \
+        --clip-pretrained outputs/demo/clip.safetensors --vocabulary configuration/concepts/synthetic.txt \
         --output outputs/demo/codebook.safetensors
 
 For COCO with OpenAI's ViT-B/16: `--model-config configuration/model/vit-b16.json --clip-pretrained openai

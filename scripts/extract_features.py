@@ -3,7 +3,7 @@
 Usage:
 
     python scripts/extract_features.py --model-config configuration/model/tiny.json \
-        --clip-pretrained outputs/demo/clip.pt --codebook outputs/demo/codebook.safetensors \
+        --clip-pretrained outputs/demo/clip.safetensors --codebook outputs/demo/codebook.safetensors \
         --data outputs/demo/data --splits train validation --output-dir outputs/demo/features
 
 On GPUs, `accelerate launch scripts/extract_features.py ...` shares the shards between the processes.

@@ -98,27 +98,3 @@ def test_in_process_reload_and_merged_lora_round_trip(saved_model, tmp_path):
     merged = FsgrPmaForConditionalGeneration.from_pretrained(tmp_path).eval()
     assert merged.config.lora_merged and not any("lora_" in k for k in merged.state_dict())
     torch.testing.assert_close(merged(**batch).logits, expected["logits"], rtol=1e-4, atol=1e-5)
-
-
-def test_a_checkpoint_saved_before_the_base_model_existed_loads(saved_model, tmp_path):
-    """Checkpoints from when the captioner's modules were `encoder.*` / `decoder.*` (no `model.` prefix): through
-    `from_pretrained` (transformers maps them by `base_model_prefix`) and `load_state_dict` (training checkpoints)."""
-    from safetensors.torch import save_file
-
-    from modeling_fsgr_pma import FsgrPmaForConditionalGeneration
-
-    directory, expected = saved_model
-    weights = load_file(directory / "model.safetensors")
-    old = {key.removeprefix("model."): tensor for key, tensor in weights.items()}
-    assert old.keys() != weights.keys()
-    (tmp_path / "config.json").write_text((directory / "config.json").read_text())
-    save_file(old, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    batch = torch.load(directory / "inputs.pt")
-    loaded = FsgrPmaForConditionalGeneration.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        assert torch.equal(loaded(**batch).logits, expected["logits"])
-    fresh = FsgrPmaForConditionalGeneration(loaded.config).eval()
-    result = fresh.load_state_dict(old, strict=False)
-    assert result.missing_keys == ["lm_head.weight"] and not result.unexpected_keys  # the tied head is not saved
-    with torch.no_grad():
-        assert torch.equal(fresh(**batch).logits, expected["logits"])
