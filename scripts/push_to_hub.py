@@ -45,9 +45,9 @@ TEMPLATE = ROOT / "model_cards" / "fsgr_pma.md"
 SPACE_FILES = {ROOT / "scripts" / "app.py": "app.py", ROOT / "scripts" / "app_examples": "app_examples",
                ROOT / "modeling_fsgr_pma": "modeling_fsgr_pma"}
 SYNTHETIC_WORLD = (
-    "The bundled synthetic world (`scripts/make_synthetic.py`): images of a few procedurally drawn shapes (circle, "
-    "square, triangle, star, diamond, cross, ring) in eight colours on plain or textured backgrounds, with template "
-    "captions. The model knows only these shapes, colours and backgrounds: a photo gets a caption made of them."
+    "The bundled synthetic shape world (`scripts/make_synthetic.py --domain synthetic`): images of a few procedurally "
+    "drawn shapes (circle, square, triangle, star, diamond, cross, ring) in eight colours on plain or textured "
+    "backgrounds, with template captions. The model knows only these shapes, colours and backgrounds: a photo gets a caption made of them."
 )
 CARD_METRICS = {"CIDEr": "cider", "Bleu_4": "bleu", "METEOR": "meteor", "ROUGE_L": "rouge", "SPICE": "spice"}
 
