@@ -84,6 +84,21 @@ def peak_memory_gib(accelerator: Accelerator) -> float | None:
     return torch.cuda.max_memory_allocated(accelerator.device) / 2**30
 
 
+def timed_repeats(accelerator: Accelerator, run, warmup: int, repeats: int) -> tuple[float, object]:
+    """Run `run()` `warmup` times, reset the peak-memory counter, then time `repeats` more calls (synchronised).
+    Returns the seconds and the last call's result."""
+    for _ in range(warmup):
+        run()
+    synchronize(accelerator)
+    if accelerator.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(accelerator.device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        result = run()
+    synchronize(accelerator)
+    return time.perf_counter() - start, result
+
+
 def check_training(accelerator: Accelerator, model, settings: dict, steps: int) -> dict:
     """Images/s and tokens/s of the recipe's training step from cached features, and its peak memory."""
     config, batch = model.config, settings["batch_size"]
@@ -104,16 +119,7 @@ def check_training(accelerator: Accelerator, model, settings: dict, steps: int) 
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(3):  # warm-up: kernels, allocator, the memory banks' first entries
-        step()
-    synchronize(accelerator)
-    if accelerator.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(accelerator.device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    synchronize(accelerator)
-    seconds = time.perf_counter() - start
+    seconds, _ = timed_repeats(accelerator, step, 3, steps)  # warm-up: kernels, allocator, the banks' first entries
     return {
         "train_images_per_s": steps * batch / seconds,
         "train_tokens_per_s": steps * batch * (settings["caption_length"] - 1) / seconds,
@@ -141,15 +147,7 @@ def check_beam_scst(accelerator: Accelerator, model, settings: dict, steps: int)
         accelerator.backward(loss)
         return loss
 
-    step()
-    synchronize(accelerator)
-    if accelerator.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(accelerator.device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    synchronize(accelerator)
-    seconds = time.perf_counter() - start
+    seconds, loss = timed_repeats(accelerator, step, 1, steps)
     model.zero_grad(set_to_none=True)
     return {
         "scst_images_per_s": steps * batch / seconds,
@@ -208,15 +206,7 @@ def check_captioning(accelerator: Accelerator, model, settings: dict, repeats: i
         with accelerator.autocast():
             return model.generate(pixel_values=pixels, min_new_tokens=settings["max_new_tokens"], **kwargs)
 
-    caption()
-    synchronize(accelerator)
-    if accelerator.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(accelerator.device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        sequences = caption()
-    synchronize(accelerator)
-    seconds = time.perf_counter() - start
+    seconds, sequences = timed_repeats(accelerator, caption, 1, repeats)
     return {
         "captions_per_s": repeats * batch / seconds,
         "caption_peak_memory_gib": peak_memory_gib(accelerator),
