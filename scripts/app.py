@@ -7,11 +7,11 @@ Usage:
 then open http://127.0.0.1:7860. `--model` takes a saved model directory or a Hub repo id; without it the app
 loads the first model named under `models:` in a `README.md` next to this file (the Space metadata that
 `scripts/push_to_hub.py --space` writes), so a Space runs it as `python app.py`. The examples are the images in
-`--examples` (default `app_examples/` next to this file: four `test_novel` images of the synthetic world that
-`scripts/demo.py` generates with its defaults, 2,000 images and seed 0).
+`--examples` (default `app_examples/` next to this file: four `test_novel` images of the scene world that
+`scripts/demo.py` generates with its defaults, 4,000 images and seed 0).
 
 The header says what the model was trained on (its model card's "Training data" section), so a visitor who uploads
-a photo to the demo model, which knows only the synthetic world, reads why the caption names shapes. A visitor
+a photo to the demo model, which knows only the scene world, reads why the caption names its icons and scenes. A visitor
 uploads or drops images (or clicks a bundled example), sets the beam size and the maximum caption length
 and presses **Caption**. Every upload gets its caption, or the error text `fsgr-pma caption` prints for that file
 (`modeling_fsgr_pma.data.captions.decode_image`); nothing a visitor uploads raises in the server. With **Explain** ticked,
@@ -122,7 +122,7 @@ def upload_paths(gallery: list[tuple[str, str | None]] | None) -> list[str]:
 def model_description(model_id: str, config, num_parameters: int, trained_on: str) -> str:
     """Title, what the model is, what it was trained on, and where it comes from: a link to its card on the Hub, or
     its local directory. `trained_on` is its card's training data (`modeling_fsgr_pma.cli.loading.training_data`):
-    a visitor who uploads a photo to a model of the synthetic world reads why the caption names shapes."""
+    a visitor who uploads a photo to a model of the scene world reads why the caption names its icons."""
     if looks_like_path(model_id):
         source = f"`{model_id}` (local directory)"
     else:

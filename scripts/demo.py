@@ -1,16 +1,17 @@
-"""The README's main job: the whole pipeline on the bundled synthetic world, on a CPU, in minutes.
+"""The README's main job: the whole pipeline on the bundled scene world, on a CPU, in minutes.
 
 Usage:
 
-    python scripts/demo.py [--output-dir outputs/demo] [--num-images 2000] [--seed 0]
+    python scripts/demo.py [--output-dir outputs/demo] [--num-images 4000] [--seed 0]
 
-Steps: generate the synthetic world → take the shipped tiny CLIP (`weights/clip-tiny-synthetic.safetensors`,
-made by `tools/pretrain_clip.py`; its docstring has the command) → build the concept codebook → cache the
-frozen-prefix features → train (XE + SupCon with prototype memory, then SCST) → evaluate on `test` and
-`test_novel` → probe what the vision side sees (`tools/probe_vision.py`) → caption a few images with
+Steps: generate the scene world (`scripts/make_synthetic.py`, docs/synthetic-world.md) → take the shipped tiny
+CLIP (`weights/clip-tiny-scenes.safetensors`, made by `tools/pretrain_clip.py`; its docstring has the command) →
+build the concept codebook → cache the frozen-prefix features → train (XE + SupCon with prototype memory, then
+SCST) → evaluate on `test`, `test_novel` (held-out combinations) and `test_out_domain` (categories never in the
+captioning data) → probe what the vision side sees (`tools/probe_vision.py`) → caption a few images with
 `AutoModel`/`AutoProcessor`. Results land in `--output-dir`: `model/` (with its model card, `README.md`, which
-says what it was trained on and carries the test metrics), `metrics_test.json`,
-`metrics_test_novel.json`, `probe_vision.json`, `timings.json`, `data/`, `samples/`.
+says what it was trained on and carries the test metrics), `metrics_{test,test_novel,test_out_domain}.json`,
+`probe_vision.json`, `timings.json`, `data/`, `samples/`.
 """
 
 from __future__ import annotations
@@ -35,19 +36,20 @@ import train
 
 ROOT = Path(__file__).resolve().parents[1]
 logger = logging.getLogger("fsgr_pma.demo")
-METRICS = ["Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE", "hallucination_rate"]
+METRICS = ["Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "chair_i", "chair_s", "object_recall"]
+SPLITS = ("test", "test_novel", "test_out_domain")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/demo"))
-    parser.add_argument("--num-images", type=int, default=2000, help="training images of the synthetic world")
+    parser.add_argument("--num-images", type=int, default=4000, help="training images of the scene world")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train-config", type=Path, default=ROOT / "configuration/train/synthetic.yaml")
-    parser.add_argument("--model-config", type=Path, default=ROOT / "configuration/model/tiny.json")
+    parser.add_argument("--train-config", type=Path, default=ROOT / "configuration/train/scenes.yaml")
+    parser.add_argument("--model-config", type=Path, default=ROOT / "configuration/model/tiny-scenes.json")
     parser.add_argument("--xe-steps", type=int, default=None, help="override the training config (quick runs)")
     parser.add_argument("--scst-steps", type=int, default=None)
-    parser.add_argument("--clip", type=Path, default=ROOT / "weights/clip-tiny-synthetic.safetensors",
+    parser.add_argument("--clip", type=Path, default=ROOT / "weights/clip-tiny-scenes.safetensors",
                         help="the pre-trained tiny CLIP (tools/pretrain_clip.py)")
     return parser.parse_args(argv)
 
@@ -72,12 +74,12 @@ def main(argv: list[str] | None = None) -> dict:
         timings[step] = round(time.perf_counter() - start, 1)
         return result
 
-    timed("data", make_synthetic.main, [  # the world the shipped tiny CLIP was pre-trained on
-        "--domain", "synthetic", "--output-dir", data, "--num-images", args.num_images, "--seed", args.seed,
+    timed("data", make_synthetic.main, [
+        "--output-dir", data, "--num-images", args.num_images, "--seed", args.seed,
     ])
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(args.clip, clip)  # the demo directory holds everything the ablations and the probes reuse
-    vocabulary = ROOT / "configuration/concepts/synthetic.txt"
+    vocabulary = ROOT / "configuration/concepts/scenes.txt"
     timed("codebook", build_codebook.main, [
         "--model-config", args.model_config, "--clip-pretrained", clip, "--vocabulary", vocabulary, "--output", codebook,
         "--templates", "{}",  # concept names are phrases the tiny CLIP's text tower was trained on
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     shutil.move(out / "train" / "model", model_dir)
 
     results = {}
-    for split in ("test", "test_novel"):
+    for split in SPLITS:
         results[split] = timed(f"evaluate_{split}", evaluate_captions.main, [
             "--model", model_dir, "--data", data, "--split", split, "--output", out / f"metrics_{split}.json",
         ])
@@ -119,7 +121,7 @@ def write_model_card(model_dir: Path, metric_files: list[Path]) -> None:
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(model_dir, trust_remote_code=True)
-    args = push_to_hub.parse_args(["--model", str(model_dir), "--repo-id", "USER/fsgr-pma-synthetic",
+    args = push_to_hub.parse_args(["--model", str(model_dir), "--repo-id", "USER/fsgr-pma-scenes",
                                    "--metrics", *map(str, metric_files)])
     push_to_hub.build_card(model, args).save(model_dir / "README.md")
 

@@ -11,8 +11,9 @@ Usage (from the repository root):
 captions per image from a grammar; splits `train`, `validation`, `test`, `test_novel` (held-out colour–category and
 category–scene combinations) and `test_out_domain` (six categories never in the other splits); columns `image_id`,
 `image`, `captions`, `objects`, `relations`, `scene`. `--clip-pretraining` lets the out-domain categories into
-`train` (the tiny CLIP's pre-training set, never a captioning set).
-`--domain synthetic` is the first world (7 shapes × 8 colours, which the shipped tiny CLIP and the demo use), and
+`train` (the tiny CLIP's pre-training set, never a captioning set). `--domain scenes-b` is its second domain, for
+PEFT fine-tuning: every image holds one of those six categories (splits `train`, `validation`, `test`).
+`--domain synthetic` is the first world (7 shapes × 8 colours, with a tiny CLIP of its own), and
 `--domain synthetic-b` its second domain (other shapes, colours and backgrounds) for PEFT fine-tuning; their splits are
 `train`, `validation`, `test`, `test_novel` with columns `image_id`, `image`, `captions`, `objects`, `background`.
 
@@ -52,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="side of the square images (parquet: 96 for scenes, 64 for the others) or short side of the 4:3 JPEGs "
         "(coco-karpathy, 480)",
     )  # fmt: skip
-    parser.add_argument("--domain", choices=[scenes.DOMAIN, *sorted(DOMAINS)], default=scenes.DOMAIN)
+    parser.add_argument("--domain", choices=[scenes.DOMAIN, scenes.DOMAIN_B, *sorted(DOMAINS)], default=scenes.DOMAIN)
     parser.add_argument(
         "--clip-pretraining", action="store_true",
         help="scenes, parquet: out-domain categories in train too (the tiny CLIP's pre-training set only)",
@@ -61,10 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.image_size is None:
         args.image_size = 480 if args.layout == "coco-karpathy" else (
-            scenes.DEFAULT_IMAGE_SIZE if args.domain == scenes.DOMAIN else 64
+            scenes.DEFAULT_IMAGE_SIZE if args.domain in (scenes.DOMAIN, scenes.DOMAIN_B) else 64
         )
     if args.clip_pretraining and (args.domain != scenes.DOMAIN or args.layout != "parquet"):
         parser.error("--clip-pretraining needs --domain scenes and --layout parquet")
+    if args.domain == scenes.DOMAIN_B and args.layout != "parquet":
+        parser.error("--domain scenes-b is written as Parquet only (--layout parquet)")
     if args.num_images < (1 if args.layout == "parquet" else 2):
         parser.error(f"--num-images must be at least {1 if args.layout == 'parquet' else 2} for --layout {args.layout}")
     if args.image_size < 16:
@@ -82,9 +85,10 @@ def main(argv: list[str] | None = None) -> dict:
         world = generate_coco_world(
             args.output_dir, args.num_images, args.seed, args.image_size, args.domain, args.num_workers
         )
-    elif args.domain == scenes.DOMAIN:
+    elif args.domain in (scenes.DOMAIN, scenes.DOMAIN_B):
         world = scenes.generate_world(
-            args.output_dir, args.num_images, args.seed, args.image_size, pretraining=args.clip_pretraining
+            args.output_dir, args.num_images, args.seed, args.image_size, pretraining=args.clip_pretraining,
+            domain=args.domain,
         )
     else:
         world = generate_world(args.output_dir, args.num_images, args.seed, args.image_size, args.domain)

@@ -2,7 +2,7 @@
 
 Usage:
 
-    python scripts/push_to_hub.py --model outputs/demo/model --repo-id USER/fsgr-pma-synthetic \
+    python scripts/push_to_hub.py --model outputs/demo/model --repo-id USER/fsgr-pma-scenes \
         --metrics outputs/demo/metrics_test.json outputs/demo/metrics_test_novel.json
 
 `--dry-run DIR` writes exactly the folder that would be uploaded and touches no network. The folder holds
@@ -13,7 +13,7 @@ The upload uses `HfApi.upload_folder` and the token from the usual huggingface_h
 
 A Space that demonstrates the model (the web demo `scripts/app.py`, run by Gradio):
 
-    python scripts/push_to_hub.py --space USER/fsgr-pma-demo --repo-id USER/fsgr-pma-synthetic --dry-run outputs/space
+    python scripts/push_to_hub.py --space USER/fsgr-pma-demo --repo-id USER/fsgr-pma-scenes --dry-run outputs/space
     python outputs/space/app.py --model outputs/demo/model    # try that folder here, on a local model
 
 With `--space`, the Space is written (or uploaded) instead of the model; `--repo-id` is the model it loads and
@@ -44,10 +44,12 @@ ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "model_cards" / "fsgr_pma.md"
 SPACE_FILES = {ROOT / "scripts" / "app.py": "app.py", ROOT / "scripts" / "app_examples": "app_examples",
                ROOT / "modeling_fsgr_pma": "modeling_fsgr_pma"}
-SYNTHETIC_WORLD = (
-    "The bundled synthetic shape world (`scripts/make_synthetic.py --domain synthetic`): images of a few procedurally "
-    "drawn shapes (circle, square, triangle, star, diamond, cross, ring) in eight colours on plain or textured "
-    "backgrounds, with template captions. The model knows only these shapes, colours and backgrounds: a photo gets a caption made of them."
+SCENE_WORLD = (
+    "The bundled synthetic scene world (`scripts/make_synthetic.py`): procedurally drawn scenes (park, beach, kitchen "
+    "table, street, night, snow, living room) with 1–5 kinds of object among 49 categories (people, animals, "
+    "vehicles, furniture, food, ...) drawn as simple icons, with colours, sizes, patterns, counts and spatial "
+    "relations, and five grammar-written captions each. The model knows only this world: a photo gets a caption made "
+    "of its categories and scenes."
 )
 CARD_METRICS = {"CIDEr": "cider", "Bleu_4": "bleu", "METEOR": "meteor", "ROUGE_L": "rouge", "SPICE": "spice"}
 
@@ -62,10 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--revision", default=None, help="branch to upload to (created if missing)")
     parser.add_argument("--dry-run", type=Path, default=None, help="write the upload folder here; no network")
     parser.add_argument("--metrics", type=Path, nargs="*", default=[], help="evaluate_captions.py JSON files")
-    parser.add_argument("--dataset-name", default="synthetic-shapes", help="dataset named in the model-index")
+    parser.add_argument("--dataset-name", default="synthetic-scenes", help="dataset named in the model-index")
     parser.add_argument("--license", default="apache-2.0")
-    parser.add_argument("--training-data", default=SYNTHETIC_WORLD,
-                        help="the card's Training data paragraph, shown by the CLI and the app (default: the synthetic world)")
+    parser.add_argument("--training-data", default=SCENE_WORLD,
+                        help="the card's Training data paragraph, shown by the CLI and the app (default: the scene world)")
     parser.add_argument("--training-command", default="python scripts/demo.py")
     args = parser.parse_args(argv)
     for flag, repo in (("--repo-id", args.repo_id), ("--space", args.space)):
@@ -94,10 +96,11 @@ def eval_results(metric_files: list[Path], dataset_name: str) -> tuple[list[Eval
                     metric_value=round(metrics[name], 4),
                 ))
         cells = [f"{metrics[n]:.3f}" if isinstance(metrics.get(n), float) else "skipped" for n in CARD_METRICS]
-        hallucination = metrics.get("hallucination_rate")
+        # The share of named objects that are not in the image: CHAIRi on the scene world, the shape world's rate.
+        hallucination = metrics.get("chair_i", metrics.get("hallucination_rate"))
         cells.append(f"{hallucination:.3f}" if isinstance(hallucination, float) else "n/a")
         rows.append(f"| {metrics['split']} ({metrics['num_images']} images) | " + " | ".join(cells) + " |")
-    header = "| split | " + " | ".join(CARD_METRICS) + " | hallucination rate |"
+    header = "| split | " + " | ".join(CARD_METRICS) + " | objects not in the image (CHAIRi) |"
     table = "\n".join([header, "|" + "---|" * (len(CARD_METRICS) + 2), *rows]) if rows else "Not evaluated."
     return results, table, decoding
 
@@ -148,9 +151,8 @@ def repetition_description(no_repeat_ngram_size: int) -> str:
     """The card's words for `no_repeat_ngram_size` (chosen on the synthetic test split: docs/results.md)."""
     if not no_repeat_ngram_size:
         return "no limit on repeated words"
-    return (f"no {no_repeat_ngram_size} tokens said twice (`no_repeat_ngram_size`: it stops loops such as `a red ring, "
-            "a red ring, a red ring`, and left the synthetic test metrics as they were; the repository's "
-            "`docs/results.md` has the measurement)")
+    return (f"no {no_repeat_ngram_size} tokens said twice (`no_repeat_ngram_size`: it stops loops such as `a red car "
+            "and a red car and a red car`; the repository's `docs/results.md` has the measurement)")
 
 
 def memory_description(config) -> str:

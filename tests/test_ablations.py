@@ -7,17 +7,17 @@ from scipy import stats
 from tools import ablations
 
 
-
 def _runs(full: list[float], variant: list[float]) -> dict:
     """Runs whose every metric takes the given per-seed values."""
     def run(value: float) -> dict:
-        return {split: {key: value for _, key, _ in ablations.METRICS.values()} for split in ("test", "test_novel")}
+        return {split: {key: value for _, key, _ in ablations.SHAPE_METRICS.values()} for split in ("test", "test_novel")}
     return {"full": {s: run(v) for s, v in enumerate(full)}, "variant": {s: run(v) for s, v in enumerate(variant)}}
 
 
 def test_paired_difference_and_t_interval():
     full, variant = [1.0, 1.2, 0.9, 1.1, 1.0], [0.8, 1.1, 0.7, 1.0, 0.9]
-    summary = ablations.paired_summary(_runs(full, variant), seeds=list(range(5)))
+    summary = ablations.paired_summary(_runs(full, variant), seeds=list(range(5)),
+                                       metrics=ablations.SHAPE_METRICS)
     cider = summary["variant"]["CIDEr test"]
     differences = [v - f for v, f in zip(variant, full)]  # -0.2, -0.1, -0.2, -0.1, -0.1: paired, tight
     mean = sum(differences) / 5
@@ -31,7 +31,8 @@ def test_paired_difference_and_t_interval():
 
 
 def test_an_interval_across_zero_decides_nothing():
-    summary = ablations.paired_summary(_runs([1.0, 1.2, 0.9], [1.1, 1.0, 1.0]), seeds=[0, 1, 2])
+    summary = ablations.paired_summary(_runs([1.0, 1.2, 0.9], [1.1, 1.0, 1.0]), seeds=[0, 1, 2],
+                                       metrics=ablations.SHAPE_METRICS)
     assert not summary["variant"]["CIDEr test"]["full_better"]
     assert summary["variant"]["CIDEr test"]["difference"]["low"] < 0 < summary["variant"]["CIDEr test"]["difference"]["high"]
 
@@ -43,6 +44,7 @@ def test_sweeps_become_config_overrides_or_train_arguments(tmp_path):
     assert flags["full"] == [] and flags["no memory"] == ["--config-overrides", "use_memory=false"]
     assert flags["num_prototypes=4"] == ["--config-overrides", "num_prototypes=4"]
     assert flags["xe-steps=50"] == ["--xe-steps", "50"]
+    assert ablations.ABLATIONS["XE only"] == ["--scst-steps", "0"]
     assert ablations.parse_sweep("memory_window=20,50") == ("memory_window", ["20", "50"])
     for bad in ("memory_window", "=4", "memory_window=4,"):
         with pytest.raises(ValueError, match="FIELD=V1,V2"):
@@ -53,3 +55,12 @@ def test_missing_demo_outputs_are_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         ablations.parse_args(["--demo-dir", str(tmp_path)])
     assert "run scripts/demo.py first" in capsys.readouterr().err
+
+
+def test_scene_world_ablations_report_every_test_split_and_chair(tmp_path):
+    from modeling_fsgr_pma.data import scenes
+
+    scenes.generate_world(tmp_path, num_images=2, seed=0, image_size=32)
+    metrics = ablations.metrics_of(tmp_path)
+    assert {split for split, _, _ in metrics.values()} == {"test", "test_novel", "test_out_domain"}
+    assert {key for _, key, _ in metrics.values()} >= {"CIDEr", "chair_i", "object_recall", "relation_error_rate"}

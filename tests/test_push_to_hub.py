@@ -59,7 +59,7 @@ def test_dry_run_folder_loads_and_card_validates(trained, tmp_path, monkeypatch)
     values = {result.metric_name: result.metric_value for result in card.data.eval_results}
     assert values == {"CIDEr": 1.25, "Bleu_4": 0.5, "METEOR": 0.3, "ROUGE_L": 0.6}
     assert "trust_remote_code=True" in card.text and "beam size 3" in card.text and "{{" not in card.text
-    assert training_data(str(out)) == push_to_hub.SYNTHETIC_WORLD  # what the CLI and the app say the model knows
+    assert training_data(str(out)) == push_to_hub.SCENE_WORLD  # what the CLI and the app say the model knows
     assert "K-Means refreshed every" in card.text  # the memory row
 
 

@@ -95,6 +95,36 @@ def test_pretraining_targets_name_each_patchs_object_or_background(workspace):
         assert {targets.phrases[i] for i in targets.image_phrases[row]} == expected
 
 
+def test_scene_world_targets_name_categories_colours_and_scene(tmp_path):
+    """Scene world: a patch's phrase is its object's category or the scene type, its colour target the object's
+    colour; the image's positives are its categories and scene type; the loss (with the colour term) is finite."""
+    from modeling_fsgr_pma.data import scenes
+
+    scenes.generate_world(tmp_path, num_images=6, seed=2, image_size=32)
+    config = FsgrPmaConfig(num_concepts=len(scenes.concept_vocabulary()))  # 32 px, patches of 8
+    split = load_caption_split(tmp_path, "train")
+    targets = pretrain_clip.phrase_targets(split, scenes.DOMAIN, config)
+    assert targets.patch_phrases.shape == targets.patch_colours.shape == (6, config.num_patches)
+    for row, (objects, scene) in enumerate(zip(split["objects"], split["scene"])):
+        categories = {o["category"] for o in objects}
+        assert {targets.phrases[i] for i in targets.image_phrases[row]} == categories | {scene["type"]}
+        for phrase, colour in zip(targets.patch_phrases[row].tolist(), targets.patch_colours[row].tolist()):
+            if targets.phrases[phrase] == scene["type"]:
+                assert colour == -1
+            else:
+                assert targets.phrases[phrase] in categories
+                assert (targets.phrases[colour], targets.phrases[phrase]) in {(o["colour"], o["category"]) for o in objects}
+    assert (targets.patch_colours >= 0).any()
+    model = pretrain_clip.TinyClipPretraining(config)
+    tokenizer = pretrain_clip.clip_tokenizer(config.clip_config)
+    pixels = pretrain_clip.pixel_tensor(clip_image_processor(config), split["image"])
+    losses = pretrain_clip.pretraining_loss(model, pixels, tokenizer([c[0] for c in split["captions"]]),
+                                            tokenizer(targets.phrases), targets, open_clip.loss.ClipLoss())
+    assert all(torch.isfinite(value) for value in losses.values())
+    report = pretrain_clip.validation_report(model, tokenizer, pixels, [c[0] for c in split["captions"]], targets)
+    assert set(report) == {"retrieval_top1", "object_patch_category", "object_patch_colour"}
+
+
 def test_codebook_shape_unit_rows_and_names(workspace):
     codebook, names = load_codebook(workspace["codebook"])
     expected_names = [line.strip() for line in VOCABULARY.read_text().splitlines() if line.strip()]

@@ -433,6 +433,32 @@ def test_clip_pretraining_set_holds_the_out_domain_categories():
         make_synthetic.parse_args(["--output-dir", "x", "--domain", "synthetic", "--clip-pretraining"])
 
 
+def test_second_scene_world_holds_an_out_domain_category_in_every_image(tmp_path):
+    world = make_synthetic.main(["--output-dir", str(tmp_path), "--domain", "scenes-b", "--num-images", "12",
+                                 "--seed", "3"])  # fmt: skip
+    assert world["domain"] == "scenes-b" and set(world["counts"]) == {"train", "validation", "test"}
+    rows = read_split(tmp_path, "train")
+    assert all(row["image_id"].startswith("scenes-b-train-") for row in rows)
+    for row in rows:
+        assert {o["category"] for o in row["objects"]} & set(scenes.OUT_DOMAIN), row["image_id"]
+    first_world = [scenes.sample_example("train", i, seed=3)[0] for i in range(12)]
+    assert [row["objects"] for row in rows] != [record["objects"] for record in first_world]
+    with pytest.raises(SystemExit):
+        make_synthetic.parse_args(["--output-dir", "x", "--domain", "scenes-b", "--layout", "coco-karpathy"])
+
+
+def test_scene_patch_owners_follow_the_icons():
+    """`scenes.patch_objects` marks a patch with the object drawn over most of it, and the sky as background."""
+    record, _ = scenes.sample_example("train", 7, seed=11)
+    owners = scenes.patch_objects(record["objects"], 96, 8)
+    assert owners.shape == (64,) and set(owners.tolist()) <= {-1, *range(len(record["objects"]))}
+    for index, obj in enumerate(record["objects"]):
+        if (obj["box"][2] - obj["box"][0]) * 96 >= 24:  # an object of two patches or more shows in its own patch
+            centre = min(int(obj["y"] * 8), 7) * 8 + min(int(obj["x"] * 8), 7)
+            assert owners[centre] in (index, *range(index + 1, len(record["objects"]))), obj
+    assert scenes.patch_objects([], 96, 8).tolist() == [-1] * 64
+
+
 def test_scene_world_in_coco_layout_has_nocaps_domains(tmp_path):
     make_synthetic.main(["--layout", "coco-karpathy", "--output-dir", str(tmp_path), "--num-images", "30",
                          "--image-size", "48", "--num-workers", "1"])  # fmt: skip

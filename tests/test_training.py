@@ -212,6 +212,13 @@ def test_two_processes_refresh_to_identical_prototypes_and_train_without_unused_
         assert torch.equal(value, rank1["params"][name]), name  # DDP kept the replicas in sync
 
 
+@pytest.mark.parametrize("recipe", sorted((ROOT / "configuration/train").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_training_config_plans_with_its_model_preset(recipe, capsys):
+    """Each shipped recipe parses, names a model preset that exists, and prints its plan."""
+    plan = train.main(["--config", str(recipe), "--print-schedule"])
+    assert json.loads(capsys.readouterr().out) == plan and plan["xe_steps"] + plan["scst_steps"] > 0
+
+
 def test_print_schedule_reads_the_recipe_and_the_accelerate_config_only(capsys):
     """No --data, no model: the plan of the COCO recipe on 2 nodes of 8 GPUs, in the papers' units."""
     plan = train.main(["--config", str(ROOT / "configuration/train/coco-vit-b16.yaml"), "--print-schedule",

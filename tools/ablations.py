@@ -6,16 +6,19 @@ Usage (after `scripts/demo.py`, whose world, CLIP, codebook, feature cache and t
     python tools/ablations.py --demo-dir outputs/demo --seeds 0 1 2 --variants full \
         --sweep num_prototypes=4,8,16,32 --output outputs/sweep_prototypes.json
 
-Variants: `full` (the training config as it is), `no memory`, `no FSGR` (the decoder reads projected CLIP patches:
-the interaction layers stay, the language map goes), `no SupCon`, and one per value of each `--sweep FIELD=V1,V2`
+Variants: `full` (the training config as it is), `no memory`, `paper memory` (PMA-Net's attention exactly: no
+learned log-prior, no ramp-in), `no FSGR` (the decoder reads projected CLIP patches: the interaction layers stay, the
+language map goes), `no SupCon`, `XE only` (no SCST steps), and one per value of each `--sweep FIELD=V1,V2`
 (a model config field, set with `train.py --config-overrides`, such as `memory_warmup_steps`, or one of train.py's
 own arguments such as `xe-steps`). Every variant trains once per seed; for a seed, all variants share the world, the CLIP,
 the codebook and the tokenizer, and differ only in what they ablate, so each seed gives one paired difference.
 
 Evaluation runs on a world made once next to the demo's (`DEMO_DIR/ablation-data`): the demo world's own training
-images (the same seed and count, so the feature cache serves), and `--test-images` images in each of `test` and
-`test_novel`. Per run: CIDEr-D, the hallucination rate split into wrong shape / wrong colour / wrong binding, and the
-teacher-forced cross-entropy of the `test_novel` references.
+images (the same seed and count, so the feature cache serves), and `--test-images` images in each test split. Per
+run, on the scene world: CIDEr-D on `test`, `test_novel` and `test_out_domain`, CHAIRi on each, the attribute,
+count and relation error rates and the object recall on `test`; on the shape world (`--domain synthetic`): CIDEr-D,
+the hallucination rate split into wrong shape / wrong colour / wrong binding, and the teacher-forced cross-entropy
+of the `test_novel` references.
 
 Writes `--output` (JSON: every run's metrics, and per variant the mean over seeds and the paired difference from
 `full` with its 95% t-interval) and the same tables as markdown next to it (`.md`). Runs whose metric files exist
@@ -45,8 +48,18 @@ ABLATIONS = {
     "no memory": ["--config-overrides", "use_memory=false"],
     "no FSGR": ["--config-overrides", "use_fsgr=false"],
     "no SupCon": ["--config-overrides", "supcon_weight=0.0"],
+    "paper memory": ["--config-overrides", "memory_prior=false", "memory_ramp_steps=0"],
+    "XE only": ["--scst-steps", "0"],
 }
-METRICS = {  # (split, key in evaluate_captions.py's output, better when)
+SCENE_METRICS = {  # (split, key in evaluate_captions.py's output, better when)
+    **{f"CIDEr {split}": (split, "CIDEr", "higher") for split in ("test", "test_novel", "test_out_domain")},
+    **{f"CHAIRi {split}": (split, "chair_i", "lower") for split in ("test", "test_novel", "test_out_domain")},
+    "attribute errors test": ("test", "attribute_error_rate", "lower"),
+    "count errors test": ("test", "count_error_rate", "lower"),
+    "relation errors test": ("test", "relation_error_rate", "lower"),
+    "object recall test": ("test", "object_recall", "higher"),
+}
+SHAPE_METRICS = {
     "CIDEr test": ("test", "CIDEr", "higher"),
     "CIDEr test_novel": ("test_novel", "CIDEr", "higher"),
     "hallucination test": ("test", "hallucination_rate", "lower"),
@@ -64,12 +77,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo-dir", type=Path, default=Path("outputs/demo"))
     parser.add_argument("--output", type=Path, default=Path("outputs/ablations.json"))
-    parser.add_argument("--train-config", type=Path, default=ROOT / "configuration/train/synthetic.yaml")
+    parser.add_argument("--train-config", type=Path, default=ROOT / "configuration/train/scenes.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--variants", nargs="+", choices=sorted(ABLATIONS), default=list(ABLATIONS))
     parser.add_argument("--sweep", action="append", default=[], metavar="FIELD=V1,V2",
                         help="one variant per value (repeatable)")
-    parser.add_argument("--test-images", type=int, default=1000, help="images in each of test and test_novel")
+    parser.add_argument("--test-images", type=int, default=1000, help="images in each test split")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each gets 2 // jobs threads, at least 1)")
     parser.add_argument("--train-args", default="", help="extra train.py arguments for every run, e.g. '--xe-steps 300'")
     args = parser.parse_args(argv)
@@ -108,8 +121,8 @@ def variant_flags(args: argparse.Namespace) -> dict[str, list[str]]:
 
 
 def ablation_world(demo_dir: Path, test_images: int) -> Path:
-    """The demo's training world with `test_images` images in test and test_novel (made once, then reused)."""
-    from modeling_fsgr_pma.data.synthetic import generate_world
+    """The demo's training world with `test_images` images in each test split (made once, then reused)."""
+    from modeling_fsgr_pma.data import scenes, synthetic
 
     world = json.loads((demo_dir / "data" / "world.json").read_text())
     target = demo_dir / "ablation-data"
@@ -117,16 +130,25 @@ def ablation_world(demo_dir: Path, test_images: int) -> Path:
     if made.is_file() and json.loads(made.read_text())["counts"]["test"] == test_images:
         return target
     train = world["counts"]["train"]
-    fractions = {"validation": world["counts"]["validation"] / train, "test": test_images / train,
-                 "test_novel": test_images / train}
-    generate_world(target, train, world["seed"], world["image_size"], world["domain"], fractions)
+    fractions = {"validation": world["counts"]["validation"] / train} | {
+        split: test_images / train for split in world["counts"] if split.startswith("test")}
+    if world["domain"] == scenes.DOMAIN:
+        scenes.generate_world(target, train, world["seed"], world["image_size"], fractions)
+    else:
+        synthetic.generate_world(target, train, world["seed"], world["image_size"], world["domain"], fractions)
     return target
 
 
+def metrics_of(world: Path) -> dict[str, tuple[str, str, str]]:
+    """The metrics reported for a world: the scene world's or the shape world's."""
+    return SCENE_METRICS if json.loads((world / "world.json").read_text())["domain"] == "scenes" else SHAPE_METRICS
+
+
 def run_variant(args: argparse.Namespace, world: Path, name: str, flags: list[str], seed: int) -> dict:
-    """Train one variant with one seed and evaluate it on test and test_novel (skipped when already done)."""
+    """Train one variant with one seed and evaluate it on the test splits (skipped when already done)."""
     demo, output = args.demo_dir, args.demo_dir / "ablations" / f"seed{seed}" / name.replace(" ", "_")
-    metrics = {split: output / f"metrics_{split}.json" for split in ("test", "test_novel")}
+    splits = sorted({split for split, _, _ in metrics_of(world).values()})
+    metrics = {split: output / f"metrics_{split}.json" for split in splits}
     if all(path.is_file() for path in metrics.values()):
         return {split: json.loads(path.read_text()) for split, path in metrics.items()}
     threads = str(max(1, 2 // args.jobs))
@@ -153,12 +175,12 @@ def _run(command: list[str], env: dict, log: Path) -> None:
         raise RuntimeError(f"{' '.join(command[1:3])} failed with exit status {done.returncode}; see {log}")
 
 
-def paired_summary(runs: dict[str, dict[int, dict]], seeds: list[int]) -> dict:
+def paired_summary(runs: dict[str, dict[int, dict]], seeds: list[int], metrics: dict) -> dict:
     """Per variant and metric: the mean over seeds and, against `full`, the mean paired difference ± a 95% t-interval."""
     summary = {}
     for name, by_seed in runs.items():
         summary[name] = {}
-        for metric, (split, key, better) in METRICS.items():
+        for metric, (split, key, better) in metrics.items():
             values = [by_seed[seed][split][key] for seed in seeds]
             entry = {"mean": statistics.fmean(values), "sd": statistics.stdev(values), "values": values}
             if name != "full":
@@ -173,7 +195,7 @@ def paired_summary(runs: dict[str, dict[int, dict]], seeds: list[int]) -> dict:
 
 def markdown(summary: dict, seeds: list[int]) -> str:
     """Two tables: means over seeds, and each variant minus full with its 95% interval."""
-    names = list(METRICS)
+    names = list(summary["full"])
     means = ["| variant | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     differences = ["| variant − full | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for variant, metrics in summary.items():
@@ -197,12 +219,14 @@ def main(argv: list[str] | None = None) -> dict:
     jobs = [(name, flags, seed) for seed in args.seeds for name, flags in variants.items()]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         results = list(pool.map(lambda job: run_variant(args, world, *job), jobs))
+    metrics = metrics_of(world)
     runs: dict[str, dict[int, dict]] = {}
     for (name, _, seed), result in zip(jobs, results):
         runs.setdefault(name, {})[seed] = {
-            split: {key: metrics[key] for _, key, _ in METRICS.values()} for split, metrics in result.items()
+            split: {key: values[key] for split_, key, _ in metrics.values() if split_ == split}
+            for split, values in result.items()
         }
-    summary = paired_summary(runs, args.seeds)
+    summary = paired_summary(runs, args.seeds, metrics)
     report = {"seeds": args.seeds, "test_images": args.test_images, "train_args": args.train_args,
               "variants": {name: flags for name, flags in variants.items()}, "runs": runs, "summary": summary}
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -1,36 +1,39 @@
-"""Pre-train the synthetic world's tiny open_clip CLIP: captions, object phrases and patch phrases.
+"""Pre-train a synthetic world's tiny open_clip CLIP: captions, object phrases and patch phrases.
 
-Usage (the command that made the shipped `weights/clip-tiny-synthetic.safetensors`):
+Usage (the commands that made the shipped checkpoints; the worlds' seeds are used by no demo):
 
-    python scripts/make_synthetic.py --output-dir outputs/clip-world --num-images 20000 --seed 1000
+    # the scene world's, weights/clip-tiny-scenes.safetensors (out-domain categories included, with their names)
+    python scripts/make_synthetic.py --clip-pretraining --output-dir outputs/clip-scenes --num-images 12000 --seed 1000
+    python tools/pretrain_clip.py --data outputs/clip-scenes --model-config configuration/model/tiny-scenes.json \
+        --epochs 20 --batch-size 64 --output weights/clip-tiny-scenes.safetensors
+
+    # the shape world's, weights/clip-tiny-synthetic.safetensors
+    python scripts/make_synthetic.py --domain synthetic --output-dir outputs/clip-world --num-images 20000 --seed 1000
     python tools/pretrain_clip.py --data outputs/clip-world --model-config configuration/model/tiny.json \
         --epochs 14 --batch-size 64 --output weights/clip-tiny-synthetic.safetensors
 
-(4,368 steps; 70 min on one thread of a 2-core machine. The world has seed 1000: none of its images is in a demo
-world.)
-
-Only for the bundled synthetic world: real data starts from OpenAI's weights (`--clip-pretrained openai`). The
+Only for the bundled synthetic worlds: real data starts from OpenAI's weights (`--clip-pretrained openai`). The
 checkpoint is an open_clip state dict in safetensors (float16), which `open_clip.load_checkpoint`, and so the
 training scripts' `--clip-pretrained PATH`, read as they are.
 
 Each step minimises three contrastive terms, all through open_clip's CLIP (its text tower encodes every caption and
-phrase; phrases are concept names of `modeling_fsgr_pma.data.synthetic.concept_vocabulary`, "red circle", "grey
-background"):
+phrase; phrases are the world's concept names: the scene world's categories, colours, patterns and scene types
+(`modeling_fsgr_pma.data.scenes.concept_vocabulary`), the shape world's "red circle" and "grey background"):
 
 1. **captions**: open_clip's `ClipLoss` between each image and one of its reference captions;
-2. **objects**: the image embedding against the phrases of the batch, the image's own objects and background the
-   (equally weighted) positives;
+2. **objects**: the image embedding against the phrases of the batch, the image's own objects (categories) and
+   background (scene type) the (equally weighted) positives;
 3. **patches**: each patch's MaskCLIP dense embedding (the path the captioner's concept assignment reads,
    `FsgrPmaVisionTower.dense_embeddings`), and its token at the tower's output projected the same way, against the
-   same phrases, the positive being the object the patch shows (`synthetic.patch_objects`) or else the image's
-   background; object and background patches are averaged apart and weigh the same (most patches are background,
-   and easy).
+   same phrases, the positive being the object the patch shows (`scenes.patch_objects`, `synthetic.patch_objects`)
+   or else the image's background; object and background patches are averaged apart and weigh the same (most
+   patches are background, and easy). In the scene world an object patch also picks its colour among the colours.
 
 Terms 2 and 3 stand in for what 400M web pairs give OpenAI's CLIP: an image embedding that ranks the concepts in
-the image, and dense embeddings that name what each patch shows. The held-out colour–shape pairs never occur in
-`train`, so the text tower first meets their phrases when the codebook is built. The log ends with validation
-image→caption retrieval and the share of object patches whose dense argmax over the whole vocabulary names the
-object, its shape and its colour.
+the image, and dense embeddings that name what each patch shows. The pre-training world holds the scene world's
+out-domain categories (`--clip-pretraining`), as OpenAI's CLIP has seen nocaps' out-domain classes; the held-out
+combinations of `test_novel` never occur in it. The log ends with validation image→caption retrieval and the share
+of object patches whose dense argmax names the object's category (shape) and colour.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ from modeling_fsgr_pma.training.clip_backbone import build_clip, clip_tokenizer
 from modeling_fsgr_pma.data.captions import load_caption_split, to_rgb
 from modeling_fsgr_pma.modeling_fsgr_pma import FsgrPmaVisionTower
 from modeling_fsgr_pma.processing_fsgr_pma import clip_image_processor
+from modeling_fsgr_pma.data import scenes
 from modeling_fsgr_pma.data.synthetic import background_concept, concept_vocabulary, object_concept, patch_objects
 
 logger = logging.getLogger(__name__)
@@ -92,15 +96,30 @@ class PhraseTargets:
         phrases: concept names; the text tower's prompts are the names themselves.
         image_phrases: per image, its objects' and its background's phrase indices.
         patch_phrases: `(N, n_patches)` the phrase of the object each patch shows, or of the image's background.
+        patch_colours: `(N, n_patches)` the colour phrase of the object a patch shows, -1 on background (and
+            everywhere in the shape world, whose object phrases name the colour already).
+        colour_phrases: `(C,)` indices of the colour phrases (empty in the shape world).
+        background_phrases: `(P,)` True for the phrases that name a background (a tone, a scene type).
     """
 
     phrases: list[str]
     image_phrases: list[list[int]]
     patch_phrases: torch.Tensor
+    patch_colours: torch.Tensor
+    colour_phrases: torch.Tensor
+    background_phrases: torch.Tensor
+
+    def head(self, count: int) -> PhraseTargets:
+        """The targets of the first `count` images."""
+        return PhraseTargets(self.phrases, self.image_phrases[:count], self.patch_phrases[:count],
+                             self.patch_colours[:count], self.colour_phrases, self.background_phrases)
 
 
 def phrase_targets(split, domain: str, config: FsgrPmaConfig) -> PhraseTargets:
-    """The phrase targets of a loaded synthetic split (it needs the `objects` and `background` columns)."""
+    """The phrase targets of a loaded synthetic split: the shape world's "colour shape" and "tone background"
+    phrases, or the scene world's category, colour and scene-type names."""
+    if domain == scenes.DOMAIN:
+        return _scene_targets(split, config)
     if not {"objects", "background"} <= set(split.column_names):
         raise ValueError("pre-training needs a synthetic world (`objects` and `background` columns); make one with "
                          "scripts/make_synthetic.py")
@@ -113,7 +132,27 @@ def phrase_targets(split, domain: str, config: FsgrPmaConfig) -> PhraseTargets:
         owners = patch_objects(objects, config.image_size, config.grid_size)  # (n,), -1 = background
         patch_phrases.append([object_ids[owner] if owner >= 0 else background_id for owner in owners])
         image_phrases.append(sorted(set(object_ids)) + [background_id])
-    return PhraseTargets(phrases, image_phrases, torch.tensor(patch_phrases))
+    patch_phrases = torch.tensor(patch_phrases)
+    return PhraseTargets(phrases, image_phrases, patch_phrases, torch.full_like(patch_phrases, -1),
+                         torch.zeros(0, dtype=torch.long),
+                         torch.tensor([phrase.endswith(" background") for phrase in phrases]))
+
+
+def _scene_targets(split, config: FsgrPmaConfig) -> PhraseTargets:
+    """Scene world: an image's positives are its categories and its scene type; a patch's phrase is the category of
+    the object it shows (`scenes.patch_objects`), else the scene type, and an object patch also has its colour."""
+    phrases = scenes.concept_vocabulary()
+    index = {phrase: i for i, phrase in enumerate(phrases)}
+    image_phrases, patch_phrases, patch_colours = [], [], []
+    for objects, scene in zip(split["objects"], split["scene"]):
+        scene_id = index[scene["type"]]
+        owners = scenes.patch_objects(objects, config.image_size, config.grid_size)  # (n,), -1 = background
+        patch_phrases.append([index[objects[o]["category"]] if o >= 0 else scene_id for o in owners])
+        patch_colours.append([index[objects[o]["colour"]] if o >= 0 else -1 for o in owners])
+        image_phrases.append(sorted({index[o["category"]] for o in objects}) + [scene_id])
+    return PhraseTargets(phrases, image_phrases, torch.tensor(patch_phrases), torch.tensor(patch_colours),
+                         torch.tensor([index[colour] for colour in scenes.COLOURS]),
+                         torch.tensor([phrase in scenes.SCENE_TYPES for phrase in phrases]))
 
 
 class TinyClipPretraining(torch.nn.Module):
@@ -141,19 +180,18 @@ def pretraining_loss(
     pixels: torch.Tensor,
     caption_tokens: torch.Tensor,
     phrase_tokens: torch.Tensor,
-    image_phrases: list[list[int]],
-    patch_phrases: torch.Tensor,
-    background_phrases: torch.Tensor,
+    targets: PhraseTargets,
     clip_loss: ClipLoss,
 ) -> dict[str, torch.Tensor]:
-    """The three terms for one batch of B images (see the module docstring).
+    """The terms for one batch of B images (see the module docstring).
 
     Args:
         pixels: `(B, 3, H, W)`; caption_tokens: `(B, context)`, one caption per image; phrase_tokens: `(P, context)`
-            every phrase of the vocabulary; image_phrases: per image, its phrase indices; patch_phrases: `(B, n)`;
-            background_phrases: `(P,)` True for the background phrases.
+            every phrase of the vocabulary; targets: the batch's own (B images).
     """
-    used = sorted({i for ids in image_phrases for i in ids} | set(patch_phrases.unique().tolist()))
+    patch_phrases, patch_colours = targets.patch_phrases, targets.patch_colours  # (B, n), (B, n)
+    used = sorted({i for ids in targets.image_phrases for i in ids} | set(patch_phrases.unique().tolist())
+                  | set(targets.colour_phrases.tolist()))
     position = torch.full((len(phrase_tokens),), -1, dtype=torch.long)
     position[used] = torch.arange(len(used))
     text = model.encode_text(torch.cat([caption_tokens, phrase_tokens[used]]))  # (B + U, d)
@@ -162,15 +200,22 @@ def pretraining_loss(
     scale = model.clip.logit_scale.exp()
 
     positives = torch.zeros(len(image), len(used))  # (B, U)
-    for row, ids in enumerate(image_phrases):
+    for row, ids in enumerate(targets.image_phrases):
         positives[row, position[ids]] = 1.0 / len(ids)
     objects = -(positives * F.log_softmax(scale * image @ phrases.T, dim=-1)).sum(1).mean()
-    on_background = background_phrases[patch_phrases].flatten()  # (B * n,)
+    on_background = targets.background_phrases[patch_phrases].flatten()  # (B * n,)
+    coloured = (patch_colours >= 0).flatten()  # (B * n,)
+    colours = phrases[position[targets.colour_phrases]]  # (C, d)
+    colour_index = torch.full((len(phrase_tokens),), -1, dtype=torch.long)
+    colour_index[targets.colour_phrases] = torch.arange(len(targets.colour_phrases))
     patches = 0.0
     for embeddings in (dense, tokens):
-        losses = F.cross_entropy((scale * embeddings @ phrases.T).flatten(0, 1), position[patch_phrases].flatten(),
-                                 reduction="none")  # (B * n,)
+        logits = (scale * embeddings @ phrases.T).flatten(0, 1)  # (B * n, U)
+        losses = F.cross_entropy(logits, position[patch_phrases].flatten(), reduction="none")  # (B * n,)
         patches = patches + sum(losses[part].mean() for part in (on_background, ~on_background) if part.any())
+        if coloured.any():  # scene world: an object patch also names its colour among the colours
+            colour_logits = scale * embeddings.flatten(0, 1)[coloured] @ colours.T  # (K, C)
+            patches = patches + F.cross_entropy(colour_logits, colour_index[patch_colours.flatten()[coloured]])
     return {"captions": clip_loss(image, captions, scale), "objects": objects, "patches": patches}
 
 
@@ -182,31 +227,33 @@ def validation_report(
     captions: list[str],
     targets: PhraseTargets,
 ) -> dict[str, float]:
-    """Image→caption top-1 retrieval, and how often an object patch's dense argmax (over every phrase) is right.
+    """Image→caption top-1 retrieval, and how often an object patch's dense argmax is right.
 
-    A patch's phrase is right when it is the object's; `shape` and `colour` count a phrase that names the object's
-    shape (colour) whatever its other word. An identical caption text counts as a retrieval hit.
+    Shape world: over every phrase, `phrase` counts the object's own phrase, `shape` and `colour` a phrase that names
+    its shape (colour) whatever its other word. Scene world: `category` counts the argmax over every phrase naming
+    the object's category, `colour` the argmax over the colour phrases naming its colour. An identical caption text
+    counts as a retrieval hit.
     """
     model.eval()
     image, dense, _ = model.encode_image(pixels)  # (N, d), (N, n, d)
     text = model.encode_text(tokenizer(captions))  # (N, d)
     retrieved = (image @ text.T).argmax(1).tolist()
     phrases = model.encode_text(tokenizer(targets.phrases))  # (P, d)
-    predicted = (dense @ phrases.T).argmax(-1)  # (N, n)
-    background = {i for i, phrase in enumerate(targets.phrases) if phrase.endswith(" background")}
-    hits = {"phrase": [], "shape": [], "colour": []}
-    for row in range(len(pixels)):
-        for patch, truth in enumerate(targets.patch_phrases[row].tolist()):
-            if truth in background:
-                continue
-            truth_colour, truth_shape = targets.phrases[truth].split(" ")
-            guess = targets.phrases[int(predicted[row, patch])].split(" ")
-            hits["phrase"].append(int(predicted[row, patch]) == truth)
-            hits["shape"].append(guess[-1] == truth_shape)
-            hits["colour"].append(guess[0] == truth_colour)
+    similarity = dense @ phrases.T  # (N, n, P)
+    predicted = similarity.argmax(-1)  # (N, n)
+    objects = ~targets.background_phrases[targets.patch_phrases]  # (N, n)
+    truth, guess = targets.patch_phrases[objects], predicted[objects]  # (K,), (K,)
+    if len(targets.colour_phrases):
+        colour_guess = targets.colour_phrases[similarity[..., targets.colour_phrases].argmax(-1)]  # (N, n)
+        hits = {"category": truth == guess, "colour": targets.patch_colours[objects] == colour_guess[objects]}
+    else:
+        words = [phrase.split(" ") for phrase in targets.phrases]
+        pairs = list(zip(truth.tolist(), guess.tolist()))
+        hits = {"phrase": truth == guess, "shape": torch.tensor([words[t][-1] == words[g][-1] for t, g in pairs]),
+                "colour": torch.tensor([words[t][0] == words[g][0] for t, g in pairs])}
     model.train()
     report = {"retrieval_top1": sum(captions[j] == captions[i] for i, j in enumerate(retrieved)) / len(captions)}
-    return report | {f"object_patch_{name}": float(np.mean(values)) for name, values in hits.items()}
+    return report | {f"object_patch_{name}": values.float().mean().item() for name, values in hits.items()}
 
 
 def pixel_tensor(image_processor, images) -> torch.Tensor:
@@ -230,7 +277,6 @@ def main(argv: list[str] | None = None) -> dict:
     pixels = pixel_tensor(image_processor, train["image"])  # (N, 3, H, W), preprocessed once
     captions = [tokenizer(list(refs)) for refs in train["captions"]]  # per image (refs, context)
     phrase_tokens = tokenizer(targets.phrases)  # (P, context)
-    background_phrases = torch.tensor([phrase.endswith(" background") for phrase in targets.phrases])  # (P,)
 
     steps_per_epoch = len(train) // args.batch_size
     total_steps = args.epochs * steps_per_epoch
@@ -248,18 +294,19 @@ def main(argv: list[str] | None = None) -> dict:
         for step in tqdm(range(steps_per_epoch), desc=f"epoch {epoch}", leave=False):
             index = order[step * args.batch_size : (step + 1) * args.batch_size]
             texts = torch.stack([captions[i][rng.integers(len(captions[i]))] for i in index])  # (B, context)
-            losses = pretraining_loss(
-                model, pixels[index], texts, phrase_tokens, [targets.image_phrases[i] for i in index],
-                targets.patch_phrases[index], background_phrases, clip_loss,
+            batch_targets = PhraseTargets(
+                targets.phrases, [targets.image_phrases[i] for i in index], targets.patch_phrases[index],
+                targets.patch_colours[index], targets.colour_phrases, targets.background_phrases,
             )
+            losses = pretraining_loss(model, pixels[index], texts, phrase_tokens, batch_targets, clip_loss)
             sum(losses.values()).backward()
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + value.item() / steps_per_epoch
-        few = PhraseTargets(validation_targets.phrases, [], validation_targets.patch_phrases[:256])
-        progress = validation_report(model, tokenizer, validation_pixels[:256], validation_captions[:256], few)
+        progress = validation_report(model, tokenizer, validation_pixels[:256], validation_captions[:256],
+                                     validation_targets.head(256))
         logger.info(
             "epoch %d: %s; on 256 validation images %s (%.0f s elapsed)", epoch,
             ", ".join(f"{k} loss {v:.3f}" for k, v in sums.items()),

@@ -1,4 +1,4 @@
-"""What the vision side sees: linear probes of shape and colour, and whether the FSGR concepts name the objects.
+"""What the vision side sees: linear probes of category and colour, and whether the FSGR concepts name the objects.
 
 Usage (after `scripts/demo.py`; without `--model`, the CLIP alone, its LoRA untrained):
 
@@ -7,25 +7,25 @@ Usage (after `scripts/demo.py`; without `--model`, the CLIP alone, its LoRA untr
 
 Linear probes: for every object of a synthetic-world image, the features of the 3×3 patches around the patch that
 holds its centre are concatenated, and a multinomial logistic regression (standardised features, L2 penalty,
-L-BFGS) fitted on the objects of `--fit-split` predicts its shape and its colour on the objects of each `--splits`
-entry. Probed points, from the input upwards:
+L-BFGS) fitted on the objects of `--fit-split` predicts its category (the scene world's category, the shape world's
+shape) and its colour on the objects of each `--splits` entry. Probed points, from the input upwards:
 
 - `frozen_blocks`: the output of the blocks below `lora_first_block` (what the feature cache stores);
 - `pretrained_tower`: the tower's patch tokens (after `ln_post`) with the pre-trained CLIP weights;
 - `adapted_tower`: the same with the trained captioner's tower (its LoRA merged), with `--model`;
 - `encoder_output`: the visual memory Z the decoder cross-attends to (after the FSGR interaction layers).
 
-FSGR concept path, per object (a concept is named "colour shape" or "tone background"):
+FSGR concept path, per object (a concept names a category, a colour, a pattern or a scene type in the scene world;
+"colour shape" or "tone background" in the shape world):
 
-- `topk_has_shape` / `topk_has_object`: one of the image's `concept_top_k` pre-selected concepts names the object's
-  shape / is the object's concept;
-- `dense_argmax_shape` / `dense_argmax_colour`: the pseudo-label of the object's centre patch (the frozen tower's
-  dense embedding's argmax over the whole codebook, as SupCon uses it) names its shape / colour;
-- `assigned_shape` / `assigned_colour`: the concept the quantiser assigns to that patch (argmax among the
-  pre-selected; the trained tower with `--model`).
+- `topk_has_category`: one of the image's `concept_top_k` pre-selected concepts names the object's category;
+- `dense_argmax_category`: the pseudo-label of the object's centre patch (the frozen tower's dense embedding's
+  argmax over the whole codebook, as SupCon uses it) names its category;
+- `assigned_category`: the concept the quantiser assigns to that patch (argmax among the pre-selected; the trained
+  tower with `--model`) names its category.
 
-Writes one JSON with every figure per split, the objects counted, and the goals of issue 11 (shape ≥ 0.90 and colour
-≥ 0.95 at every probed point; top-k shape ≥ 0.90; dense argmax shape ≥ 0.70 and colour ≥ 0.90).
+Writes one JSON with every figure per split, the objects counted, and the goals: category ≥ 0.90 and colour ≥ 0.95
+for the probes of the tower; top-k category ≥ 0.90; dense argmax category ≥ 0.70.
 """
 
 from __future__ import annotations
@@ -41,14 +41,14 @@ from tqdm.auto import tqdm
 
 from modeling_fsgr_pma import FsgrPmaConfig, FsgrPmaForConditionalGeneration
 from modeling_fsgr_pma.training.clip_backbone import load_codebook, load_pretrained_clip
+from modeling_fsgr_pma.data import scenes
 from modeling_fsgr_pma.data.captions import load_caption_split, to_rgb
 from modeling_fsgr_pma.cli.loading import load_pretrained
 from modeling_fsgr_pma.processing_fsgr_pma import clip_image_processor
 
 logger = logging.getLogger(__name__)
 
-GOALS = {"probe_shape": 0.90, "probe_colour": 0.95, "topk_has_shape": 0.90, "dense_argmax_shape": 0.70,
-         "dense_argmax_colour": 0.90}
+GOALS = {"probe_category": 0.90, "probe_colour": 0.95, "topk_has_category": 0.90, "dense_argmax_category": 0.70}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -104,13 +104,24 @@ def neighbourhood(features: torch.Tensor, centre: int, grid: int) -> torch.Tenso
     return features[[r * grid + c for r in rows for c in columns]].flatten()
 
 
+def object_category(obj: dict) -> str:
+    """The scene world's category, or the shape world's shape."""
+    return obj["category"] if "category" in obj else obj["shape"]
+
+
+def names_category(concept: str, category: str, scene_world: bool) -> bool:
+    """Whether a concept names the category: the scene world's own word ("pine tree" is not a "tree"), the shape
+    world's "colour shape"."""
+    return concept == category if scene_world else concept.split(" ")[-1] == category
+
+
 @torch.no_grad()
-def describe_split(models: dict, data, processor, batch_size: int = 100) -> dict:
-    """Per object: its shape, colour, neighbourhood features at every probed point, and its concept-path facts."""
+def describe_split(models: dict, data, processor, scene_world: bool, batch_size: int = 100) -> dict:
+    """Per object: its category, colour, neighbourhood features at every probed point, and its concept-path facts."""
     config = models["pretrained"].config
     grid, n = config.grid_size, config.num_patches
-    names = [name.split(" ") for name in config.concept_names]  # ["red", "circle"] or ["grey", "background"]
-    rows = {"shape": [], "colour": [], "features": {}, "concepts": {}}
+    names = config.concept_names
+    rows = {"category": [], "colour": [], "features": {}, "concepts": {}}
     for start in tqdm(range(0, len(data), batch_size), desc="probing", leave=False):
         batch = data[start : start + batch_size]
         pixels = processor([to_rgb(image) for image in batch["image"]], return_tensors="pt")["pixel_values"]
@@ -131,7 +142,8 @@ def describe_split(models: dict, data, processor, batch_size: int = 100) -> dict
             points["encoder_output"] = memory  # the trained model's, when there is one (it comes last)
         for image, objects in enumerate(batch["objects"]):
             for obj, centre in zip(objects, centre_patches(objects, grid)):
-                rows["shape"].append(obj["shape"])
+                category = object_category(obj)
+                rows["category"].append(category)
                 rows["colour"].append(obj["colour"])
                 for point, features in points.items():
                     rows["features"].setdefault(point, []).append(neighbourhood(features[image], centre, grid))
@@ -139,12 +151,9 @@ def describe_split(models: dict, data, processor, batch_size: int = 100) -> dict
                     top = [names[int(i)] for i in selected[image]]
                     dense, quantised = names[int(labels[image, centre])], names[int(assigned[image, centre])]
                     checks = {
-                        "topk_has_shape": any(name[-1] == obj["shape"] for name in top),
-                        "topk_has_object": [obj["colour"], obj["shape"]] in top,
-                        "dense_argmax_shape": dense[-1] == obj["shape"],
-                        "dense_argmax_colour": dense[0] == obj["colour"],
-                        "assigned_shape": quantised[-1] == obj["shape"],
-                        "assigned_colour": quantised[0] == obj["colour"],
+                        "topk_has_category": any(names_category(name, category, scene_world) for name in top),
+                        "dense_argmax_category": names_category(dense, category, scene_world),
+                        "assigned_category": names_category(quantised, category, scene_world),
                     }
                     for key, hit in checks.items():
                         rows["concepts"].setdefault(which, {}).setdefault(key, []).append(hit)
@@ -191,16 +200,17 @@ def main(argv: list[str] | None = None) -> dict:
             raise ValueError(f"{args.data} has no object centres: regenerate it with scripts/make_synthetic.py")
         return data.select(range(min(limit, len(data))))
 
-    fitted = describe_split(models, load(args.fit_split, args.fit_images), processor)
+    scene_world = json.loads((Path(args.data) / "world.json").read_text())["domain"] == scenes.DOMAIN
+    fitted = describe_split(models, load(args.fit_split, args.fit_images), processor, scene_world)
     probes = {
         (point, attribute): fit_probe(features, fitted[attribute])
         for point, features in fitted["features"].items()
-        for attribute in ("shape", "colour")
+        for attribute in ("category", "colour")
     }
-    report = {"fit": {"split": args.fit_split, "objects": len(fitted["shape"])}, "goals": GOALS, "splits": {}}
+    report = {"fit": {"split": args.fit_split, "objects": len(fitted["category"])}, "goals": GOALS, "splits": {}}
     for split in args.splits:
-        rows = describe_split(models, load(split, args.max_images), processor)
-        result = {"objects": len(rows["shape"]), "probes": {}, "concepts": {}}
+        rows = describe_split(models, load(split, args.max_images), processor, scene_world)
+        result = {"objects": len(rows["category"]), "probes": {}, "concepts": {}}
         for (point, attribute), probe in probes.items():
             accuracy = probe_accuracy(probe, rows["features"][point], rows[attribute])
             result["probes"].setdefault(point, {})[attribute] = round(accuracy, 4)

@@ -95,7 +95,7 @@ def training_data(model: str, revision: str | None = None) -> str:
     The card is `README.md` in the model directory or Hub repo (`scripts/push_to_hub.py` and `scripts/demo.py`
     write it from `model_cards/fsgr_pma.md`); without one, or without that section, the card's `datasets:` metadata,
     else `UNKNOWN_TRAINING_DATA`. The CLI prints it first and the web app shows it in its header, so that a user who
-    captions a photo with a model of the synthetic world is told why the caption names shapes.
+    captions a photo with a model of the scene world is told why the caption names its icons and scenes.
     """
     from huggingface_hub import ModelCard, hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError

@@ -12,7 +12,7 @@ Usage:
 
 `caption` first prints (on stderr) what the model was trained on, from its model card (`README.md`, the "Training
 data" section; `modeling_fsgr_pma.cli.loading.training_data`): a model only names what its training data shows, so
-the demo model of the synthetic world describes any photo with shapes. It loads the model with
+the demo model of the scene world describes any photo with its icons and scenes. It loads the model with
 `AutoModel.from_pretrained(model, revision=..., trust_remote_code=True)` and the processor with `AutoProcessor`
 (same arguments), expands directories (sorted, non-recursive; extensions .png .jpg .jpeg .bmp .gif .webp .tif
 .tiff), applies EXIF orientation, converts every image to RGB and captions the good ones in batches, with the
@@ -92,8 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
         "caption",
         help="caption images",
         description="Caption image files and directories of images; one output line per file, in input order. "
-        "A model names only what its training data shows (the demo model: the synthetic world of shapes, so a photo "
-        "gets a caption made of shapes); the first line, on stderr, says what the loaded model was trained on, "
+        "A model names only what its training data shows (the demo model: the synthetic scene world, so a photo "
+        "gets a caption made of its categories and scenes); the first line, on stderr, says what the loaded model was trained on, "
         "from its model card (README.md, section 'Training data').",
     )
     caption.add_argument("--model", required=True, metavar="DIR_OR_REPO", help="a saved model directory or Hub id")

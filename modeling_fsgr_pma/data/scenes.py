@@ -20,6 +20,8 @@ Splits: `train`, `validation`, `test` (in-distribution); `test_novel` (every ima
 category–scene combination that never occurs in the other splits: nocaps' near-domain); `test_out_domain` (every image
 holds one of six categories that never occur in the other splits, but are in the concept vocabulary: nocaps'
 out-domain). `pretraining=True` lets the out-domain categories into `train`, for the tiny CLIP's pre-training set.
+The second world, `scenes-b` (`DOMAIN_B`, splits `train`, `validation`, `test`), is a new domain for fine-tuning: every
+image holds one of the out-domain categories among in-domain context, as `test_out_domain` does.
 Everything is deterministic for a seed.
 """
 
@@ -42,6 +44,7 @@ from modeling_fsgr_pma.evaluation.metrics import TokenizedCiderD
 logger = logging.getLogger(__name__)
 
 DOMAIN = "scenes"
+DOMAIN_B = "scenes-b"  # the second scene world, for domain transfer: every image holds an out-domain category
 SPLITS = ("train", "validation", "test", "test_novel", "test_out_domain")
 DEFAULT_SPLIT_FRACTIONS = {"validation": 0.1, "test": 0.1, "test_novel": 0.1, "test_out_domain": 0.1}
 DEFAULT_IMAGE_SIZE = 96
@@ -744,6 +747,33 @@ def render_scene(record: dict, image_size: int, rng: np.random.Generator) -> PIL
     return canvas.resize((image_size, image_size), PILImage.LANCZOS)
 
 
+def patch_objects(objects: list[dict], image_size: int, grid_size: int, min_cover: float = 0.25) -> np.ndarray:
+    """Which object each patch of a `grid_size`² grid shows: `(grid_size**2,)` object indices, -1 for background.
+
+    The icons' own silhouettes (flip and tilt as `render_scene` draws them, later objects over earlier ones) are
+    rasterised at `image_size`; a patch shows the object that covers most of its pixels, when that object covers at
+    least `min_cover` of them.
+    """
+    owner = np.full((image_size, image_size), -1, dtype=np.int64)
+    for index, obj in enumerate(objects):
+        x0, y0, x1, y1 = (round(v * image_size) for v in obj["box"])
+        tile = render_icon(obj["category"], (0, 0, 0), "plain", max(4, x1 - x0))
+        if obj["flip"]:
+            tile = tile.transpose(PILImage.FLIP_LEFT_RIGHT)
+        alpha = np.asarray(tile.rotate(obj["tilt"], resample=PILImage.BICUBIC).getchannel("A")) > 127  # (s, s)
+        rows, cols = np.nonzero(alpha)
+        rows, cols = rows + y0, cols + x0
+        inside = (rows >= 0) & (rows < image_size) & (cols >= 0) & (cols < image_size)
+        owner[rows[inside], cols[inside]] = index
+    patch = image_size // grid_size
+    cells = owner[: patch * grid_size, : patch * grid_size].reshape(grid_size, patch, grid_size, patch)
+    cells = cells.transpose(0, 2, 1, 3).reshape(grid_size**2, patch * patch)  # (n, pixels per patch)
+    if not objects:
+        return np.full(grid_size**2, -1, dtype=np.int64)
+    cover = np.stack([(cells == index).mean(1) for index in range(len(objects))], 1)  # (n, objects)
+    return np.where(cover.max(1) >= min_cover, cover.argmax(1), -1)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Captions: a grammar of sixteen structures over the ground truth
 @dataclass
@@ -972,32 +1002,36 @@ FEATURES = Features({
 })  # fmt: skip
 
 
-def sample_example(split: str, index: int, seed: int, pretraining: bool = False) -> tuple[dict, np.random.Generator]:
+def sample_example(
+    split: str, index: int, seed: int, pretraining: bool = False, domain: str = DOMAIN
+) -> tuple[dict, np.random.Generator]:
     """The scene of image `index` of `split` and its generator, seeded by (seed, split, index), for rendering and
-    captioning next."""
+    captioning next. In `DOMAIN_B` every split's images are drawn as `test_out_domain`'s are."""
     if split not in SPLITS:
         raise ValueError(f"Unknown split {split!r}; choose one of {SPLITS}")
-    rng = np.random.default_rng([seed, SPLITS.index(split), index, 25])
-    return sample_scene(rng, split, index, pretraining), rng
+    rng = np.random.default_rng([seed, SPLITS.index(split), index, 25 if domain == DOMAIN else 26])
+    return sample_scene(rng, "test_out_domain" if domain == DOMAIN_B else split, index, pretraining), rng
 
 
 def render_example(
-    split: str, index: int, seed: int, image_size: int, pretraining: bool = False
+    split: str, index: int, seed: int, image_size: int, pretraining: bool = False, domain: str = DOMAIN
 ) -> tuple[PILImage.Image, list[str], dict]:
     """Image, five captions and ground truth of one example."""
-    record, rng = sample_example(split, index, seed, pretraining)
+    record, rng = sample_example(split, index, seed, pretraining, domain)
     image = render_scene(record, image_size, rng)
     return image, make_captions(record, rng), record
 
 
-def generate_split(split: str, count: int, seed: int, image_size: int, pretraining: bool = False) -> Dataset:
+def generate_split(
+    split: str, count: int, seed: int, image_size: int, pretraining: bool = False, domain: str = DOMAIN
+) -> Dataset:
     """Render `count` images of `split`; image i draws from its own generator seeded by (seed, split, i)."""
     records = {name: [] for name in FEATURES}
     for i in tqdm(range(count), desc=f"rendering {split}", disable=count < 500, leave=False):
-        image, captions, record = render_example(split, i, seed, image_size, pretraining)
+        image, captions, record = render_example(split, i, seed, image_size, pretraining, domain)
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
-        records["image_id"].append(f"{DOMAIN}-{split}-{seed}-{i:06d}")
+        records["image_id"].append(f"{domain}-{split}-{seed}-{i:06d}")
         records["image"].append({"bytes": buffer.getvalue(), "path": None})
         records["captions"].append(captions)
         records["objects"].append(record["objects"])
@@ -1006,10 +1040,10 @@ def generate_split(split: str, count: int, seed: int, image_size: int, pretraini
     return Dataset.from_dict(records, features=FEATURES)
 
 
-def world_info(seed: int, image_size: int, counts: dict, pretraining: bool = False) -> dict:
+def world_info(seed: int, image_size: int, counts: dict, pretraining: bool = False, domain: str = DOMAIN) -> dict:
     """The content of `world.json`."""
     return {
-        "domain": DOMAIN, "seed": seed, "image_size": image_size, "counts": counts, "pretraining": pretraining,
+        "domain": domain, "seed": seed, "image_size": image_size, "counts": counts, "pretraining": pretraining,
         "categories": list(IN_DOMAIN), "out_domain_categories": list(OUT_DOMAIN), "scene_types": list(SCENE_TYPES),
         "colours": list(COLOURS), "sizes": list(SIZES), "patterns": list(PATTERNS), "relations": list(RELATIONS),
         "held_out_colours": [list(pair) for pair in HELD_OUT_COLOURS],
@@ -1024,6 +1058,7 @@ def generate_world(
     image_size: int = DEFAULT_IMAGE_SIZE,
     split_fractions: dict[str, float] | None = None,
     pretraining: bool = False,
+    domain: str = DOMAIN,
 ) -> dict:
     """Write the world: `output_dir/data/{split}-00000-of-00001.parquet` per split and `world.json`.
 
@@ -1034,19 +1069,24 @@ def generate_world(
         image_size: side of the square images in pixels.
         split_fractions: see `split_sizes`.
         pretraining: let the out-domain categories into `train` (the tiny CLIP's pre-training set only).
+        domain: `DOMAIN`, or `DOMAIN_B` (splits `train`, `validation`, `test`; every image an out-domain category).
 
     Returns:
         The content of `world.json`.
     """
     if num_images < 1:
         raise ValueError(f"num_images must be positive, got {num_images}")
+    if domain not in (DOMAIN, DOMAIN_B) or (pretraining and domain == DOMAIN_B):
+        raise ValueError(f"domain must be {DOMAIN!r} or {DOMAIN_B!r} (without pretraining), got {domain!r}")
     output_dir = Path(output_dir)
     (output_dir / "data").mkdir(parents=True, exist_ok=True)
     counts = split_sizes(num_images, split_fractions)
+    if domain == DOMAIN_B:
+        counts = {split: count for split, count in counts.items() if split in ("train", "validation", "test")}
     for split, count in counts.items():
         path = output_dir / "data" / f"{split}-00000-of-00001.parquet"
-        generate_split(split, count, seed, image_size, pretraining).to_parquet(str(path))
+        generate_split(split, count, seed, image_size, pretraining, domain).to_parquet(str(path))
         logger.info("wrote %d %s images to %s", count, split, path)
-    world = world_info(seed, image_size, counts, pretraining)
+    world = world_info(seed, image_size, counts, pretraining, domain)
     (output_dir / "world.json").write_text(json.dumps(world, indent=2))
     return world
