@@ -2,8 +2,8 @@
 
 Usage:
 
-    python tools/benchmark.py --preset vit-b16 --output outputs/benchmark_b16.json   # the goals, about 5 min
-    python tools/benchmark.py --output outputs/benchmark.json                         # tiny regression guards
+    python tools/benchmark.py --preset vit-b16 --output outputs/benchmark_b16.json   # the goals, about 4 min
+    python tools/benchmark.py --output outputs/benchmark.json                         # tiny guards, about 4 min
 
 Each timing is the median of `--repeats` runs after a warm-up, and the two sides of a ratio alternate (A B A B)
 so that drift in the machine's speed cancels. Writes JSON (the figures, and each goal with whether it holds) and a
@@ -594,8 +594,10 @@ def write_report(args: argparse.Namespace, results: dict, seconds: float) -> Non
         f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}"
     )
     goals = check_goals(results)
+    model_config = args.model_config.resolve()
+    model_config = model_config.relative_to(ROOT) if model_config.is_relative_to(ROOT) else model_config
     report = {
-        "preset": args.preset, "model_config": str(args.model_config), "repeats": args.repeats, "machine": machine,
+        "preset": args.preset, "model_config": str(model_config), "repeats": args.repeats, "machine": machine,
         "seconds": seconds, "figures": results, "goals": goals,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
