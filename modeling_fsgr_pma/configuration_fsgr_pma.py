@@ -52,7 +52,6 @@ class FsgrPmaConfig(PretrainedConfig):
         num_concepts (`int`, *optional*, defaults to 64): rows of the frozen concept codebook.
         concept_names (`list[str]`, *optional*): the concept vocabulary, one name per codebook row.
         concept_top_k (`int`, *optional*, defaults to 8): concepts pre-selected per image (FSGR: 20).
-        gumbel_temperature (`float`, *optional*, defaults to 1.0): temperature of the hard Gumbel-softmax.
         concept_logit_scale (`float`, *optional*, defaults to 100.0):
             Scale of the cosine similarities between the dense patch embeddings and the selected concepts, which
             gives the concept-assignment logits (the Gumbel-softmax's input in training): the CLIP checkpoint's own
@@ -61,8 +60,6 @@ class FsgrPmaConfig(PretrainedConfig):
         use_fsgr (`bool`, *optional*, defaults to `True`):
             `False` gives the "no FSGR" ablation: the decoder reads projected CLIP patch tokens directly.
         num_interaction_layers (`int`, *optional*, defaults to 2): FSGR cross-modal interaction layers (N_s).
-        use_concept_tokens (`bool`, *optional*, defaults to `False`):
-            Append the selected concept embeddings to the visual memory as extra tokens.
         supcon_dim (`int`, *optional*, defaults to 32): width of the SupCon patch head output.
         supcon_weight (`float`, *optional*, defaults to 0.25): weight β of the SupCon loss; 0 disables it.
         supcon_temperature (`float`, *optional*, defaults to 0.07): SupCon temperature τ.
@@ -75,7 +72,6 @@ class FsgrPmaConfig(PretrainedConfig):
         dropout (`float`, *optional*, defaults to 0.1): residual, attention and embedding dropout.
         layer_norm_eps (`float`, *optional*, defaults to 1e-5)
         initializer_range (`float`, *optional*, defaults to 0.02)
-        label_smoothing (`float`, *optional*, defaults to 0.0): label smoothing of the caption loss.
         use_memory (`bool`, *optional*, defaults to `True`): prototypical memory in decoder self-attention.
         num_prototypes (`int`, *optional*, defaults to 16): prototypes m per layer.
         memory_window (`int`, *optional*, defaults to 50): bank window T, in training steps.
@@ -117,11 +113,9 @@ class FsgrPmaConfig(PretrainedConfig):
         num_concepts: int = 64,
         concept_names: list[str] | None = None,
         concept_top_k: int = 8,
-        gumbel_temperature: float = 1.0,
         concept_logit_scale: float = 100.0,
         use_fsgr: bool = True,
         num_interaction_layers: int = 2,
-        use_concept_tokens: bool = False,
         supcon_dim: int = 32,
         supcon_weight: float = 0.25,
         supcon_temperature: float = 0.07,
@@ -134,7 +128,6 @@ class FsgrPmaConfig(PretrainedConfig):
         dropout: float = 0.1,
         layer_norm_eps: float = 1e-5,
         initializer_range: float = 0.02,
-        label_smoothing: float = 0.0,
         use_memory: bool = True,
         num_prototypes: int = 16,
         memory_window: int = 50,
@@ -168,11 +161,9 @@ class FsgrPmaConfig(PretrainedConfig):
         self.num_concepts = num_concepts
         self.concept_names = list(concept_names) if concept_names is not None else None
         self.concept_top_k = concept_top_k
-        self.gumbel_temperature = gumbel_temperature
         self.concept_logit_scale = concept_logit_scale
         self.use_fsgr = use_fsgr
         self.num_interaction_layers = num_interaction_layers
-        self.use_concept_tokens = use_concept_tokens
         self.supcon_dim = supcon_dim
         self.supcon_weight = supcon_weight
         self.supcon_temperature = supcon_temperature
@@ -185,7 +176,6 @@ class FsgrPmaConfig(PretrainedConfig):
         self.dropout = dropout
         self.layer_norm_eps = layer_norm_eps
         self.initializer_range = initializer_range
-        self.label_smoothing = label_smoothing
         self.use_memory = use_memory
         self.num_prototypes = num_prototypes
         self.memory_window = memory_window
@@ -279,10 +269,10 @@ class FsgrPmaConfig(PretrainedConfig):
             raise ValueError(
                 f"concept_names has {len(self.concept_names)} names but num_concepts is {self.num_concepts}"
             )
-        if self.supcon_temperature <= 0 or self.gumbel_temperature <= 0 or self.concept_logit_scale <= 0:
-            raise ValueError("supcon_temperature, gumbel_temperature and concept_logit_scale must be positive")
-        if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError("dropout and label_smoothing must lie in [0, 1)")
+        if self.supcon_temperature <= 0 or self.concept_logit_scale <= 0:
+            raise ValueError("supcon_temperature and concept_logit_scale must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError("dropout must lie in [0, 1)")
         if self.prototype_dtype not in PROTOTYPE_DTYPES:
             raise ValueError(f"prototype_dtype must be one of {PROTOTYPE_DTYPES}, got {self.prototype_dtype!r}")
         if self.use_memory:

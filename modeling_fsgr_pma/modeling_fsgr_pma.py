@@ -67,13 +67,12 @@ class FsgrPmaEncoderOutput(ModelOutput):
     """Output of [`FsgrPmaEncoder`].
 
     Args:
-        last_hidden_state (`torch.FloatTensor` of shape `(B, n_tokens, hidden_size)`):
-            The visual memory Z the decoder cross-attends to (`n_patches`, plus `concept_top_k` concept tokens when
-            `use_concept_tokens`).
+        last_hidden_state (`torch.FloatTensor` of shape `(B, n_patches, hidden_size)`):
+            The visual memory Z the decoder cross-attends to.
         hidden_states (`tuple(torch.FloatTensor)`, returned with `output_hidden_states=True`):
             The visual stream through the FSGR interaction layers, `(B, n_patches, hidden_size)` each: the projected
             patches, then every layer's output (`num_interaction_layers + 1` tensors; one, the projected patches with
-            their positions, when `use_fsgr=False`). Taken before the concept tokens and the final LayerNorm.
+            their positions, when `use_fsgr=False`). Taken before the final LayerNorm.
         attentions (`tuple(torch.FloatTensor)`, returned with `output_attentions=True` and eager attention):
             Every interaction layer's weights, `(B, heads, n_patches, n_patches)`: patches (queries) over the
             language-bridged map (keys); empty when `use_fsgr=False`.
@@ -129,8 +128,8 @@ class FsgrPmaOutput(ModelOutput):
         decoder_attentions (`tuple(torch.FloatTensor)`): per-layer `(B, heads, T, S + m)`: the S = past + T sequence
             columns, then the m prototype columns (m = `num_prototypes` while the memory is active, 0 while it is
             empty or off). Each row sums to one over all S + m columns.
-        cross_attentions (`tuple(torch.FloatTensor)`): per-layer `(B, heads, T, n_tokens)`.
-        encoder_last_hidden_state (`torch.FloatTensor` of shape `(B, n_tokens, hidden_size)`).
+        cross_attentions (`tuple(torch.FloatTensor)`): per-layer `(B, heads, T, n_patches)`.
+        encoder_last_hidden_state (`torch.FloatTensor` of shape `(B, n_patches, hidden_size)`).
         encoder_hidden_states, encoder_attentions: the encoder's `hidden_states` and `attentions`
             ([`FsgrPmaEncoderOutput`]).
         patch_concepts (`torch.LongTensor` of shape `(B, n_patches)`): codebook row assigned to every patch.
@@ -572,8 +571,6 @@ class FsgrPmaEncoder(nn.Module):
             self.interaction = nn.ModuleList(
                 FsgrPmaInteractionLayer(config) for _ in range(config.num_interaction_layers)
             )
-        if config.use_concept_tokens:
-            self.concept_proj = nn.Linear(config.clip_embed_dim, config.hidden_size)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     # -- stage 1 ------------------------------------------------------------------------------------------------
@@ -657,7 +654,7 @@ class FsgrPmaEncoder(nn.Module):
         scale = self.config.concept_logit_scale
         logits = scale * F.normalize(dense, dim=-1) @ concepts.transpose(1, 2)  # (B, n, k)
         if self.training:
-            assignment = F.gumbel_softmax(logits.float(), tau=self.config.gumbel_temperature, hard=True)
+            assignment = F.gumbel_softmax(logits.float(), tau=1.0, hard=True)
             assignment = assignment.to(dense.dtype)  # (B, n, k), one-hot forward, soft gradient
         else:
             assignment = F.one_hot(logits.argmax(-1), self.config.concept_top_k).to(dense.dtype)  # (B, n, k)
@@ -710,7 +707,7 @@ class FsgrPmaEncoder(nn.Module):
         output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
         prefix = self.frozen_prefix(pixel_values, vision_hidden_states)
         patches, global_token, global_embedding, dense = self.encode_image(prefix)
-        language, patch_concepts, selected, concepts = self.quantize(dense, global_embedding)
+        language, patch_concepts, selected, _ = self.quantize(dense, global_embedding)
         if config.use_fsgr:
             memory, hidden_states, attentions = self.cross_attend(
                 patches, language, output_attentions, output_hidden_states
@@ -720,8 +717,6 @@ class FsgrPmaEncoder(nn.Module):
             memory = self.visual_proj(patches) + positions  # (B, n, d)
             hidden_states = (memory,) if output_hidden_states else None
             attentions = () if output_attentions else None
-        if self.config.use_concept_tokens:
-            memory = torch.cat([memory, self.concept_proj(concepts)], dim=1)  # (B, n + k, d)
 
         supcon_features = None
         if self.supcon_head is not None and self.training:
@@ -1237,7 +1232,7 @@ class FsgrPmaPreTrainedModel(PreTrainedModel):
         - a layer whose prototypes are missing keeps its memory off (`prototype_ready` False) until its first refresh,
           rather than attending to zero prototypes;
         - a missing concept codebook is the placeholder (seeded random unit vectors), which the warning says: the
-          concept path (quantisation, concept tokens, pseudo-labels) needs the real one (`set_codebook`).
+          concept path (quantisation, pseudo-labels) needs the real one (`set_codebook`).
         """
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
@@ -1255,7 +1250,7 @@ class FsgrPmaPreTrainedModel(PreTrainedModel):
             elif isinstance(module, FsgrPmaConceptCodebook) and prefix + "embeddings" in missing:
                 logger.warning(
                     f"The checkpoint lacks the concept codebook ({prefix}embeddings): the model holds the placeholder "
-                    "(seeded random unit vectors), and its concept path (semantic quantisation, concept tokens, SupCon "
+                    "(seeded random unit vectors), and its concept path (semantic quantisation, SupCon "
                     "pseudo-labels) needs a real one: load it with `set_codebook` (scripts/build_codebook.py makes it)"
                 )
         return (model, info) if want_info else model
@@ -1647,7 +1642,6 @@ class FsgrPmaForConditionalGeneration(FsgrPmaPreTrainedModel, GenerationMixin):
             logits[:, :-1].flatten(0, 1).float(),
             targets.flatten(),
             ignore_index=-100,
-            label_smoothing=self.config.label_smoothing,
         )
 
 

@@ -61,7 +61,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", required=True, help="dataset directory (see modeling_fsgr_pma.data.captions)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--image-root", default=None)
-    parser.add_argument("--bad-images", choices=["skip", "error"], default="skip")
     parser.add_argument("--output", type=Path, default=None, help="JSON file for metrics and predictions")
     parser.add_argument(
         "--results-file", type=Path, default=None,
@@ -87,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator = Accelerator()
     model, processor = load_pretrained(args.model, args.revision, args.adapter)
     # A server's test split has no captions: it is captioned for the results file, and not scored.
-    data = load_caption_split(args.data, args.split, args.image_root, args.bad_images, require_captions=False)
+    data = load_caption_split(args.data, args.split, args.image_root, require_captions=False)
     if args.max_images is not None:
         data = data.select(range(min(args.max_images, len(data))))
     image_ids = list(data["image_id"])

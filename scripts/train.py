@@ -77,13 +77,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--train-split", default="train")
     data.add_argument("--eval-split", default="validation")
     data.add_argument("--eval-max-images", type=int, default=None, help="caption only the first N eval images")
-    data.add_argument("--bad-images", choices=["skip", "error"], default="skip")
     data.add_argument("--feature-cache", type=Path, default=None, help="directory from scripts/extract_features.py")
     data.add_argument(
         "--max-caption-length", type=int, default=None,
         help="tokens, BOS and EOS included (default: the model's max_position_embeddings)",
     )
-    data.add_argument("--augment", action="store_true", help="random resized crops (not with --feature-cache)")
     data.add_argument("--num-workers", type=int, default=0, help="data-loader processes decoding images")
     model = parser.add_argument_group("model")
     model.add_argument("--model-config", type=Path, default=Path("configuration/model/tiny.json"))
@@ -176,8 +174,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--feature-cache {args.feature_cache} is not a directory")
     if args.num_workers < 0:
         parser.error("--num-workers must be 0 (decode in the training process) or more")
-    if args.feature_cache is not None and args.augment:
-        parser.error("--augment cannot be used with --feature-cache: the cache holds one fixed view of each image")
     return args
 
 
@@ -243,8 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Data (validated and indexed once by the main process; the others read its cache)
     with accelerator.main_process_first():
-        train_data = load_caption_split(args.data, args.train_split, args.image_root, args.bad_images)
-        eval_data = load_caption_split(args.data, args.eval_split, args.image_root, args.bad_images)
+        train_data = load_caption_split(args.data, args.train_split, args.image_root)
+        eval_data = load_caption_split(args.data, args.eval_split, args.image_root)
     if args.eval_max_images is not None:
         eval_data = eval_data.select(range(min(args.eval_max_images, len(eval_data))))
     train_data = train_data.add_column("row", list(range(len(train_data))))
@@ -299,9 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
         eval_features = load_feature_cache(args.feature_cache, args.eval_split).aligned(list(eval_data["image_id"]))
         # The cache replaces the pixels: without the image column, reading a row no longer decodes its image.
         train_data, eval_data = train_data.remove_columns("image"), eval_data.remove_columns("image")
-    collator = CaptionCollator(
-        processor, max_caption_length, seed=args.seed, features=train_features, augment=args.augment
-    )
+    collator = CaptionCollator(processor, max_caption_length, seed=args.seed, features=train_features)
     # XE over image-caption pairs or over images; SCST always over images (its sequences are generated per image).
     xe_data = CaptionPairs(train_data) if args.xe_epoch == "pairs" else train_data
     eval_collator = CaptionCollator(processor, max_caption_length, features=eval_features, with_captions=False)

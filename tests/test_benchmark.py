@@ -1,36 +1,80 @@
-"""tools/benchmark.py --quick runs on a tiny config and writes every key (the goals are read from its JSON); the
-parts of tools/benchmark_data.py run on a tiny corpus."""
+"""tools/benchmark.py's two modes run on a tiny config and write every figure with its goal (pass/fail); the parts of
+tools/benchmark_data.py run on a tiny corpus."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
 from tools import benchmark, benchmark_data
 from conftest import tiny_config
 
-KEYS = {
-    "train_step_memory_ratio", "refresh_share", "kmeans_faiss_s", "kmeans_torch_s", "generate_memory_ratio_greedy",
-    "generate_memory_ratio_beam5", "generate_vs_ved_ratio_b1", "generate_vs_ved_ratio_b32", "feature_cache_speedup",
-    "feature_cache_bound", "feature_cache_efficiency",
-    "peak_rss_memory_ratio", "memory_macs_ratio_tiny", "memory_macs_ratio_b16", "tower_vs_vit_time_ratio_b32",
-    "encoder_share_tower_b32", "encoder_share_dense_b32", "encoder_share_quantize_b32", "encoder_share_interaction_b32",
+TINY_KEYS = {
+    "memory_macs_ratio_tiny", "train_step_memory_ratio_tiny", "generate_memory_ratio_greedy_tiny",
+    "generate_memory_ratio_beam5_tiny", "refresh_share", "kmeans_faiss_s", "kmeans_torch_s",
+    "generate_vs_ved_ratio_tiny_b1", "generate_vs_ved_ratio_tiny_b32", "feature_cache_speedup", "feature_cache_bound",
+    "feature_cache_efficiency", "peak_rss_memory_ratio", "tower_vs_vit_time_ratio_b32", "encoder_share_tower_b32",
+    "encoder_share_dense_b32", "encoder_share_quantize_b32", "encoder_share_interaction_b32",
+}
+B16_GOALS = {
+    "train_step_memory_ratio_b16", "generate_memory_ratio_greedy_b16", "generate_memory_ratio_beam5_b16",
+    "generate_vs_ved_ratio_b16_b1", "generate_vs_ved_ratio_b16_b32", "train_step_flops_utilisation_b16",
+    "feature_cache_efficiency_b16",
 }
 
 
-def test_quick_benchmark_writes_every_key(tmp_path):
+def _run(tmp_path, preset: str) -> dict:
     config = tiny_config(vocab_size=64, max_position_embeddings=24, memory_window=4)
     config.to_json_file(tmp_path / "model.json")
-    output = tmp_path / "bench.json"
-    benchmark.main(["--quick", "--repeats", "1", "--model-config", str(tmp_path / "model.json"), "--output", str(output)])
-    results = json.loads(output.read_text())
-    assert KEYS <= set(results)
-    assert all(isinstance(results[k], float) and results[k] > 0 for k in KEYS)
-    shares = [results[f"encoder_share_{part}_b32"] for part in ("tower", "dense", "quantize", "interaction")]
+    output = tmp_path / f"{preset}.json"
+    argv = ["--preset", preset, "--repeats", "1", "--model-config", str(tmp_path / "model.json"), "--output", str(output)]
+    figures = benchmark.main(argv)
+    report = json.loads(output.read_text())
+    assert report["figures"] == figures and report["preset"] == preset
+    return report
+
+
+def test_tiny_mode_writes_every_guard_and_diagnostic(tmp_path):
+    report = _run(tmp_path, "tiny")
+    figures, goals = report["figures"], report["goals"]
+    assert TINY_KEYS <= set(figures)
+    assert all(isinstance(figures[k], float) and figures[k] > 0 for k in TINY_KEYS)
+    shares = [figures[f"encoder_share_{part}_b32"] for part in ("tower", "dense", "quantize", "interaction")]
     assert sum(shares) == pytest.approx(1.0, abs=1e-3)
-    table = output.with_suffix(".md").read_text()
-    assert "generate_vs_ved_ratio_b32" in table and "≥ 1.2" in table
+    guards = {"train_step_memory_ratio_tiny", "generate_memory_ratio_greedy_tiny", "generate_memory_ratio_beam5_tiny"}
+    assert guards <= set(goals) and all(goals[k]["goal"] == "≤ 1.15" for k in guards)
+    assert not any(key.endswith("_b16") for key in figures)
+
+
+def test_b16_mode_measures_only_the_goal_rows_each_with_its_verdict(tmp_path):
+    report = _run(tmp_path, "vit-b16")
+    figures, goals = report["figures"], report["goals"]
+    assert set(goals) == B16_GOALS and "memory_macs_ratio_b16" in figures
+    assert all(math.isfinite(figures[k]) and figures[k] > 0 for k in figures)
+    bound = round(figures["memory_macs_ratio_b16"] + 0.03, 4)
+    assert goals["train_step_memory_ratio_b16"]["bound"] == bound
+    assert goals["train_step_memory_ratio_b16"]["holds"] == (figures["train_step_memory_ratio_b16"] <= bound)
+    assert goals["generate_vs_ved_ratio_b16_b32"]["holds"] == (figures["generate_vs_ved_ratio_b16_b32"] >= 1.10)
+    table = (tmp_path / "vit-b16.md").read_text()
+    for key, goal in goals.items():
+        row = next(line for line in table.splitlines() if f"`{key}`" in line)
+        assert row.endswith("| pass |" if goal["holds"] else "| **fail** |")
+    assert "memory_macs_ratio_b16` + 0.03 =" in table and "≥ 0.7" in table
+
+
+def test_goals_compare_against_bounds_and_reference_rows():
+    results = {"memory_macs_ratio_b16": 1.02, "train_step_memory_ratio_b16": 1.06, "generate_vs_ved_ratio_b16_b1": 1.1}
+    goals = benchmark.check_goals(results)
+    assert set(goals) == {"train_step_memory_ratio_b16", "generate_vs_ved_ratio_b16_b1"}
+    assert goals["train_step_memory_ratio_b16"] == {"goal": "≤ `memory_macs_ratio_b16` + 0.03", "bound": 1.05, "holds": False}
+    assert goals["generate_vs_ved_ratio_b16_b1"]["holds"]
+
+
+def test_median_of_ratios_is_the_median_of_paired_runs():
+    runs = iter([(1.3, 1.0), (1.0, 1.0), (2.2, 2.0)])
+    assert benchmark.median_of_ratios(lambda: next(runs)) == pytest.approx(1.1)
 
 
 def test_flops_utilisation_counts_the_decoders_step_and_the_machines_rate():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import shutil
 import struct
 import zlib
@@ -143,11 +144,11 @@ def test_karpathy_layout(tmp_path):
         load_caption_split(dataset_dir, "test", image_root=root)
 
 
-def test_karpathy_bad_image_names_the_file(tmp_path):
+def test_karpathy_bad_image_names_the_file(tmp_path, caplog):
     dataset_dir, root = write_karpathy(tmp_path, bad=b"")
-    with pytest.raises(BadImageError, match=r"COCO_val2014_000000000073\.jpg.*row 73.*zero-byte"):
-        load_caption_split(dataset_dir, "validation", image_root=root, bad_images="error")
+    caplog.set_level(logging.WARNING, logger="modeling_fsgr_pma.data.captions")
     assert load_caption_split(dataset_dir, "validation", image_root=root)["image_id"][:] == ["42"]
+    assert re.search(r"COCO_val2014_000000000073\.jpg.*row 73.*zero-byte", caplog.text)
 
 
 def test_folder_without_splits_is_the_requested_split(tmp_path):
@@ -186,8 +187,6 @@ def test_unknown_layout_and_arguments(tmp_path):
         load_caption_split(tmp_path / "nowhere", "train")
     with pytest.raises(ValueError, match="No split"):
         load_caption_split(tmp_path, "train")
-    with pytest.raises(ValueError, match="bad_images"):
-        load_caption_split(tmp_path, "train", bad_images="ignore")
     pq.write_table(pa.table({"text": ["x"]}), tmp_path / "train-00000-of-00001.parquet")
     with pytest.raises(ValueError, match="Unrecognised Parquet columns"):
         load_caption_split(tmp_path, "train")
@@ -196,15 +195,14 @@ def test_unknown_layout_and_arguments(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 # Captions
 @pytest.mark.parametrize("captions", [[], [""], ["a square", "   "]], ids=["none", "empty", "blank"])
-@pytest.mark.parametrize("bad_images", ["skip", "error"])
-def test_missing_or_empty_captions_name_the_row(tmp_path, captions, bad_images):
+def test_missing_or_empty_captions_name_the_row(tmp_path, captions):
     records = [
         {"file_name": "good.png", "captions": ["a square"]},
         {"file_name": "bad.png", "captions": captions, "image_id": "row-17"},
     ]
     folder = write_folder(tmp_path, {"good.png": encode(rgb()), "bad.png": encode(rgb())}, records)
     with pytest.raises(ValueError, match="row-17"):
-        load_caption_split(folder, "train", bad_images=bad_images)
+        load_caption_split(folder, "train")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -217,7 +215,7 @@ def test_odd_modes_are_converted_to_rgb(tmp_path, kind, caplog):
     assert decode_image(data).mode == "RGB"
     folder = write_folder(tmp_path, {"good.png": encode(rgb()), name: data})
     caplog.set_level(logging.INFO, logger="modeling_fsgr_pma.data.captions")
-    loaded = load_caption_split(folder, "train", bad_images="error")
+    loaded = load_caption_split(folder, "train")
     assert len(loaded) == 2
     assert all(image.mode == "RGB" and image.size == (24, 24) for image in loaded["image"])
     assert "converted 1 of 2 images to RGB" in caplog.text
@@ -235,20 +233,19 @@ def test_bad_images_are_skipped_and_counted(tmp_path, kind, caplog):
 
 
 @pytest.mark.parametrize("kind", sorted(SKIPPED))
-def test_bad_images_raise_with_error(tmp_path, kind):
+def test_decode_image_raises_for_bad_images(tmp_path, kind):
     name, make, reason, max_pixels = SKIPPED[kind]
-    folder = write_folder(tmp_path, {"good.png": encode(rgb()), name: make()})
+    folder = write_folder(tmp_path, {name: make()})
     with pytest.raises(BadImageError, match=reason) as error:
-        load_caption_split(folder, "train", bad_images="error", max_pixels=max_pixels)
-    assert name in str(error.value)
-    with pytest.raises(BadImageError, match=reason):
         decode_image(folder / name, name=name, max_pixels=max_pixels)
+    assert name in str(error.value)
 
 
 def test_missing_file_and_embedded_bad_image_name_the_row(tmp_path, caplog):
     folder = write_folder(tmp_path / "folder", {"good.png": encode(rgb())}, {"good.png": ["a"], "gone.png": ["b"]})
-    with pytest.raises(BadImageError, match="gone.png.*file not found"):
-        load_caption_split(folder, "train", bad_images="error")
+    caplog.set_level(logging.WARNING, logger="modeling_fsgr_pma.data.captions")
+    assert load_caption_split(folder, "train")["image_id"][:] == ["good"]
+    assert re.search("gone.png.*file not found", caplog.text)
     table = pa.table(
         {
             "image_id": ["ok", "broken"],
@@ -258,11 +255,9 @@ def test_missing_file_and_embedded_bad_image_name_the_row(tmp_path, caplog):
     )
     (tmp_path / "hub" / "data").mkdir(parents=True)
     pq.write_table(table, tmp_path / "hub" / "data" / "train-00000-of-00001.parquet")
-    with pytest.raises(BadImageError, match=r"row broken\): not an image"):
-        load_caption_split(tmp_path / "hub", "train", bad_images="error")
-    caplog.set_level(logging.WARNING, logger="modeling_fsgr_pma.data.captions")
+    caplog.clear()
     assert load_caption_split(tmp_path / "hub", "train")["image_id"][:] == ["ok"]
-    assert "skipped 1 of 2 images" in caplog.text
+    assert re.search(r"row broken\): not an image", caplog.text) and "skipped 1 of 2 images" in caplog.text
 
 
 def test_to_rgb_conversions():
@@ -356,7 +351,7 @@ def count_validations(monkeypatch) -> list[str]:
     return validated
 
 
-def test_second_load_validates_nothing_and_a_changed_file_alone(coco, tmp_path, monkeypatch):
+def test_second_load_validates_nothing_and_a_changed_file_alone(coco, tmp_path, monkeypatch, caplog):
     validated = count_validations(monkeypatch)
     corpus = tmp_path / "corpus"
     shutil.copytree(coco, corpus)
@@ -373,8 +368,10 @@ def test_second_load_validates_nothing_and_a_changed_file_alone(coco, tmp_path, 
     assert validated[10:] == [f"{changed} (row 3)"] and reloaded[2]["image"].size == (40, 40)
     changed.write_bytes(b"")  # now bad: skipped, and named again on the next (cached) load
     assert "3" not in load_caption_split(corpus, "train", image_root=corpus, cache_dir=cache)["image_id"]
-    with pytest.raises(BadImageError, match=r"COCO_train2014_000000000003\.jpg \(row 3\): zero-byte"):
-        load_caption_split(corpus, "train", image_root=corpus, cache_dir=cache, bad_images="error")
+    caplog.set_level(logging.WARNING, logger="modeling_fsgr_pma.data.captions")
+    caplog.clear()
+    assert "3" not in load_caption_split(corpus, "train", image_root=corpus, cache_dir=cache)["image_id"]
+    assert re.search(r"COCO_train2014_000000000003\.jpg \(row 3\): zero-byte", caplog.text)
     assert len(validated) == 12
 
 

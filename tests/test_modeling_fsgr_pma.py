@@ -17,11 +17,10 @@ from modeling_fsgr_pma import FsgrPmaForConditionalGeneration
         {},
         {"use_memory": False},
         {"use_fsgr": False},
-        {"use_concept_tokens": True},
         {"num_prompt_tokens": 3},
         {"lora_rank": 0, "supcon_weight": 0.0},
     ],
-    ids=["default", "no-memory", "no-fsgr", "concept-tokens", "deep-prompts", "no-lora-no-supcon"],
+    ids=["default", "no-memory", "no-fsgr", "deep-prompts", "no-lora-no-supcon"],
 )
 def test_forward_shapes_and_scalar_loss(overrides):
     model = tiny_model(**overrides).train()
@@ -29,8 +28,7 @@ def test_forward_shapes_and_scalar_loss(overrides):
     pixel_values, ids = random_batch(config, batch=3, length=6)
     out = model(pixel_values=pixel_values, input_ids=ids, labels=ids)
     assert out.logits.shape == (3, 6, config.vocab_size)
-    n_tokens = config.num_patches + (config.concept_top_k if config.use_concept_tokens else 0)
-    assert out.encoder_last_hidden_state.shape == (3, n_tokens, config.hidden_size)
+    assert out.encoder_last_hidden_state.shape == (3, config.num_patches, config.hidden_size)
     assert out.patch_concepts.shape == (3, config.num_patches)
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     if config.supcon_weight > 0:

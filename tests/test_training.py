@@ -126,24 +126,6 @@ def test_unknown_config_key_and_missing_data_are_clear_errors(world, tmp_path):
         train.parse_args(["--config", str(bad), "--data", str(world), "--output-dir", str(tmp_path)])
 
 
-def test_augmentation_with_feature_cache_is_refused(world, tmp_path):
-    with pytest.raises(SystemExit):
-        train.parse_args(_train_args(world, tmp_path, "--feature-cache", str(tmp_path), "--augment"))
-
-
-def test_augmentation_is_seeded_per_image_and_leaves_the_global_rng_alone(world):
-    from modeling_fsgr_pma.training.steps import CaptionCollator
-
-    rows = load_caption_split(world, "train").add_column("row", list(range(48)))
-    collator = CaptionCollator(processor=None, max_length=16, seed=3, augment=True)
-    state = torch.get_rng_state()
-    first, again = collator.augmented(rows[0]), collator.augmented(rows[0])
-    assert torch.equal(state, torch.get_rng_state())
-    assert first.size == again.size and list(first.getdata()) == list(again.getdata())
-    collator.epoch = 1
-    assert collator.augmented(rows[0]).size != first.size or list(collator.augmented(rows[0]).getdata()) != list(first.getdata())
-
-
 def test_half_written_checkpoint_is_skipped(tmp_path, caplog):
     (tmp_path / "checkpoints" / "step_4").mkdir(parents=True)
     (tmp_path / "checkpoints" / "step_4" / "training_state.json").write_text("{}")

@@ -34,8 +34,7 @@ class Explanation:
         token_ids: `(T,)` their ids.
         image: `(H, W, 3)` uint8, the image as the model saw it (resized, cropped, de-normalised).
         heatmaps: `(T, g, g)` cross-attention of the position that predicted each token onto the patch grid,
-            averaged over all decoder layers and heads. Rows sum to 1 without concept tokens, less with them
-            (the rest went to the concept tokens).
+            averaged over all decoder layers and heads; each row sums to 1.
         concept_map: `(g, g)` codebook row assigned to every patch, or None when the model gives none.
         concept_names: one name per codebook row (`"concept N"` where the config has no names).
         concepts_used: whether the decoder reads the concept map (`config.use_fsgr`).
@@ -69,7 +68,7 @@ def patch_heatmaps(cross_attentions: Sequence[torch.Tensor], num_patches: int) -
     """Mean over layers and heads of the first image's attention onto the patch tokens.
 
     Args:
-        cross_attentions: per layer `(B, heads, T, n_tokens)`; the first `num_patches` tokens are the square grid.
+        cross_attentions: per layer `(B, heads, T, num_patches)`, the patches of the square grid.
         num_patches: patches of the grid (a square number).
 
     Returns:
@@ -78,10 +77,10 @@ def patch_heatmaps(cross_attentions: Sequence[torch.Tensor], num_patches: int) -
     grid = math.isqrt(num_patches)
     if grid * grid != num_patches:
         raise ValueError(f"num_patches must be a square number, got {num_patches}")
-    stacked = torch.stack([layer[0].float() for layer in cross_attentions])  # (L, heads, T, n_tokens)
-    if stacked.shape[-1] < num_patches:
-        raise ValueError(f"cross-attention has {stacked.shape[-1]} memory tokens, fewer than {num_patches} patches")
-    mean = stacked.mean(dim=(0, 1))[:, :num_patches]  # (T, n_patches)
+    stacked = torch.stack([layer[0].float() for layer in cross_attentions])  # (L, heads, T, n_patches)
+    if stacked.shape[-1] != num_patches:
+        raise ValueError(f"cross-attention has {stacked.shape[-1]} memory tokens, not the {num_patches} patches")
+    mean = stacked.mean(dim=(0, 1))  # (T, n_patches)
     return mean.reshape(-1, grid, grid).cpu().numpy()  # (T, g, g)
 
 

@@ -33,12 +33,12 @@ with the file's size and modification time, in `cache_dir` (default: `fsgr_pma_i
 memory-maps the validated index from disk. The returned dataset holds paths (or the Parquet's bytes), never
 decoded pixels: images are decoded when a row is read, so a data loader decodes lazily, in its workers.
 
-Bad images: undecodable, empty, truncated, oversized or missing files are skipped with a log line and a final
-count (`bad_images="skip"`) or raise a `BadImageError` (a `ValueError`) naming the file and row (`"error"`), so
-training never meets one; a split where no image exists at all (a wrong `image_root`) is a `ValueError` naming
-the first path looked for. Images come out as RGB: modes PIL converts like `to_rgb` (L, P, CMYK, ...) are
-converted when read; 16-bit, 32-bit and transparent images are converted with `to_rgb` once, at validation, and
-stored re-encoded as PNG. A row without captions, or with an empty caption, is a `ValueError` naming the row.
+Bad images: undecodable, empty, truncated, oversized or missing files are skipped with a log line naming the file
+and row (the `BadImageError` that `decode_image` raises) and a final count, so training never meets one; a split
+where no image exists at all (a wrong `image_root`) is a `ValueError` naming the first path looked for. Images come
+out as RGB: modes PIL converts like `to_rgb` (L, P, CMYK, ...) are converted when read; 16-bit, 32-bit and
+transparent images are converted with `to_rgb` once, at validation, and stored re-encoded as PNG. A row without
+captions, or with an empty caption, is a `ValueError` naming the row.
 """
 
 from __future__ import annotations
@@ -353,7 +353,6 @@ def load_caption_split(
     path: str | Path,
     split: str,
     image_root: str | Path | None = None,
-    bad_images: str = "skip",
     max_pixels: int | None = None,
     require_captions: bool = True,
     fold_restval: bool = True,
@@ -367,7 +366,6 @@ def load_caption_split(
         path: dataset directory or JSON file in one of the layouts of this module's docstring.
         split: `train`, `validation`, `test`, `test_novel`, ...
         image_root: image folder of the layouts that keep images on disk (Karpathy COCO, COCO-format JSON).
-        bad_images: `"skip"` (log each bad image and the final count) or `"error"` (raise on the first).
         max_pixels: images with more pixels count as bad; see `decode_image`.
         require_captions: False accepts images without captions (test splits of evaluation servers); an empty
             caption string is an error either way.
@@ -378,10 +376,7 @@ def load_caption_split(
     Raises:
         ValueError: unknown layout or split, an empty split, a split whose images are all missing, a row without
             captions (with `require_captions`) or with an empty caption.
-        BadImageError: with `bad_images="error"`, the first unusable image.
     """
-    if bad_images not in ("skip", "error"):
-        raise ValueError(f"bad_images must be 'skip' or 'error', got {bad_images!r}")
     path = Path(path).resolve()
     layout = _find_layout(path, split, image_root, fold_restval)
     settings = {
@@ -393,7 +388,7 @@ def load_caption_split(
     index = _SplitIndex(Path(cache_dir or Path(datasets.config.HF_DATASETS_CACHE) / "fsgr_pma_index") / key)
     workers = num_workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     dataset = index.load(layout, lambda data: _check_captions(data, require_captions), max_pixels, workers)
-    _report_bad_images(index.errors, bad_images)
+    _report_bad_images(index.errors)
     if len(dataset) == 0:
         raise ValueError(f"Split {split!r} of {path} is empty")
     logger.info("loaded %d %s images from %s", len(dataset), split, path)
@@ -408,11 +403,9 @@ def _check_captions(dataset: Dataset, require_captions: bool) -> None:
             raise ValueError(f"Row {image_id!r} has an empty caption")
 
 
-def _report_bad_images(errors: list[str | None], bad_images: str) -> None:
-    """Raise on the first bad image (`"error"`), or log each and the count (`"skip"`); errors name their file."""
+def _report_bad_images(errors: list[str | None]) -> None:
+    """Log each bad image (its error names the file and row) and the count."""
     bad = [error for error in errors if error is not None]
-    if bad and bad_images == "error":
-        raise BadImageError(bad[0])
     for error in bad:
         logger.warning("skipping %s", error)
     if bad:

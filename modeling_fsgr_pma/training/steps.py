@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import broadcast, gather, pad_across_processes
-from torchvision.transforms import RandomResizedCrop
 from tqdm.auto import tqdm
 
 from ..modeling_fsgr_pma import FsgrPmaEncoderOutput, FsgrPmaForConditionalGeneration
@@ -37,8 +36,7 @@ class CaptionCollator:
     Each image contributes its pair's caption (rows of [`CaptionPairs`]) or one of its reference captions, chosen by a
     generator seeded with (seed, epoch, row),
     so the choice never touches the global RNG: a resumed run sees exactly the captions of an uninterrupted one
-    even though the data loader prefetches a batch ahead. `augment` applies a small random resized crop seeded the
-    same way (no flips: captions say "left" and "right"). With a feature cache, the frozen-prefix features and
+    even though the data loader prefetches a batch ahead. With a feature cache, the frozen-prefix features and
     pseudo-labels replace the pixels.
     """
 
@@ -48,7 +46,6 @@ class CaptionCollator:
     epoch: int = 0
     features: dict[str, torch.Tensor] | None = None  # vision_hidden_states, patch_labels, indexed by row
     with_captions: bool = True
-    augment: bool = False
 
     def __call__(self, rows: list[dict]) -> dict:
         batch = {"row": torch.tensor([row["row"] for row in rows])}
@@ -56,7 +53,7 @@ class CaptionCollator:
             batch["vision_hidden_states"] = self.features["vision_hidden_states"][batch["row"]].float()
             batch["patch_labels"] = self.features["patch_labels"][batch["row"]]
         else:
-            images = [self.augmented(row) if self.augment else row["image"] for row in rows]  # RGB PIL images
+            images = [row["image"] for row in rows]  # RGB PIL images
             batch["pixel_values"] = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
         if self.with_captions:
             captions = [self.pick_caption(row) for row in rows]
@@ -65,14 +62,6 @@ class CaptionCollator:
             )
             batch["input_ids"], batch["attention_mask"] = tokens["input_ids"], tokens["attention_mask"]
         return batch
-
-    def augmented(self, row: dict):
-        """A crop of 80–100% of the image (the processor resizes it), seeded per (seed, epoch, row)."""
-        image = row["image"]
-        with torch.random.fork_rng(devices=[]):  # the global RNG is left as it was
-            torch.manual_seed(int(np.random.default_rng([self.seed, self.epoch, row["row"], 1]).integers(2**31)))
-            top, left, height, width = RandomResizedCrop.get_params(image, scale=(0.8, 1.0), ratio=(0.9, 1.1))
-        return image.crop((left, top, left + width, top + height))
 
     def pick_caption(self, row: dict) -> str:
         if "caption_index" in row:  # an image-caption pair ([`CaptionPairs`])
