@@ -338,6 +338,23 @@ class FsgrPmaCrossAttention(nn.Module):
 # ==============================================================================================================
 # Vision tower: open_clip ViT with LoRA, deep prompts and SCLIP / MaskCLIP dense embeddings
 # ==============================================================================================================
+def lora_attention_weights(attn: LoraMultiheadAttention) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input and output projection weights a PEFT LoRA `nn.MultiheadAttention` attends with, `(3 d_v, d_v)` and
+    `(d_v, d_v)`: PEFT's W_in + ΔW_in and W_out + 2 ΔW_out (see `FsgrPmaLoraMultiheadAttention`) with its active
+    adapters, the base layer's own weights when they are disabled or merged."""
+    base = attn.get_base_layer()  # nn.MultiheadAttention
+    out_proj = base.out_proj  # PEFT lora.Linear
+    in_weight, out_weight = base.in_proj_weight, out_proj.get_base_layer().weight
+    if attn.disable_adapters or attn.merged:
+        return in_weight, out_weight
+    for name in attn.active_adapters:
+        if name in attn.lora_A:
+            in_weight = in_weight + attn.get_delta_weight(name).to(in_weight.dtype)  # (3 d_v, d_v)
+            out_delta = out_proj.get_delta_weight(name).to(out_weight.dtype)  # (d_v, d_v)
+            out_weight = out_weight + out_delta + out_delta.detach()
+    return in_weight, out_weight
+
+
 class FsgrPmaLoraMultiheadAttention(LoraMultiheadAttention):
     """PEFT's LoRA `nn.MultiheadAttention` (same modules and state-dict names), made traceable.
 
@@ -353,33 +370,13 @@ class FsgrPmaLoraMultiheadAttention(LoraMultiheadAttention):
     """
 
     def forward(self, query: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if not self.adapting:
+        adapters = [name for name in self.active_adapters if name in self.lora_A]
+        if self.disable_adapters or self.merged or not adapters:
             return super().forward(query, *args, **kwargs)
-        in_weight, out_weight = self.projection_weights()
+        in_weight, out_weight = lora_attention_weights(self)
         adapted = {"in_proj_weight": in_weight, "out_proj.base_layer.weight": out_weight}
         result = torch.func.functional_call(self.get_base_layer(), adapted, (query, *args), kwargs)
         return result[0].to(query.dtype), (result[1].to(query.dtype) if result[1] is not None else None)
-
-    @property
-    def adapting(self) -> bool:
-        """Whether the forward adds LoRA deltas (adapters enabled and active, not merged into the weights)."""
-        active = any(name in self.lora_A for name in self.active_adapters)
-        return active and not (self.disable_adapters or self.merged)
-
-    def projection_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The input and output projection weights the forward uses, `(3 d_v, d_v)` and `(d_v, d_v)`: PEFT's
-        W_in + ΔW_in and W_out + 2 ΔW_out while `adapting`, the base layer's own weights otherwise."""
-        base = self.get_base_layer()  # nn.MultiheadAttention
-        out_proj = base.out_proj  # PEFT lora.Linear
-        in_weight, out_weight = base.in_proj_weight, out_proj.get_base_layer().weight
-        if not self.adapting:
-            return in_weight, out_weight
-        for name in self.active_adapters:
-            if name in self.lora_A:
-                in_weight = in_weight + self.get_delta_weight(name).to(in_weight.dtype)  # (3 d_v, d_v)
-                out_delta = out_proj.get_delta_weight(name).to(out_weight.dtype)  # (d_v, d_v)
-                out_weight = out_weight + out_delta + out_delta.detach()
-        return in_weight, out_weight
 
     def _restore_weights(self) -> None:
         base = self.get_base_layer()
@@ -416,12 +413,12 @@ def correlative_attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     Per head, softmax(q qᵀ/√d_h) + softmax(k kᵀ/√d_h) weighs the values instead of softmax(q kᵀ/√d_h): each token
     gathers the tokens that project like it, which localises CLIP's patch semantics (Wang et al., ECCV 2024). A
-    LoRA-wrapped attention (training) contributes its W + ΔW, as its forward does.
+    LoRA-wrapped attention (training, or a PEFT adapter on a release) contributes its W + ΔW, as its forward does.
     Source: https://github.com/wangf3014/SCLIP/blob/main/clip/model.py (`VisionTransformer.custom_attn`, csa=True),
     as in FSGR's code (github.com/wxdaxx/FSGR11.15, `FSGR/models/fsgr/sclip_model_dpt.py`, `custom_attn`).
     """
-    if isinstance(attn, FsgrPmaLoraMultiheadAttention):
-        in_weight, out_weight = attn.projection_weights()
+    if isinstance(attn, LoraMultiheadAttention):
+        in_weight, out_weight = lora_attention_weights(attn)
         attn = attn.get_base_layer()
         out_bias = attn.out_proj.get_base_layer().bias
     else:
