@@ -21,6 +21,7 @@ DEFAULT_CLIP_CONFIG: dict[str, Any] = {
 }
 
 PROTOTYPE_DTYPES = ("float32", "float16", "bfloat16")
+DENSE_ATTENTIONS = ("sclip", "maskclip")
 
 
 class FsgrPmaConfig(PretrainedConfig):
@@ -49,6 +50,15 @@ class FsgrPmaConfig(PretrainedConfig):
             model is built without adapters.
         num_prompt_tokens (`int`, *optional*, defaults to 0):
             Deep visual prompt tokens inserted in every block from `lora_first_block` up (VPT-deep).
+        dense_attention (`str`, *optional*, defaults to `"sclip"`):
+            The last vision block's attention for the dense CLIP-space patch embeddings, which give the SupCon
+            pseudo-labels and the concept assignment. `"sclip"`: SCLIP's correlative self-attention, per head
+            softmax(q qᵀ/√d_h) + softmax(k kᵀ/√d_h) over the patches (Wang et al., "SCLIP: Rethinking Self-Attention
+            for Dense Vision-Language Inference", ECCV 2024), as FSGR's code has it. `"maskclip"`: every patch
+            attends only to itself, i.e. the value path (Zhou et al., "Extract Free Dense Labels from CLIP", ECCV
+            2022); the tiny presets keep it because their shipped CLIPs were pre-trained on it
+            (`tools/pretrain_clip.py`). A checkpoint saved before this field existed loads with `"maskclip"`, the
+            path it was trained with (`from_dict`).
         num_concepts (`int`, *optional*, defaults to 64): rows of the frozen concept codebook.
         concept_names (`list[str]`, *optional*): the concept vocabulary, one name per codebook row.
         concept_top_k (`int`, *optional*, defaults to 8): concepts pre-selected per image (FSGR: 20).
@@ -110,6 +120,7 @@ class FsgrPmaConfig(PretrainedConfig):
         lora_target_modules: list[str] | None = None,
         lora_merged: bool = False,
         num_prompt_tokens: int = 0,
+        dense_attention: str = "sclip",
         num_concepts: int = 64,
         concept_names: list[str] | None = None,
         concept_top_k: int = 8,
@@ -158,6 +169,7 @@ class FsgrPmaConfig(PretrainedConfig):
         self.lora_target_modules = list(lora_target_modules or ["attn", "mlp.c_fc", "mlp.c_proj"])
         self.lora_merged = lora_merged
         self.num_prompt_tokens = num_prompt_tokens
+        self.dense_attention = dense_attention
         self.num_concepts = num_concepts
         self.concept_names = list(concept_names) if concept_names is not None else None
         self.concept_top_k = concept_top_k
@@ -198,6 +210,11 @@ class FsgrPmaConfig(PretrainedConfig):
             **kwargs,
         )
         self.validate_fsgr_pma()
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs) -> FsgrPmaConfig:
+        """A saved config without `dense_attention` predates the field: its model was trained on MaskCLIP's path."""
+        return super().from_dict({"dense_attention": "maskclip", **config_dict}, **kwargs)
 
     # ----------------------------------------------------------------------------------------------------------
     # Derived sizes
@@ -273,6 +290,8 @@ class FsgrPmaConfig(PretrainedConfig):
             raise ValueError("supcon_temperature and concept_logit_scale must be positive")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError("dropout must lie in [0, 1)")
+        if self.dense_attention not in DENSE_ATTENTIONS:
+            raise ValueError(f"dense_attention must be one of {DENSE_ATTENTIONS}, got {self.dense_attention!r}")
         if self.prototype_dtype not in PROTOTYPE_DTYPES:
             raise ValueError(f"prototype_dtype must be one of {PROTOTYPE_DTYPES}, got {self.prototype_dtype!r}")
         if self.use_memory:

@@ -9,7 +9,9 @@ References:
   codebook, fine-grained cross-modal interaction.
 - PMA-Net: Barraco et al., "With a Little Help from your own Past: Prototypical Memory Networks for Image
   Captioning", ICCV 2023. Decoder self-attention that also attends to K-Means prototypes of past keys/values.
-- MaskCLIP: Zhou et al., "Extract Free Dense Labels from CLIP", ECCV 2022 (dense CLIP-space patch embeddings).
+- SCLIP: Wang et al., "SCLIP: Rethinking Self-Attention for Dense Vision-Language Inference", ECCV 2024
+  (correlative self-attention for the dense CLIP-space patch embeddings, as FSGR's code uses).
+- MaskCLIP: Zhou et al., "Extract Free Dense Labels from CLIP", ECCV 2022 (the alternative dense embeddings).
 - SupCon: Khosla et al., "Supervised Contrastive Learning", NeurIPS 2020.
 
 Decoding speed. One mechanism beyond transformers' usual code remains, because it earned at least 3% of a whole
@@ -333,8 +335,25 @@ class FsgrPmaCrossAttention(nn.Module):
 
 
 # ==============================================================================================================
-# Vision tower: open_clip ViT with LoRA, deep prompts and MaskCLIP dense embeddings
+# Vision tower: open_clip ViT with LoRA, deep prompts and SCLIP / MaskCLIP dense embeddings
 # ==============================================================================================================
+def lora_attention_weights(attn: LoraMultiheadAttention) -> tuple[torch.Tensor, torch.Tensor]:
+    """The input and output projection weights a PEFT LoRA `nn.MultiheadAttention` attends with, `(3 d_v, d_v)` and
+    `(d_v, d_v)`: PEFT's W_in + ΔW_in and W_out + 2 ΔW_out (see `FsgrPmaLoraMultiheadAttention`) with its active
+    adapters, the base layer's own weights when they are disabled or merged."""
+    base = attn.get_base_layer()  # nn.MultiheadAttention
+    out_proj = base.out_proj  # PEFT lora.Linear
+    in_weight, out_weight = base.in_proj_weight, out_proj.get_base_layer().weight
+    if attn.disable_adapters or attn.merged:
+        return in_weight, out_weight
+    for name in attn.active_adapters:
+        if name in attn.lora_A:
+            in_weight = in_weight + attn.get_delta_weight(name).to(in_weight.dtype)  # (3 d_v, d_v)
+            out_delta = out_proj.get_delta_weight(name).to(out_weight.dtype)  # (d_v, d_v)
+            out_weight = out_weight + out_delta + out_delta.detach()
+    return in_weight, out_weight
+
+
 class FsgrPmaLoraMultiheadAttention(LoraMultiheadAttention):
     """PEFT's LoRA `nn.MultiheadAttention` (same modules and state-dict names), made traceable.
 
@@ -353,15 +372,9 @@ class FsgrPmaLoraMultiheadAttention(LoraMultiheadAttention):
         adapters = [name for name in self.active_adapters if name in self.lora_A]
         if self.disable_adapters or self.merged or not adapters:
             return super().forward(query, *args, **kwargs)
-        base = self.get_base_layer()  # nn.MultiheadAttention
-        out_proj = base.out_proj  # PEFT lora.Linear
-        in_weight, out_weight = base.in_proj_weight, out_proj.get_base_layer().weight
-        for name in adapters:
-            in_weight = in_weight + self.get_delta_weight(name).to(in_weight.dtype)  # (3 d_v, d_v)
-            out_delta = out_proj.get_delta_weight(name).to(out_weight.dtype)  # (d_v, d_v)
-            out_weight = out_weight + out_delta + out_delta.detach()
+        in_weight, out_weight = lora_attention_weights(self)
         adapted = {"in_proj_weight": in_weight, "out_proj.base_layer.weight": out_weight}
-        result = torch.func.functional_call(base, adapted, (query, *args), kwargs)
+        result = torch.func.functional_call(self.get_base_layer(), adapted, (query, *args), kwargs)
         return result[0].to(query.dtype), (result[1].to(query.dtype) if result[1] is not None else None)
 
     def _restore_weights(self) -> None:
@@ -393,6 +406,30 @@ def value_path(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
+def correlative_attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """SCLIP's correlative self-attention (CSA) with the weights of an open_clip block's attention,
+    `(B, L, d_v)` → `(B, L, d_v)` (after `out_proj`).
+
+    Per head, softmax(q qᵀ/√d_h) + softmax(k kᵀ/√d_h) weighs the values instead of softmax(q kᵀ/√d_h): each token
+    gathers the tokens that project like it, which localises CLIP's patch semantics (Wang et al., ECCV 2024). A
+    LoRA-wrapped attention (training, or a PEFT adapter on a release) contributes its W + ΔW, as its forward does.
+    Source: https://github.com/wangf3014/SCLIP/blob/main/clip/model.py (`VisionTransformer.custom_attn`, csa=True),
+    as in FSGR's code (github.com/wxdaxx/FSGR11.15, `FSGR/models/fsgr/sclip_model_dpt.py`, `custom_attn`).
+    """
+    if isinstance(attn, LoraMultiheadAttention):
+        in_weight, out_weight = lora_attention_weights(attn)
+        attn = attn.get_base_layer()
+        out_bias = attn.out_proj.get_base_layer().bias
+    else:
+        in_weight, out_weight, out_bias = attn.in_proj_weight, attn.out_proj.weight, attn.out_proj.bias
+    qkv = F.linear(x, in_weight, attn.in_proj_bias).unflatten(-1, (3, attn.num_heads, -1))  # (B, L, 3, h, d_h)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, h, L, d_h)
+    scale = q.shape[-1] ** -0.5  # weights below: (B, h, L, L)
+    weights = (q @ q.transpose(-2, -1) * scale).softmax(-1) + (k @ k.transpose(-2, -1) * scale).softmax(-1)
+    out = (weights @ v).transpose(1, 2).flatten(2)  # (B, L, d_v)
+    return F.linear(out, out_weight, out_bias)
+
+
 class FsgrPmaVisionTower(nn.Module):
     """The open_clip ViT, run block by block so that the frozen prefix can be cached and prompts inserted.
 
@@ -412,6 +449,7 @@ class FsgrPmaVisionTower(nn.Module):
             raise ValueError("clip_config.vision_cfg must use the class-token pool ('tok') without attention pooling")
         self.first_adapted_block = config.lora_first_block
         self.num_prompt_tokens = config.num_prompt_tokens
+        self.dense_attention = config.dense_attention
         num_adapted = config.vision_layers - config.lora_first_block
         self.prompts = (
             nn.Parameter(torch.zeros(num_adapted, config.num_prompt_tokens, config.vision_width))
@@ -461,15 +499,20 @@ class FsgrPmaVisionTower(nn.Module):
         return torch.cat([x[:, :1], x[:, 1 + n_prompts :]], dim=1), last_input
 
     def dense_embeddings(self, last_input: torch.Tensor, n_patches: int) -> torch.Tensor:
-        """MaskCLIP-style dense CLIP-space patch embeddings, `(B, n, d_clip)`.
+        """Dense CLIP-space patch embeddings, `(B, n, d_clip)`: the last block rerun on the patches of its input
+        `last_input` `(B, 1 + P + n, d_v)` with `config.dense_attention`, then `ln_post` and the CLIP projection.
 
-        The last block runs with every patch attending only to itself (its value path), then `ln_post` and the
-        CLIP projection map each patch into the joint image-text space. Each patch goes through the block as a
-        sequence of length one, which is that self-only attention without an `(L, L)` mask or score matrix.
+        `"sclip"`: SCLIP's correlative self-attention among the patches (`correlative_attention`), the block's
+        residuals and MLP kept, as SCLIP's code and FSGR's `custom_last_layer` (the patches only, without the class
+        token and prompts) have them. `"maskclip"`: every patch attends only to itself (its value path), run as
+        a sequence of length one through the block, which is that self-only attention without an `(L, L)` mask.
         """
         patches = last_input[:, -n_patches:]  # (B, n, d_v)
         block = self.blocks[-1]
-        if type(block.attn) is nn.MultiheadAttention and not hasattr(block, "ln_1_kv"):
+        if self.dense_attention == "sclip":
+            x = patches + block.ls_1(correlative_attention(block.attn, block.ln_1(patches)))  # (B, n, d_v)
+            x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        elif type(block.attn) is nn.MultiheadAttention and not hasattr(block, "ln_1_kv"):
             x = value_path(block, patches)  # (B, n, d_v)
         else:  # LoRA-adapted attention (training): the wrapped layer computes W + ΔW
             batch, _, width = patches.shape

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,13 @@ def test_expected_presets_exist():
     assert {p.stem for p in PRESETS} >= {"tiny", "vit-b16", "vit-l14"}
 
 
+@pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
+def test_presets_name_their_dense_attention(path):
+    """FSGR's SCLIP for the COCO presets; MaskCLIP for the tiny ones, whose shipped CLIPs were pre-trained on it."""
+    expected = "maskclip" if path.stem.startswith("tiny") else "sclip"
+    assert json.loads(path.read_text()).get("dense_attention") == expected
+
+
 @pytest.mark.parametrize(
     "overrides, field",
     [
@@ -31,6 +39,7 @@ def test_expected_presets_exist():
         ({"lora_first_block": 5}, "lora_first_block"),
         ({"num_prototypes": 500, "memory_window": 2, "memory_tokens_per_step": 10}, "num_prototypes"),
         ({"prototype_dtype": "int8"}, "prototype_dtype"),
+        ({"dense_attention": "clip"}, r"dense_attention must be one of \('sclip', 'maskclip'\)"),
         ({"eos_token_id": 99, "vocab_size": 50}, "eos_token_id"),
         ({"concept_names": ["a", "b"], "num_concepts": 3, "concept_top_k": 2}, "concept_names"),
         ({"clip_config": {"embed_dim": 32, "vision_cfg": {"image_size": 30, "patch_size": 8, "layers": 2}}}, "image_size"),

@@ -1,11 +1,15 @@
-"""FSGR encoder stages: quantisation (straight-through, argmax), SupCon, LoRA, dense embeddings."""
+"""FSGR encoder stages: quantisation (straight-through, argmax), SupCon, LoRA, dense embeddings (SCLIP, MaskCLIP)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import random_batch, tiny_model
+from modeling_fsgr_pma import FsgrPmaForConditionalGeneration
 from modeling_fsgr_pma.modeling_fsgr_pma import supcon_loss
 
 
@@ -81,9 +85,9 @@ def test_lora_merge_gives_identical_outputs_and_plain_weights():
     assert not any(p.requires_grad for p in model.encoder.tower.visual.parameters())
 
 
-def test_dense_embeddings_use_each_patch_alone():
+def test_maskclip_dense_embeddings_use_each_patch_alone():
     """Self-only attention in the last block: a patch's dense embedding ignores every other patch."""
-    model = tiny_model().eval()
+    model = tiny_model(dense_attention="maskclip").eval()
     pixel_values, _ = random_batch(model.config, batch=1)
     prefix = model.encoder.frozen_prefix(pixel_values, None)
     *_, last_input = model.encoder.tower.adapted_blocks(prefix)
@@ -96,10 +100,10 @@ def test_dense_embeddings_use_each_patch_alone():
 
 
 @pytest.mark.parametrize("merged", [False, True], ids=["lora", "merged"])
-def test_dense_embeddings_equal_the_last_block_under_a_self_only_mask(merged):
+def test_maskclip_dense_embeddings_equal_the_last_block_under_a_self_only_mask(merged):
     """Each patch alone through the last block (LoRA-adapted), or its value path only (merged or plain attention),
     is MaskCLIP's self-only attention mask on the whole sequence."""
-    model = tiny_model().eval()
+    model = tiny_model(dense_attention="maskclip").eval()
     if merged:
         model.merge_encoder_lora()
         assert type(model.encoder.tower.blocks[-1].attn) is torch.nn.MultiheadAttention  # the value path runs
@@ -111,3 +115,90 @@ def test_dense_embeddings_equal_the_last_block_under_a_self_only_mask(merged):
     masked = tower.blocks[-1](last_input, attn_mask=self_only)[:, -n:]  # (B, n, d_v)
     reference = tower.visual.ln_post(masked) @ tower.visual.proj  # (B, n, d_clip)
     torch.testing.assert_close(tower.dense_embeddings(last_input, n), reference)
+
+
+def _randomise_lora(model, std: float = 0.05) -> None:
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=std)
+
+
+def _last_input(model, batch: int = 2) -> torch.Tensor:
+    pixel_values, _ = random_batch(model.config, batch=batch)
+    *_, last_input = model.encoder.tower.adapted_blocks(model.encoder.frozen_prefix(pixel_values, None))
+    return last_input  # (B, 1 + P + n, d_v)
+
+
+def test_sclip_dense_embeddings_equal_a_per_head_reference():
+    """SCLIP written out from nn.MultiheadAttention's weights: per head softmax(q qᵀ/√d_h) + softmax(k kᵀ/√d_h) over
+    the patches weighs the values; out_proj, the block's residuals and MLP, ln_post and the projection follow."""
+    model = tiny_model(dense_attention="sclip").eval()
+    _randomise_lora(model)
+    model.merge_encoder_lora()
+    tower, n = model.encoder.tower, model.config.num_patches
+    block = tower.blocks[-1]
+    attn = block.attn
+    assert type(attn) is torch.nn.MultiheadAttention
+    with torch.no_grad():
+        last_input = _last_input(model)
+        x = last_input[:, -n:]  # (B, n, d_v)
+        width, heads = x.shape[-1], attn.num_heads
+        head_width = width // heads
+        q, k, v = (
+            F.linear(block.ln_1(x), weight, bias)  # (B, n, d_v)
+            for weight, bias in zip(attn.in_proj_weight.split(width), attn.in_proj_bias.split(width))
+        )
+        outputs = []
+        for h in range(heads):
+            part = slice(h * head_width, (h + 1) * head_width)
+            qh, kh, vh = q[..., part], k[..., part], v[..., part]  # (B, n, d_h)
+            weights = torch.softmax(qh @ qh.mT / head_width**0.5, -1) + torch.softmax(kh @ kh.mT / head_width**0.5, -1)
+            outputs.append(weights @ vh)
+        y = x + attn.out_proj(torch.cat(outputs, dim=-1))
+        y = y + block.mlp(block.ln_2(y))
+        reference = tower.visual.ln_post(y) @ tower.visual.proj  # (B, n, d_clip)
+        dense = tower.dense_embeddings(last_input, n)
+    torch.testing.assert_close(dense, reference)
+
+
+def test_sclip_dense_embeddings_with_lora_equal_the_merged_tower_and_train_the_adapters():
+    model = tiny_model(dense_attention="sclip").eval()
+    _randomise_lora(model)
+    tower, n = model.encoder.tower, model.config.num_patches
+    last_input = _last_input(model)
+    adapted = tower.dense_embeddings(last_input, n)
+    adapted.square().sum().backward()
+    attn = tower.blocks[-1].attn
+    assert all(param.grad is not None and param.grad.abs().sum() > 0 for param in attn.lora_A.parameters())
+    with torch.no_grad():
+        tower.set_adapters_enabled(False)
+        frozen = tower.dense_embeddings(last_input, n)
+        tower.set_adapters_enabled(True)
+        model.merge_encoder_lora()
+        merged = tower.dense_embeddings(last_input, n)
+    assert not torch.allclose(frozen, adapted)  # the adapted path has the ΔW
+    torch.testing.assert_close(adapted.detach(), merged, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dense_attention", ["sclip", "maskclip"])
+def test_dense_attention_round_trips_through_save_pretrained(dense_attention, tmp_path):
+    model = tiny_model(dense_attention=dense_attention).eval()
+    model.save_pretrained(tmp_path)
+    again = FsgrPmaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert again.config.dense_attention == again.model.encoder.tower.dense_attention == dense_attention
+
+
+def test_checkpoint_from_before_dense_attention_loads_with_maskclip(tmp_path):
+    """A checkpoint saved before the field existed was trained on MaskCLIP's value path, and loads with it."""
+    model = tiny_model(dense_attention="maskclip").eval()
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["dense_attention"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    again = FsgrPmaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert again.config.dense_attention == "maskclip"
+    last_input = _last_input(model)
+    with torch.no_grad():
+        expected = model.encoder.tower.dense_embeddings(last_input, model.config.num_patches)
+        torch.testing.assert_close(again.encoder.tower.dense_embeddings(last_input, model.config.num_patches), expected)

@@ -1,7 +1,8 @@
 """Cached frozen-prefix features: the output of the vision blocks below `lora_first_block`, plus pseudo-labels.
 
 Written by `scripts/extract_features.py`, read by `scripts/train.py`. Valid only for the same tower, the same
-`lora_first_block` and the same codebook, and never with image augmentation (the cache holds one view per image).
+`lora_first_block`, the same codebook and `dense_attention` (the pseudo-labels), and never with image augmentation
+(the cache holds one view per image).
 
 Layout: `DIRECTORY/cache.json` (what the cache is valid for, `write_manifest`) and per split
 `DIRECTORY/{split}/index.json` (the image ids in order and the shard size) with shards
@@ -44,13 +45,15 @@ def codebook_hash(codebook: torch.Tensor) -> str:
 
 
 def cache_key(config: FsgrPmaConfig) -> dict:
-    """The config fields a cache depends on (the frozen blocks, their weights, the image size, the codebook rows)."""
+    """The config fields a cache depends on (the frozen blocks, their weights, the image size, the codebook rows,
+    the dense attention that labels the patches)."""
     return {
         "clip_config": config.clip_config,
         "image_size": config.image_size,
         "lora_first_block": config.lora_first_block,
         "clip_pretrained": config.clip_pretrained,
         "concept_names": config.concept_names,
+        "dense_attention": config.dense_attention,
     }
 
 
@@ -83,7 +86,7 @@ def check_cache_matches(
     manifest = Path(directory) / MANIFEST
     if not manifest.is_file():
         raise ValueError(f"{directory} is not a feature cache (no {MANIFEST}): run scripts/extract_features.py")
-    cached = json.loads(manifest.read_text())
+    cached = {"dense_attention": "maskclip", **json.loads(manifest.read_text())}  # older caches: MaskCLIP labels
     expected = cache_key(config)
     if codebook is not None:
         expected["codebook_sha256"] = codebook_hash(codebook)
