@@ -2,7 +2,7 @@
 
 Usage (the README's domain-transfer demo, after `python scripts/demo.py`):
 
-    python scripts/make_synthetic.py --output-dir outputs/demo/data-b --domain synthetic-b --num-images 1000 --seed 1
+    python scripts/make_synthetic.py --output-dir outputs/demo/data-b --domain scenes-b --num-images 1000 --seed 1
     accelerate launch scripts/finetune_peft.py --base-model outputs/demo/model --data outputs/demo/data-b \
         --output-dir outputs/demo/peft
 

@@ -23,7 +23,7 @@ from modeling_fsgr_pma.training.adapters import (
 )
 from modeling_fsgr_pma.data.captions import load_caption_split
 from modeling_fsgr_pma.processing_fsgr_pma import FsgrPmaProcessor
-from modeling_fsgr_pma.data.synthetic import generate_world
+from modeling_fsgr_pma.data import scenes
 from modeling_fsgr_pma.data.tokenization import train_caption_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,10 +68,11 @@ def test_new_word_token_ids_are_the_pieces_of_unknown_words():
 # scripts/finetune_peft.py end to end on a tiny world of the second domain
 @pytest.fixture(scope="module")
 def base_and_world(tmp_path_factory):
-    """A released tiny base model (LoRA merged, prototypes refreshed) and a tiny synthetic-b world."""
+    """A released tiny base model (LoRA merged, prototypes refreshed) and a tiny world of the README's new domain,
+    `scenes-b` (every image holds a category the scene world's captions never name)."""
     root = tmp_path_factory.mktemp("peft")
     world = root / "world"
-    generate_world(world, num_images=24, seed=1, image_size=32, domain="synthetic-b")
+    scenes.generate_world(world, num_images=24, seed=1, image_size=32, domain=scenes.DOMAIN_B)
     captions = [c for caps in load_caption_split(world, "train")["captions"] for c in caps]
     tokenizer = train_caption_tokenizer(captions[:20], 60)
     model = tiny_model(seed=3, vocab_size=len(tokenizer), max_position_embeddings=64, memory_refresh_every=2,
