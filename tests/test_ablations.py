@@ -64,3 +64,11 @@ def test_scene_world_ablations_report_every_test_split_and_chair(tmp_path):
     metrics = ablations.metrics_of(tmp_path)
     assert {split for split, _, _ in metrics.values()} == {"test", "test_novel", "test_out_domain"}
     assert {key for _, key, _ in metrics.values()} >= {"CIDEr", "chair_i", "object_recall", "relation_error_rate"}
+
+
+def test_a_metric_undefined_in_some_run_is_reported_as_such():
+    runs = _runs([1.0, 1.2, 0.9], [1.1, 1.0, 1.0])
+    runs["variant"][1]["test_novel"]["reference_cross_entropy"] = None
+    summary = ablations.paired_summary(runs, seeds=[0, 1, 2], metrics=ablations.SHAPE_METRICS)
+    assert summary["variant"]["reference CE test_novel"] is None and summary["full"]["reference CE test_novel"]
+    assert "n/a" in ablations.markdown(summary, [0, 1, 2])

@@ -182,6 +182,9 @@ def paired_summary(runs: dict[str, dict[int, dict]], seeds: list[int], metrics: 
         summary[name] = {}
         for metric, (split, key, better) in metrics.items():
             values = [by_seed[seed][split][key] for seed in seeds]
+            if None in values or (name != "full" and None in [runs["full"][seed][split][key] for seed in seeds]):
+                summary[name][metric] = None  # undefined in some run (a relation error rate with no relation said)
+                continue
             entry = {"mean": statistics.fmean(values), "sd": statistics.stdev(values), "values": values}
             if name != "full":
                 differences = [v - runs["full"][seed][split][key] for v, seed in zip(values, seeds)]
@@ -199,12 +202,13 @@ def markdown(summary: dict, seeds: list[int]) -> str:
     means = ["| variant | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     differences = ["| variant − full | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for variant, metrics in summary.items():
-        means.append(f"| {variant} | " + " | ".join(f"{metrics[m]['mean']:.3f} ± {metrics[m]['sd']:.3f}" for m in names) + " |")
+        means.append(f"| {variant} | " + " | ".join(
+            f"{metrics[m]['mean']:.3f} ± {metrics[m]['sd']:.3f}" if metrics[m] else "n/a" for m in names) + " |")
         if variant != "full":
             cells = []
             for m in names:
-                d = metrics[m]["difference"]
-                cells.append(f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]")
+                d = metrics[m]["difference"] if metrics[m] else None
+                cells.append(f"{d['mean']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" if d else "n/a")
             differences.append(f"| {variant} | " + " | ".join(cells) + " |")
     header = f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); mean ± standard deviation over seeds.\n\n"
     note = "\n\nPaired differences (variant − full), mean [95% t-interval] over seeds.\n\n"
