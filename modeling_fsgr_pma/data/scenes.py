@@ -736,41 +736,47 @@ def render_scene(record: dict, image_size: int, rng: np.random.Generator) -> PIL
     side = 2 * image_size
     canvas = PILImage.fromarray(_background(record["scene"]["type"], side, rng))
     for obj in record["objects"]:
-        x0, y0, x1, y1 = (round(v * side) for v in obj["box"])
-        tile_side = max(4, x1 - x0)
         rgb = tuple(int(np.clip(c + rng.integers(-12, 13), 0, 255)) for c in COLOURS[obj["colour"]])
-        tile = render_icon(obj["category"], rgb, obj["pattern"], tile_side)
-        if obj["flip"]:
-            tile = tile.transpose(PILImage.FLIP_LEFT_RIGHT)
-        tile = tile.rotate(obj["tilt"], resample=PILImage.BICUBIC)
-        canvas.paste(tile, (x0, y0), tile)
+        tile, corner = placed_icon(obj, side, rgb, obj["pattern"])
+        canvas.paste(tile, corner, tile)
     return canvas.resize((image_size, image_size), PILImage.LANCZOS)
+
+
+def placed_icon(obj: dict, side: int, rgb: tuple[int, int, int], pattern: str) -> tuple[PILImage.Image, tuple[int, int]]:
+    """The object's RGBA icon as drawn on a `side`-pixel canvas (its box's width, mirrored and tilted), and the
+    canvas position of its top-left corner."""
+    x0, y0, x1, _ = (round(v * side) for v in obj["box"])
+    tile = render_icon(obj["category"], rgb, pattern, max(4, x1 - x0))
+    if obj["flip"]:
+        tile = tile.transpose(PILImage.FLIP_LEFT_RIGHT)
+    return tile.rotate(obj["tilt"], resample=PILImage.BICUBIC), (x0, y0)
 
 
 def patch_objects(objects: list[dict], image_size: int, grid_size: int, min_cover: float = 0.25) -> np.ndarray:
     """Which object each patch of a `grid_size`² grid shows: `(grid_size**2,)` object indices, -1 for background.
 
-    The icons' own silhouettes (flip and tilt as `render_scene` draws them, later objects over earlier ones) are
-    rasterised at `image_size`; a patch shows the object that covers most of its pixels, when that object covers at
-    least `min_cover` of them.
+    The icons' own silhouettes (`placed_icon`, as `render_scene` draws them, later objects over earlier ones) are
+    rasterised at `image_size`; see `patch_owners` for the rule.
     """
     owner = np.full((image_size, image_size), -1, dtype=np.int64)
     for index, obj in enumerate(objects):
-        x0, y0, x1, y1 = (round(v * image_size) for v in obj["box"])
-        tile = render_icon(obj["category"], (0, 0, 0), "plain", max(4, x1 - x0))
-        if obj["flip"]:
-            tile = tile.transpose(PILImage.FLIP_LEFT_RIGHT)
-        alpha = np.asarray(tile.rotate(obj["tilt"], resample=PILImage.BICUBIC).getchannel("A")) > 127  # (s, s)
-        rows, cols = np.nonzero(alpha)
+        tile, (x0, y0) = placed_icon(obj, image_size, (0, 0, 0), "plain")
+        rows, cols = np.nonzero(np.asarray(tile.getchannel("A")) > 127)  # the silhouette's pixels in the tile
         rows, cols = rows + y0, cols + x0
         inside = (rows >= 0) & (rows < image_size) & (cols >= 0) & (cols < image_size)
         owner[rows[inside], cols[inside]] = index
-    patch = image_size // grid_size
+    return patch_owners(owner, len(objects), grid_size, min_cover)
+
+
+def patch_owners(owner: np.ndarray, num_objects: int, grid_size: int, min_cover: float) -> np.ndarray:
+    """`(S, S)` pixel owners (object index, -1 for background) → `(grid_size**2,)` patch owners: a patch shows the
+    object that covers most of its pixels, when that object covers at least `min_cover` of them, else -1."""
+    if not num_objects:
+        return np.full(grid_size**2, -1, dtype=np.int64)
+    patch = owner.shape[0] // grid_size
     cells = owner[: patch * grid_size, : patch * grid_size].reshape(grid_size, patch, grid_size, patch)
     cells = cells.transpose(0, 2, 1, 3).reshape(grid_size**2, patch * patch)  # (n, pixels per patch)
-    if not objects:
-        return np.full(grid_size**2, -1, dtype=np.int64)
-    cover = np.stack([(cells == index).mean(1) for index in range(len(objects))], 1)  # (n, objects)
+    cover = np.stack([(cells == index).mean(1) for index in range(num_objects)], 1)  # (n, objects)
     return np.where(cover.max(1) >= min_cover, cover.argmax(1), -1)
 
 

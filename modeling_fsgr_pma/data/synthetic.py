@@ -177,20 +177,14 @@ def _object_mask(obj: dict, side: int) -> PILImage.Image:
 def patch_objects(objects: list[dict], image_size: int, grid_size: int, min_cover: float = 0.25) -> np.ndarray:
     """Which object each patch of a `grid_size`² grid shows: `(grid_size**2,)` object indices, -1 for background.
 
-    A patch shows the object that covers most of its pixels, when that object covers at least `min_cover` of them;
-    later objects are drawn over earlier ones, as in `render_scene`. `objects` need their centres (`x`, `y`).
+    A patch shows the object that covers most of its pixels, when that object covers at least `min_cover` of them
+    (`scenes.patch_owners`); later objects are drawn over earlier ones, as in `render_scene`. `objects` need their
+    centres (`x`, `y`).
     """
-    if not objects:
-        return np.full(grid_size**2, -1, dtype=np.int64)
     owner = np.full((image_size, image_size), -1, dtype=np.int64)
     for index, obj in enumerate(objects):
         owner[np.asarray(_object_mask(obj, image_size)) > 127] = index
-    patch = image_size // grid_size
-    cells = owner[: patch * grid_size, : patch * grid_size].reshape(grid_size, patch, grid_size, patch)
-    cells = cells.transpose(0, 2, 1, 3).reshape(grid_size**2, patch * patch)  # (n, pixels per patch)
-    cover = np.stack([(cells == index).mean(1) for index in range(len(objects))], 1)  # (n, objects)
-    best = cover.argmax(1)
-    return np.where(cover.max(1) >= min_cover, best, -1)
+    return scenes.patch_owners(owner, len(objects), grid_size, min_cover)
 
 
 def _background(texture: str, tone: tuple[int, int, int], side: int, rng: np.random.Generator) -> np.ndarray:
