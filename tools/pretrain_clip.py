@@ -109,10 +109,11 @@ class PhraseTargets:
     colour_phrases: torch.Tensor
     background_phrases: torch.Tensor
 
-    def head(self, count: int) -> PhraseTargets:
-        """The targets of the first `count` images."""
-        return PhraseTargets(self.phrases, self.image_phrases[:count], self.patch_phrases[:count],
-                             self.patch_colours[:count], self.colour_phrases, self.background_phrases)
+    def select(self, index) -> PhraseTargets:
+        """The targets of the images at `index` (a sequence of positions)."""
+        index = list(index)
+        return PhraseTargets(self.phrases, [self.image_phrases[i] for i in index], self.patch_phrases[index],
+                             self.patch_colours[index], self.colour_phrases, self.background_phrases)
 
 
 def phrase_targets(split, domain: str, config: FsgrPmaConfig) -> PhraseTargets:
@@ -294,11 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
         for step in tqdm(range(steps_per_epoch), desc=f"epoch {epoch}", leave=False):
             index = order[step * args.batch_size : (step + 1) * args.batch_size]
             texts = torch.stack([captions[i][rng.integers(len(captions[i]))] for i in index])  # (B, context)
-            batch_targets = PhraseTargets(
-                targets.phrases, [targets.image_phrases[i] for i in index], targets.patch_phrases[index],
-                targets.patch_colours[index], targets.colour_phrases, targets.background_phrases,
-            )
-            losses = pretraining_loss(model, pixels[index], texts, phrase_tokens, batch_targets, clip_loss)
+            losses = pretraining_loss(model, pixels[index], texts, phrase_tokens, targets.select(index), clip_loss)
             sum(losses.values()).backward()
             optimizer.step()
             scheduler.step()
@@ -306,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + value.item() / steps_per_epoch
         progress = validation_report(model, tokenizer, validation_pixels[:256], validation_captions[:256],
-                                     validation_targets.head(256))
+                                     validation_targets.select(range(min(256, len(validation)))))
         logger.info(
             "epoch %d: %s; on 256 validation images %s (%.0f s elapsed)", epoch,
             ", ".join(f"{k} loss {v:.3f}" for k, v in sums.items()),
