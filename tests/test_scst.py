@@ -7,6 +7,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import GenerationConfig
 
 from conftest import EOS, fill_memory, tiny_model
 from modeling_fsgr_pma.training import steps
@@ -26,6 +27,8 @@ def _reward(captions, image_ids):
 def test_scored_log_probs_are_the_ones_generation_used_from_one_encoder_pass(sequences, monkeypatch):
     model = tiny_model(dropout=0.3, vocab_size=24)  # dropout and Gumbel noise would show an off-policy score
     fill_memory(model)
+    # the captioning settings' processors would reshape a sampled policy without the scoring pass seeing it
+    model.generation_config.update(no_repeat_ngram_size=1, repetition_penalty=2.0)
     model.train()
     generated, scored, encoder_calls = {}, {}, []
     original_generate, original_score = model.generate, steps.score_sequences
@@ -47,11 +50,14 @@ def test_scored_log_probs_are_the_ones_generation_used_from_one_encoder_pass(seq
     loss, _ = steps.scst_loss(model, model, batch, _Tokenizer(), ["a", "b", "c"], _reward, 4, 6, sequences)
 
     assert len(encoder_calls) == 1 and model.training  # one encoder pass for the 3 x 4 sequences; mode restored
+    assert model.generation_config.no_repeat_ngram_size == 1  # the captioning settings restored
     out = generated["out"]
     assert not generated["training"] and out.sequences.shape[0] == 12
     mask = steps.caption_mask(out.sequences, model.config.eos_token_id)[:, 1:]
     if sequences == "sample":
-        step_log_probs = torch.stack([F.log_softmax(logits.float(), -1) for logits in out.logits], 1)  # (12, L-1, V)
+        sampled_from = zip(out.scores, out.logits)  # the processed scores that were sampled, and the raw logits
+        assert all(torch.equal(scores, logits) for scores, logits in sampled_from)
+        step_log_probs = torch.stack([F.log_softmax(scores.float(), -1) for scores in out.scores], 1)  # (12, L-1, V)
         chosen = step_log_probs.gather(-1, out.sequences[:, 1:, None]).squeeze(-1)  # (12, L-1)
         expected = (chosen * mask).sum(1)
     else:  # beam scores are length-normalised sums of the same log-probabilities
@@ -92,4 +98,4 @@ def test_reinforce_gradient_matches_the_exact_expectation_on_a_toy_vocabulary():
 
 def test_unknown_sequence_kind_is_a_clear_error():
     with pytest.raises(ValueError, match="beam"):
-        steps.scst_generation_kwargs("greedy", 5, 20)
+        steps.scst_generation_config(GenerationConfig(), "greedy", 5, 20)

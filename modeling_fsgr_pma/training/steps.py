@@ -6,6 +6,7 @@ atomic, resumable checkpoints.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import broadcast, gather, pad_across_processes
 from tqdm.auto import tqdm
+from transformers import GenerationConfig
 
 from ..modeling_fsgr_pma import FsgrPmaEncoderOutput, FsgrPmaForConditionalGeneration
 
@@ -161,19 +163,29 @@ def caption_mask(sequences: torch.Tensor, eos_token_id: int) -> torch.Tensor:
 SCST_SEQUENCES = ("beam", "sample")
 
 
-def scst_generation_kwargs(sequences: str, num_sequences: int, max_new_tokens: int) -> dict:
-    """`generate` arguments for the SCST sequences of one image: its `num_sequences` beams or samples.
+def scst_generation_config(
+    model_config: GenerationConfig, sequences: str, num_sequences: int, max_new_tokens: int
+) -> GenerationConfig:
+    """The `generate` settings for the SCST sequences of one image: its `num_sequences` beams or samples.
 
-    Samples come from the model's own distribution (no top-k, top-p or temperature: transformers' default top-k of
-    50 would sample from a truncated policy whose log-probabilities are not the ones scored).
+    Beams are searched as the model captions (its `generation_config`, `no_repeat_ngram_size` included). Samples
+    come from the model's own distribution: a fresh config keeps only the special token ids, so none of
+    `generation_config`'s logits processors (no-repeat n-grams, repetition penalty, ...) and no top-k, top-p or
+    temperature (transformers' default top-k of 50 among them) reshape the distribution that is sampled; the scoring
+    pass, which sees raw logits, would not see such a change.
     """
     if sequences not in SCST_SEQUENCES:
         raise ValueError(f"SCST sequences must be one of {SCST_SEQUENCES}, got {sequences!r}")
     if sequences == "beam":
-        return dict(do_sample=False, num_beams=num_sequences, num_return_sequences=num_sequences,
-                    max_new_tokens=max_new_tokens)
-    return dict(do_sample=True, num_beams=1, num_return_sequences=num_sequences, max_new_tokens=max_new_tokens,
-                top_k=0, top_p=1.0, temperature=1.0)
+        config = copy.deepcopy(model_config)
+        config.update(do_sample=False, num_beams=num_sequences, num_return_sequences=num_sequences,
+                      max_new_tokens=max_new_tokens)
+        return config
+    token_ids = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+    return GenerationConfig(
+        **{name: getattr(model_config, name) for name in token_ids}, do_sample=True, num_beams=1,
+        num_return_sequences=num_sequences, max_new_tokens=max_new_tokens, top_k=0, top_p=1.0, temperature=1.0,
+    )
 
 
 def reinforce_loss(log_probs: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
@@ -216,15 +228,16 @@ def scst_loss(
 
     Returns the loss and the mean reward.
     """
-    was_training = unwrapped.training
+    was_training, captioning_config = unwrapped.training, unwrapped.generation_config
     unwrapped.eval()
+    # `generate` fills what a passed config leaves unset from the model's own, so the SCST settings stand in for it
+    unwrapped.generation_config = scst_generation_config(captioning_config, sequences, num_sequences, max_new_tokens)
     try:
         encoder_outputs = unwrapped.get_encoder()(**image_inputs_of(batch))  # one pass per image, with gradient
         memory = encoder_outputs.last_hidden_state  # (B, n, d)
         with torch.no_grad():
             generated = unwrapped.generate(
-                encoder_outputs=FsgrPmaEncoderOutput(last_hidden_state=memory.detach()),
-                **scst_generation_kwargs(sequences, num_sequences, max_new_tokens),
+                encoder_outputs=FsgrPmaEncoderOutput(last_hidden_state=memory.detach())
             )  # (B * S, L), the S sequences of an image adjacent
         captions = tokenizer.batch_decode(generated, skip_special_tokens=True)
         repeated_ids = [image_id for image_id in image_ids for _ in range(num_sequences)]
@@ -232,6 +245,7 @@ def scst_loss(
         log_probs = score_sequences(model, unwrapped.config, memory, generated, num_sequences)  # (B * S,)
     finally:
         unwrapped.train(was_training)
+        unwrapped.generation_config = captioning_config
     rewards = rewards.view(-1, num_sequences)  # (B, S)
     return reinforce_loss(log_probs.view(-1, num_sequences), rewards), rewards.mean().item()
 
