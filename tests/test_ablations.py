@@ -72,3 +72,17 @@ def test_a_metric_undefined_in_some_run_is_reported_as_such():
     summary = ablations.paired_summary(runs, seeds=[0, 1, 2], metrics=ablations.SHAPE_METRICS)
     assert summary["variant"]["reference CE test_novel"] is None and summary["full"]["reference CE test_novel"]
     assert "n/a" in ablations.markdown(summary, [0, 1, 2])
+
+
+def test_runs_of_an_earlier_report_with_the_same_settings_are_not_repeated(tmp_path):
+    variants = {"full": [], "no memory": ["--config-overrides", "use_memory=false"]}
+    report = {"train_args": "--xe-steps 300", "test_images": 400,
+              "variants": {"full": [], "no memory": ["--config-overrides", "use_memory=true"]},  # other flags then
+              "runs": {"full": {"0": {"test": {"CIDEr": 1.0}}}, "no memory": {"0": {"test": {"CIDEr": 0.9}}}}}
+    output = tmp_path / "report.json"
+    output.write_text(ablations.json.dumps(report))
+    args = ablations.argparse.Namespace(output=output, train_args="--xe-steps 300", test_images=400)
+    assert ablations.recorded_runs(args, variants) == {("full", 0): {"test": {"CIDEr": 1.0}}}
+    args.train_args = "--xe-steps 200"  # another schedule: nothing is reused
+    assert ablations.recorded_runs(args, variants) == {}
+    assert ablations.recorded_runs(ablations.argparse.Namespace(output=tmp_path / "none.json"), variants) == {}

@@ -22,7 +22,9 @@ of the `test_novel` references.
 
 Writes `--output` (JSON: every run's metrics, and per variant the mean over seeds and the paired difference from
 `full` with its 95% t-interval) and the same tables as markdown next to it (`.md`). Runs whose metric files exist
-are not repeated, so an interrupted sweep resumes; `--jobs 2` trains two runs at a time, one thread each.
+are not repeated, nor are the runs of an earlier report at `--output` made with the same `--train-args`,
+`--test-images` and variant flags, so an interrupted sweep resumes and more seeds or variants extend a report;
+`--jobs 2` trains two runs at a time, one thread each.
 """
 
 from __future__ import annotations
@@ -144,11 +146,28 @@ def metrics_of(world: Path) -> dict[str, tuple[str, str, str]]:
     return SCENE_METRICS if json.loads((world / "world.json").read_text())["domain"] == "scenes" else SHAPE_METRICS
 
 
+def recorded_runs(args: argparse.Namespace, variants: dict[str, list[str]]) -> dict[tuple[str, int], dict]:
+    """The runs of the report already at `--output`, where it was made with the same training arguments, test
+    images and variant flags: `(variant, seed)` → metrics by split. A report is a record; its runs are not repeated."""
+    if not args.output.is_file():
+        return {}
+    report = json.loads(args.output.read_text())
+    if (report["train_args"], report["test_images"]) != (args.train_args, args.test_images):
+        return {}
+    return {
+        (name, int(seed)): metrics
+        for name, by_seed in report["runs"].items() if report["variants"].get(name) == variants.get(name)
+        for seed, metrics in by_seed.items()
+    }
+
+
 def run_variant(args: argparse.Namespace, world: Path, name: str, flags: list[str], seed: int) -> dict:
     """Train one variant with one seed and evaluate it on the test splits (skipped when already done)."""
     demo, output = args.demo_dir, args.demo_dir / "ablations" / f"seed{seed}" / name.replace(" ", "_")
     splits = sorted({split for split, _, _ in metrics_of(world).values()})
     metrics = {split: output / f"metrics_{split}.json" for split in splits}
+    if (name, seed) in args.recorded:
+        return args.recorded[name, seed]
     if all(path.is_file() for path in metrics.values()):
         return {split: json.loads(path.read_text()) for split, path in metrics.items()}
     threads = str(max(1, 2 // args.jobs))
@@ -220,6 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     world = ablation_world(args.demo_dir, args.test_images)
     variants = variant_flags(args)
+    args.recorded = recorded_runs(args, variants)
     jobs = [(name, flags, seed) for seed in args.seeds for name, flags in variants.items()]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         results = list(pool.map(lambda job: run_variant(args, world, *job), jobs))
