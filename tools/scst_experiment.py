@@ -1,17 +1,18 @@
-"""Paired SCST experiment on the synthetic world: XE only against three SCST variants started from the same XE model.
+"""Paired SCST experiment on the demo's world: XE only against three SCST variants started from the same XE model.
 
 Usage (after `scripts/demo.py`, whose world, CLIP, codebook, feature cache and tokenizer every run shares):
 
-    python tools/scst_experiment.py --demo-dir outputs/demo --seeds 0 1 2 3 4 --xe-steps 250 --scst-steps 30 \
-        --output docs/results/scst.json
+    python tools/scst_experiment.py --demo-dir outputs/demo --seeds 0 1 2 3 4 --output docs/results/scst.json
 
-Per seed, `scripts/train.py` trains XE once (`--xe-steps`, the demo's recipe otherwise) and saves a checkpoint; each
-variant resumes from that checkpoint into `--scst-steps` of SCST, so the variants of a seed differ only in SCST:
+Per seed, `scripts/train.py` trains XE once (`--xe-steps`, by default the recipe's) and saves a checkpoint; each
+variant resumes from that checkpoint into `--scst-steps` of SCST (by default the recipe's), so the variants of a seed
+differ only in SCST:
 
 - `off-policy sample`: SCST as it was before on-policy SCST (kept here only, to measure it): samples drawn with the
   model in eval mode, their log-probabilities recomputed in train mode (dropout, fresh Gumbel noise, one encoder
   pass per sequence), transformers' default top-k 50 sampling;
-- `sample`: on-policy SCST with 5 samples per image (`--scst-sequences sample`);
+- `sample`: on-policy SCST with 5 samples per image (`--scst-sequences sample`), drawn from the model's own
+  distribution;
 - `beam`: on-policy SCST with the 5 beams of each image (`--scst-sequences beam`, the papers').
 
 The metric is CIDEr-D on the first `--eval-max-images` validation images at the run's last step (no selection),
@@ -30,6 +31,7 @@ from pathlib import Path
 from unittest import mock
 
 import torch
+import yaml
 from scipy import stats
 
 from modeling_fsgr_pma.training.steps import image_inputs_of, sequence_log_probs
@@ -70,12 +72,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--demo-dir", type=Path, default=Path("outputs/demo"))
     parser.add_argument("--work-dir", type=Path, default=None, help="runs go here (default: DEMO_DIR/scst)")
     parser.add_argument("--output", type=Path, default=Path("docs/results/scst.json"))
-    parser.add_argument("--train-config", type=Path, default=ROOT / "configuration/train/synthetic.yaml")
+    parser.add_argument("--train-config", type=Path, default=ROOT / "configuration/train/scenes.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--xe-steps", type=int, default=250)
-    parser.add_argument("--scst-steps", type=int, default=30)
-    parser.add_argument("--eval-max-images", type=int, default=200)
+    parser.add_argument("--xe-steps", type=int, default=None, help="XE steps (default: the recipe's)")
+    parser.add_argument("--scst-steps", type=int, default=None, help="SCST steps (default: the recipe's)")
+    parser.add_argument("--eval-max-images", type=int, default=400)
     args = parser.parse_args(argv)
+    recipe = yaml.safe_load(args.train_config.read_text())
+    args.xe_steps = args.xe_steps if args.xe_steps is not None else recipe["xe_steps"]
+    args.scst_steps = args.scst_steps if args.scst_steps is not None else recipe["scst_steps"]
     if len(set(args.seeds)) < 2:
         parser.error("--seeds needs at least two distinct seeds for an interval")
     args.work_dir = args.work_dir or args.demo_dir / "scst"
