@@ -38,7 +38,7 @@ class FsgrPmaConfig(PretrainedConfig):
         clip_pretrained (`str`, *optional*):
             open_clip pretrained tag or checkpoint path the training script loads (e.g. `"openai"`).
         lora_first_block (`int`, *optional*, defaults to 1):
-            First vision block that receives LoRA adapters (and deep prompts). The blocks below are frozen and
+            First vision block that receives LoRA adapters. Without deep prompts the blocks below are frozen and
             their output may be cached (`scripts/extract_features.py`).
         lora_rank (`int`, *optional*, defaults to 4): LoRA rank `r`; 0 disables LoRA in the tower.
         lora_alpha (`int`, *optional*, defaults to 8): LoRA scaling numerator.
@@ -49,7 +49,10 @@ class FsgrPmaConfig(PretrainedConfig):
             Whether the LoRA deltas have been merged into the tower weights (`merge_encoder_lora()`); a merged
             model is built without adapters.
         num_prompt_tokens (`int`, *optional*, defaults to 0):
-            Deep visual prompt tokens inserted in every block from `lora_first_block` up (VPT-deep).
+            Deep visual prompt tokens (VPT-deep, Jia et al., ECCV 2022), as FSGR's tower has them (100 in
+            `sclip_model_dpt.py`): a new set before every block of the tower, each through one shared linear
+            projection and dropout, and a LayerNorm on the tower's output. Every block then sees trained tokens, so
+            only the patch embedding is frozen and cacheable (`frozen_blocks` is 0).
         dense_attention (`str`, *optional*, defaults to `"sclip"`):
             The last vision block's attention for the dense CLIP-space patch embeddings, which give the SupCon
             pseudo-labels and the concept assignment. `"sclip"`: SCLIP's correlative self-attention, per head
@@ -249,6 +252,11 @@ class FsgrPmaConfig(PretrainedConfig):
     @property
     def num_patches(self) -> int:
         return self.grid_size**2
+
+    @property
+    def frozen_blocks(self) -> int:
+        """Vision blocks whose output depends on no trained parameter: the prefix the feature cache stores."""
+        return 0 if self.num_prompt_tokens else self.lora_first_block
 
     @property
     def memory_bank_size(self) -> int:

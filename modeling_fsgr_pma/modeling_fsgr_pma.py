@@ -447,15 +447,15 @@ class FsgrPmaVisionTower(nn.Module):
         self.visual = visual
         if getattr(self.visual, "attn_pool", None) is not None or self.visual.pool_type != "tok":
             raise ValueError("clip_config.vision_cfg must use the class-token pool ('tok') without attention pooling")
-        self.first_adapted_block = config.lora_first_block
-        self.num_prompt_tokens = config.num_prompt_tokens
+        self.first_adapted_block = config.frozen_blocks
         self.dense_attention = config.dense_attention
-        num_adapted = config.vision_layers - config.lora_first_block
-        self.prompts = (
-            nn.Parameter(torch.zeros(num_adapted, config.num_prompt_tokens, config.vision_width))
-            if config.num_prompt_tokens
-            else None
-        )
+        self.prompts = self.prompt_proj = self.prompt_norm = None
+        if config.num_prompt_tokens:  # FSGR's VPT-deep (sclip_model_dpt.py): one set per block, shared projection
+            width = config.vision_width
+            self.prompts = nn.Parameter(torch.zeros(config.vision_layers, config.num_prompt_tokens, width))
+            self.prompt_proj = nn.Linear(width, width)
+            self.prompt_dropout = nn.Dropout(config.dropout)
+            self.prompt_norm = nn.LayerNorm(width, eps=1e-6)
         self.gradient_checkpointing = False  # set by `activation_checkpointing_enable()` (with its function)
 
     @property
@@ -472,35 +472,38 @@ class FsgrPmaVisionTower(nn.Module):
         return visual.ln_pre(x)
 
     def frozen_prefix(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Output of the frozen blocks below `lora_first_block`, `(B, 1 + n, d_v)`; what the feature cache stores."""
+        """Output of the frozen blocks (`config.frozen_blocks`), `(B, 1 + n, d_v)`; what the feature cache stores."""
         x = self.embed(pixel_values)
         for block in self.blocks[: self.first_adapted_block]:
             x = block(x)
         return x
 
     def adapted_blocks(self, x: torch.Tensor, with_prompts: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the blocks from `lora_first_block` up.
+        """Run the blocks after the frozen prefix, with a new set of deep prompts before each (when the config has
+        them and `with_prompts`; FSGR's `forward_deep_prompt`).
 
-        Returns the final tokens `(B, 1 + n, d_v)` (prompts removed) and the input of the last block
-        `(B, 1 + P + n, d_v)`, from which the dense embeddings are computed.
+        Returns the final tokens `(B, 1 + n, d_v)` (prompts removed; `prompt_norm`ed when prompted) and the input
+        of the last block `(B, 1 + P + n, d_v)`, from which the dense embeddings are computed.
         """
-        n_prompts = self.num_prompt_tokens if (with_prompts and self.prompts is not None) else 0
+        n_prompts = self.prompts.shape[1] if (with_prompts and self.prompts is not None) else 0
         last_input = x
         for i, block in enumerate(self.blocks[self.first_adapted_block :]):
             if n_prompts:
-                prompt = self.prompts[i].to(x.dtype).expand(x.shape[0], -1, -1)  # (B, P, d_v)
+                prompt = self.prompt_dropout(self.prompt_proj(self.prompts[i].to(x.dtype)))  # (P, d_v)
                 rest = x[:, 1 + n_prompts :] if i else x[:, 1:]  # drop the previous block's prompts
-                x = torch.cat([x[:, :1], prompt, rest], dim=1)  # (B, 1 + P + n, d_v)
+                x = torch.cat([x[:, :1], prompt.expand(x.shape[0], -1, -1), rest], dim=1)  # (B, 1 + P + n, d_v)
             last_input = x
             if self.gradient_checkpointing and torch.is_grad_enabled():  # the trained blocks dominate the memory
                 x = self._gradient_checkpointing_func(block, x)
             else:
                 x = block(x)
-        return torch.cat([x[:, :1], x[:, 1 + n_prompts :]], dim=1), last_input
+        tokens = torch.cat([x[:, :1], x[:, 1 + n_prompts :]], dim=1)  # (B, 1 + n, d_v)
+        return (self.prompt_norm(tokens) if n_prompts else tokens), last_input
 
-    def dense_embeddings(self, last_input: torch.Tensor, n_patches: int) -> torch.Tensor:
+    def dense_embeddings(self, last_input: torch.Tensor, n_patches: int, with_prompts: bool = True) -> torch.Tensor:
         """Dense CLIP-space patch embeddings, `(B, n, d_clip)`: the last block rerun on the patches of its input
-        `last_input` `(B, 1 + P + n, d_v)` with `config.dense_attention`, then `ln_post` and the CLIP projection.
+        `last_input` `(B, 1 + P + n, d_v)` with `config.dense_attention`, then (prompted, as FSGR's
+        `forward_deep_prompt` does) `prompt_norm`, then `ln_post` and the CLIP projection.
 
         `"sclip"`: SCLIP's correlative self-attention among the patches (`correlative_attention`), the block's
         residuals and MLP kept, as SCLIP's code and FSGR's `custom_last_layer` (the patches only, without the class
@@ -517,6 +520,8 @@ class FsgrPmaVisionTower(nn.Module):
         else:  # LoRA-adapted attention (training): the wrapped layer computes W + ΔW
             batch, _, width = patches.shape
             x = block(patches.reshape(batch * n_patches, 1, width)).view(batch, n_patches, width)  # (B, n, d_v)
+        if with_prompts and self.prompt_norm is not None:
+            x = self.prompt_norm(x)
         return self.visual.ln_post(x) @ self.visual.proj  # (B, n, d_clip)
 
     def set_adapters_enabled(self, enabled: bool) -> None:
@@ -666,7 +671,7 @@ class FsgrPmaEncoder(nn.Module):
         self.tower.set_adapters_enabled(False)
         try:
             tokens, last_input = self.tower.adapted_blocks(prefix, with_prompts=False)
-            dense = self.tower.dense_embeddings(last_input, tokens.shape[1] - 1)  # (B, n, d_clip)
+            dense = self.tower.dense_embeddings(last_input, tokens.shape[1] - 1, with_prompts=False)  # (B, n, d_clip)
         finally:
             self.tower.set_adapters_enabled(True)
         return (F.normalize(dense.float(), dim=-1) @ self.codebook.embeddings.float().T).argmax(-1)  # (B, n)
@@ -1244,7 +1249,12 @@ class FsgrPmaPreTrainedModel(PreTrainedModel):
         elif isinstance(module, LayerScale):
             init.constant_(module.gamma, config.vision_cfg["ls_init_value"])
         elif isinstance(module, FsgrPmaVisionTower) and module.prompts is not None:
-            init.normal_(module.prompts, std=std)
+            # VPT's init, as FSGR's Transformer.__init__ has it: prompts uniform in ±sqrt(6 / (3 p² + d_v)), the
+            # projection Kaiming-normal (fan-out)
+            bound = math.sqrt(6.0 / (3 * config.patch_size**2 + config.vision_width))
+            init.uniform_(module.prompts, -bound, bound)
+            init.kaiming_normal_(module.prompt_proj.weight, a=0, mode="fan_out")
+            init.zeros_(module.prompt_proj.bias)
         elif isinstance(module, FsgrPmaConceptCodebook):
             init.copy_(module.embeddings, module.placeholder(config))
         elif isinstance(module, FsgrPmaPrototypeMemoryAttention) and module.memory_enabled:

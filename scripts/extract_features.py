@@ -1,4 +1,5 @@
-"""Cache the frozen part of the vision tower once: the blocks below `lora_first_block`, plus SupCon pseudo-labels.
+"""Cache the frozen part of the vision tower once: the blocks below `lora_first_block` (only the patch embedding when
+the config has deep prompts, which every block sees), plus SupCon pseudo-labels.
 
 Usage:
 

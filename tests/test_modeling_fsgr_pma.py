@@ -56,9 +56,24 @@ def test_every_trainable_parameter_gets_a_gradient(overrides):
 def test_tower_is_frozen_except_lora_and_prompts():
     model = tiny_model(num_prompt_tokens=2)
     trainable = [n for n, p in model.encoder.tower.named_parameters() if p.requires_grad]
-    assert trainable and all("lora_" in n or n == "prompts" for n in trainable)
+    assert trainable and all("lora_" in n or n.startswith("prompt") for n in trainable)
     first = model.config.lora_first_block
     assert not any(f"resblocks.{i}." in n for n in trainable for i in range(first))
+
+
+def test_deep_prompts_enter_every_block_as_in_fsgr():
+    """FSGR's `forward_deep_prompt`: a new prompt set before every block, so only the patch embedding is frozen, and
+    VPT's init (prompts uniform in ±sqrt(6 / (3 p² + d_v)), a Kaiming-normal projection)."""
+    model = tiny_model(num_prompt_tokens=2, dropout=0.0).train()
+    config, tower = model.config, model.encoder.tower
+    assert config.frozen_blocks == 0 < config.lora_first_block and tower.prompts.shape[0] == config.vision_layers
+    bound = (6 / (3 * config.patch_size**2 + config.vision_width)) ** 0.5
+    assert tower.prompts.abs().max() <= bound and tower.prompts.std() > bound / 3
+    assert tower.prompt_proj.weight.std() > 3 * config.initializer_range  # fan-out Kaiming, not the default init
+    pixel_values, ids = random_batch(config)
+    torch.testing.assert_close(tower.frozen_prefix(pixel_values), tower.embed(pixel_values))
+    model(pixel_values=pixel_values, input_ids=ids, labels=ids).loss.backward()
+    assert all(tower.prompts.grad[block].abs().sum() > 0 for block in range(config.vision_layers))
 
 
 def test_no_gradient_reaches_codebook_or_prototypes(model_with_memory):

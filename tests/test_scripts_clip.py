@@ -191,6 +191,9 @@ def test_cache_manifest_mismatch_raises(workspace):
     changed = FsgrPmaConfig(**{**config.to_dict(), "lora_first_block": 0})
     with pytest.raises(ValueError, match="lora_first_block"):
         check_cache_matches(workspace["features"], changed)
+    prompted = FsgrPmaConfig(**{**config.to_dict(), "num_prompt_tokens": 2})  # every block then sees prompts
+    with pytest.raises(ValueError, match="num_prompt_tokens"):
+        check_cache_matches(workspace["features"], prompted)
     relabelled = FsgrPmaConfig(**{**config.to_dict(), "dense_attention": "maskclip"})  # the cache's labels: SCLIP
     with pytest.raises(ValueError, match="dense_attention"):
         check_cache_matches(workspace["features"], relabelled)

@@ -1,7 +1,8 @@
-"""Cached frozen-prefix features: the output of the vision blocks below `lora_first_block`, plus pseudo-labels.
+"""Cached frozen-prefix features: the output of the frozen vision blocks (`config.frozen_blocks`: those below
+`lora_first_block`, or only the patch embedding with deep prompts), plus pseudo-labels.
 
 Written by `scripts/extract_features.py`, read by `scripts/train.py`. Valid only for the same tower, the same
-`lora_first_block`, the same codebook and `dense_attention` (the pseudo-labels), and never with image augmentation
+`lora_first_block` and deep prompts, the same codebook and `dense_attention` (the pseudo-labels), and never with image augmentation
 (the cache holds one view per image).
 
 Layout: `DIRECTORY/cache.json` (what the cache is valid for, `write_manifest`) and per split
@@ -51,6 +52,7 @@ def cache_key(config: FsgrPmaConfig) -> dict:
         "clip_config": config.clip_config,
         "image_size": config.image_size,
         "lora_first_block": config.lora_first_block,
+        "num_prompt_tokens": config.num_prompt_tokens,
         "clip_pretrained": config.clip_pretrained,
         "concept_names": config.concept_names,
         "dense_attention": config.dense_attention,
@@ -86,7 +88,8 @@ def check_cache_matches(
     manifest = Path(directory) / MANIFEST
     if not manifest.is_file():
         raise ValueError(f"{directory} is not a feature cache (no {MANIFEST}): run scripts/extract_features.py")
-    cached = {"dense_attention": "maskclip", **json.loads(manifest.read_text())}  # older caches: MaskCLIP labels
+    # older caches: MaskCLIP labels, no prompts
+    cached = {"dense_attention": "maskclip", "num_prompt_tokens": 0, **json.loads(manifest.read_text())}
     expected = cache_key(config)
     if codebook is not None:
         expected["codebook_sha256"] = codebook_hash(codebook)
