@@ -86,3 +86,24 @@ def test_runs_of_an_earlier_report_with_the_same_settings_are_not_repeated(tmp_p
     args.train_args = "--xe-steps 200"  # another schedule: nothing is reused
     assert ablations.recorded_runs(args, variants) == {}
     assert ablations.recorded_runs(ablations.argparse.Namespace(output=tmp_path / "none.json"), variants) == {}
+
+
+@pytest.mark.parametrize("variant", sorted(ablations.ABLATIONS))
+def test_every_variant_is_a_train_py_command_line_that_changes_what_it_names(variant, tmp_path):
+    from conftest import tiny_config
+    from scripts import train
+
+    model_config = tmp_path / "model.json"
+    tiny_config(memory_prior=True, memory_ramp_steps=5).to_json_file(model_config)
+    base = ["--data", "d", "--output-dir", "o", "--model-config", str(model_config)]
+    args = train.parse_args([*base, *ablations.ABLATIONS[variant]])  # argparse exits on a flag it does not know
+    config = train.build_config(args, vocab_size=64, concept_names=None)
+    changed = {
+        "full": (config.use_memory, config.use_fsgr, config.memory_prior) == (True, True, True),
+        "no memory": not config.use_memory,
+        "paper memory": (config.memory_prior, config.memory_ramp_steps) == (False, 0),
+        "no FSGR": not config.use_fsgr,
+        "no SupCon": config.supcon_weight == 0.0,
+        "XE only": args.scst_steps == 0,
+    }
+    assert changed[variant]

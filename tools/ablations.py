@@ -50,7 +50,7 @@ ABLATIONS = {
     "no memory": ["--config-overrides", "use_memory=false"],
     "no FSGR": ["--config-overrides", "use_fsgr=false"],
     "no SupCon": ["--config-overrides", "supcon_weight=0.0"],
-    "paper memory": ["--config-overrides", "memory_prior=false", "memory_ramp_steps=0"],
+    "paper memory": ["--config-overrides", "memory_prior=false,memory_ramp_steps=0"],
     "XE only": ["--scst-steps", "0"],
 }
 SCENE_METRICS = {  # (split, key in evaluate_captions.py's output, better when)
