@@ -107,3 +107,25 @@ def test_every_variant_is_a_train_py_command_line_that_changes_what_it_names(var
         "XE only": args.scst_steps == 0,
     }
     assert changed[variant]
+
+
+def test_a_failed_run_does_not_cancel_the_others_and_is_named(tmp_path, monkeypatch):
+    for name in ("data/world.json", "clip.safetensors", "codebook.safetensors", "features/x", "train/tokenizer/x"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).touch()
+    ran = []
+
+    def run_variant(args, world, name, flags, seed):
+        ran.append((name, seed))
+        if (name, seed) == ("no memory", 0):
+            raise RuntimeError("train.py failed; see seed0/no_memory/train.log")
+        return {}
+
+    monkeypatch.setattr(ablations, "ablation_world", lambda demo_dir, test_images: tmp_path)
+    monkeypatch.setattr(ablations, "run_variant", run_variant)
+    with pytest.raises(SystemExit) as failed:
+        ablations.main(["--demo-dir", str(tmp_path), "--seeds", "0", "1", "--variants", "full", "no memory",
+                        "--output", str(tmp_path / "report.json")])
+    assert "1 of 4 runs failed" in str(failed.value) and "seed0/no_memory/train.log" in str(failed.value)
+    assert sorted(ran) == [("full", 0), ("full", 1), ("no memory", 0), ("no memory", 1)]
+    assert not (tmp_path / "report.json").exists()

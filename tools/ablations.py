@@ -241,8 +241,19 @@ def main(argv: list[str] | None = None) -> dict:
     variants = variant_flags(args)
     args.recorded = recorded_runs(args, variants)
     jobs = [(name, flags, seed) for seed in args.seeds for name, flags in variants.items()]
+
+    def run_or_failure(job: tuple[str, list[str], int]) -> dict | RuntimeError:
+        try:
+            return run_variant(args, world, *job)
+        except RuntimeError as error:  # one failed run does not cancel the rest of a long sweep
+            return error
+
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        results = list(pool.map(lambda job: run_variant(args, world, *job), jobs))
+        results = list(pool.map(run_or_failure, jobs))
+    failures = [str(result) for result in results if isinstance(result, RuntimeError)]
+    if failures:
+        raise SystemExit(f"{len(failures)} of {len(jobs)} runs failed (the finished ones are kept and reused by the "
+                         "same command):\n" + "\n".join(failures))
     metrics = metrics_of(world)
     runs: dict[str, dict[int, dict]] = {}
     for (name, _, seed), result in zip(jobs, results):
