@@ -148,7 +148,8 @@ def metrics_of(world: Path) -> dict[str, tuple[str, str, str]]:
 
 def recorded_runs(args: argparse.Namespace, variants: dict[str, list[str]]) -> dict[tuple[str, int], dict]:
     """The runs of the report already at `--output`, where it was made with the same training arguments, test
-    images and variant flags: `(variant, seed)` → metrics by split. A report is a record; its runs are not repeated."""
+    images and variant flags: `(variant, seed)` → metrics by split. A report is a record; its runs are not
+    repeated."""
     if not args.output.is_file():
         return {}
     report = json.loads(args.output.read_text())

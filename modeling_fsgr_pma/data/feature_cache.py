@@ -2,8 +2,8 @@
 `lora_first_block`, or only the patch embedding with deep prompts), plus pseudo-labels.
 
 Written by `scripts/extract_features.py`, read by `scripts/train.py`. Valid only for the same tower, the same
-`lora_first_block` and deep prompts, the same codebook and `dense_attention` (the pseudo-labels), and never with image augmentation
-(the cache holds one view per image).
+`lora_first_block` and deep prompts, the same codebook and `dense_attention` (the pseudo-labels), and never with
+image augmentation (the cache holds one view per image).
 
 Layout: `DIRECTORY/cache.json` (what the cache is valid for, `write_manifest`) and per split
 `DIRECTORY/{split}/index.json` (the image ids in order and the shard size) with shards

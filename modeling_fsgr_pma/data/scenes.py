@@ -742,7 +742,9 @@ def render_scene(record: dict, image_size: int, rng: np.random.Generator) -> PIL
     return canvas.resize((image_size, image_size), PILImage.LANCZOS)
 
 
-def placed_icon(obj: dict, side: int, rgb: tuple[int, int, int], pattern: str) -> tuple[PILImage.Image, tuple[int, int]]:
+def placed_icon(
+    obj: dict, side: int, rgb: tuple[int, int, int], pattern: str
+) -> tuple[PILImage.Image, tuple[int, int]]:
     """The object's RGBA icon as drawn on a `side`-pixel canvas (its box's width, mirrored and tilted), and the
     canvas position of its top-left corner."""
     x0, y0, x1, _ = (round(v * side) for v in obj["box"])
