@@ -195,6 +195,15 @@ def _run(command: list[str], env: dict, log: Path) -> None:
         raise RuntimeError(f"{' '.join(command[1:3])} failed with exit status {done.returncode}; see {log}")
 
 
+def paired_difference(values: list[float], against: list[float]) -> dict[str, float]:
+    """Mean of the paired differences `values - against` over seeds, with its 95% t-interval (`low`, `high`)."""
+    differences = [v - a for v, a in zip(values, against)]
+    mean = statistics.fmean(differences)
+    seeds = len(differences)
+    half_width = float(stats.t.ppf(0.975, seeds - 1)) * statistics.stdev(differences) / seeds**0.5
+    return {"mean": mean, "low": mean - half_width, "high": mean + half_width}
+
+
 def paired_summary(runs: dict[str, dict[int, dict]], seeds: list[int], metrics: dict) -> dict:
     """Per variant and metric: the mean over seeds and, against `full`, the mean paired difference ± a 95% t-interval."""
     summary = {}
@@ -207,11 +216,9 @@ def paired_summary(runs: dict[str, dict[int, dict]], seeds: list[int], metrics: 
                 continue
             entry = {"mean": statistics.fmean(values), "sd": statistics.stdev(values), "values": values}
             if name != "full":
-                differences = [v - runs["full"][seed][split][key] for v, seed in zip(values, seeds)]
-                half_width = float(stats.t.ppf(0.975, len(seeds) - 1)) * statistics.stdev(differences) / len(seeds) ** 0.5
-                mean = statistics.fmean(differences)
-                entry["difference"] = {"mean": mean, "low": mean - half_width, "high": mean + half_width}
-                entry["full_better"] = (mean + half_width < 0) if better == "higher" else (mean - half_width > 0)
+                difference = paired_difference(values, [runs["full"][seed][split][key] for seed in seeds])
+                entry["difference"] = difference
+                entry["full_better"] = difference["high"] < 0 if better == "higher" else difference["low"] > 0
             summary[name][metric] = entry
     return summary
 

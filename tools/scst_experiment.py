@@ -32,10 +32,10 @@ from unittest import mock
 
 import torch
 import yaml
-from scipy import stats
 
 from modeling_fsgr_pma.training.steps import image_inputs_of, sequence_log_probs
 from scripts import train
+from tools.ablations import paired_difference
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {"off-policy sample": ["--scst-sequences", "sample"], "sample": ["--scst-sequences", "sample"],
@@ -129,13 +129,6 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, float]:
     return results
 
 
-def paired(values: list[float], against: list[float]) -> dict:
-    differences = [v - a for v, a in zip(values, against)]
-    mean = statistics.fmean(differences)
-    half = float(stats.t.ppf(0.975, len(differences) - 1)) * statistics.stdev(differences) / len(differences) ** 0.5
-    return {"mean": mean, "low": mean - half, "high": mean + half}
-
-
 def summarise(runs: dict[int, dict[str, float]], seeds: list[int]) -> dict:
     names = ["XE only", *VARIANTS]
     column = {name: [runs[seed][name] for seed in seeds] for name in names}
@@ -143,9 +136,9 @@ def summarise(runs: dict[int, dict[str, float]], seeds: list[int]) -> dict:
     for name in names:
         entry = {"mean": statistics.fmean(column[name]), "sd": statistics.stdev(column[name]), "values": column[name]}
         if name != "XE only":
-            entry["gain_over_xe"] = paired(column[name], column["XE only"])
+            entry["gain_over_xe"] = paired_difference(column[name], column["XE only"])
         if name not in ("XE only", "off-policy sample"):
-            entry["gain_over_off_policy"] = paired(column[name], column["off-policy sample"])
+            entry["gain_over_off_policy"] = paired_difference(column[name], column["off-policy sample"])
         summary[name] = entry
     return summary
 
