@@ -47,6 +47,14 @@ def random_batch(config: FsgrPmaConfig, batch: int = 2, length: int = 7, seed: i
     return pixel_values, ids
 
 
+def randomise_lora(model: FsgrPmaForConditionalGeneration, std: float = 0.05) -> None:
+    """A trained adapter instead of LoRA's zero start (B = 0 makes ΔW and A's gradient exactly zero)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=std)
+
+
 def fill_memory(model: FsgrPmaForConditionalGeneration, steps: int = 4, seed: int = 0) -> None:
     """Run training forwards until the banks hold enough entries, then refresh the prototypes."""
     model.train()

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from tools import benchmark, benchmark_data
+from tools import benchmark, benchmark_data, benchmark_mechanisms
 from conftest import tiny_config
 
 TINY_KEYS = {
@@ -114,3 +114,17 @@ def test_data_benchmark_probes_measure_loading_and_training_from_the_cache(tmp_p
     for eager in ("no", "yes"):
         run = benchmark.probe_cache_train(str(tmp_path / "cache"), str(tmp_path / "model.json"), eager)
         assert run["images"] == 40 and run["peak_rss_mib"] > 0
+
+
+def test_mechanisms_benchmark_times_each_mechanism_in_its_part_of_a_call(tmp_path):
+    config = tiny_config(vocab_size=64, max_position_embeddings=24, memory_window=4, num_prompt_tokens=2)
+    config.to_json_file(tmp_path / "model.json")
+    output = tmp_path / "mechanisms.json"
+    argv = ["--repeats", "1", "--max-new-tokens", "3", "--model-config", str(tmp_path / "model.json"),
+            "--output", str(output)]
+    results = benchmark_mechanisms.main(argv)
+    assert json.loads(output.read_text()) == results
+    parts = {(row["mechanism"], row["part"]) for row in results["rows"]}
+    assert parts == {(name, part) for name, (_, part, _) in benchmark_mechanisms.MECHANISMS.items()}
+    assert len(results["rows"]) == 4 * len(parts) and all(row["with_s"] > 0 < row["without_s"] for row in results["rows"])
+    assert "prompts_as_keys_only | encoder" in output.with_suffix(".md").read_text()

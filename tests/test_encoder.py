@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import random_batch, tiny_model
+from conftest import random_batch, randomise_lora, tiny_model
 from modeling_fsgr_pma import FsgrPmaForConditionalGeneration
 from modeling_fsgr_pma.modeling_fsgr_pma import supcon_loss
 
@@ -60,19 +60,13 @@ def test_pseudo_labels_ignore_lora():
     pixel_values, _ = random_batch(model.config)
     prefix = model.encoder.frozen_prefix(pixel_values, None)
     before = model.encoder.pseudo_labels(prefix)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=1.0)
+    randomise_lora(model, std=1.0)
     assert torch.equal(before, model.encoder.pseudo_labels(prefix))
 
 
 def test_lora_merge_gives_identical_outputs_and_plain_weights():
     model = tiny_model().eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.05)
+    randomise_lora(model)
     pixel_values, ids = random_batch(model.config)
     before = model(pixel_values=pixel_values, input_ids=ids).logits
     model.merge_encoder_lora()
@@ -117,24 +111,17 @@ def test_maskclip_dense_embeddings_equal_the_last_block_under_a_self_only_mask(m
     torch.testing.assert_close(tower.dense_embeddings(last_input, n), reference)
 
 
-def _randomise_lora(model, std: float = 0.05) -> None:
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=std)
-
-
 def _last_input(model, batch: int = 2) -> torch.Tensor:
     pixel_values, _ = random_batch(model.config, batch=batch)
     *_, last_input = model.encoder.tower.adapted_blocks(model.encoder.frozen_prefix(pixel_values, None))
-    return last_input  # (B, 1 + P + n, d_v)
+    return last_input  # (B, 1 + n, d_v)
 
 
 def test_sclip_dense_embeddings_equal_a_per_head_reference():
     """SCLIP written out from nn.MultiheadAttention's weights: per head softmax(q qᵀ/√d_h) + softmax(k kᵀ/√d_h) over
     the patches weighs the values; out_proj, the block's residuals and MLP, ln_post and the projection follow."""
     model = tiny_model(dense_attention="sclip").eval()
-    _randomise_lora(model)
+    randomise_lora(model)
     model.merge_encoder_lora()
     tower, n = model.encoder.tower, model.config.num_patches
     block = tower.blocks[-1]
@@ -164,7 +151,7 @@ def test_sclip_dense_embeddings_equal_a_per_head_reference():
 
 def test_sclip_dense_embeddings_with_lora_equal_the_merged_tower_and_train_the_adapters():
     model = tiny_model(dense_attention="sclip").eval()
-    _randomise_lora(model)
+    randomise_lora(model)
     tower, n = model.encoder.tower, model.config.num_patches
     last_input = _last_input(model)
     adapted = tower.dense_embeddings(last_input, n)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import BOS, EOS, PAD, fill_memory, random_batch, tiny_config, tiny_model
+from conftest import BOS, EOS, PAD, fill_memory, random_batch, randomise_lora, tiny_config, tiny_model
 from modeling_fsgr_pma import FsgrPmaForConditionalGeneration
 
 
@@ -40,10 +40,7 @@ def test_every_trainable_parameter_gets_a_gradient(overrides):
     model = tiny_model(**overrides)
     fill_memory(model)
     # LoRA B starts at zero, which makes A's gradient exactly zero; any step away from init gives both a gradient.
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.02)
+    randomise_lora(model, std=0.02)
     model.train()
     pixel_values, ids = random_batch(model.config)
     model(pixel_values=pixel_values, input_ids=ids, labels=ids).loss.backward()
@@ -74,6 +71,25 @@ def test_deep_prompts_enter_every_block_as_in_fsgr():
     torch.testing.assert_close(tower.frozen_prefix(pixel_values), tower.embed(pixel_values))
     model(pixel_values=pixel_values, input_ids=ids, labels=ids).loss.backward()
     assert all(tower.prompts.grad[block].abs().sum() > 0 for block in range(config.vision_layers))
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["lora", "merged"])
+def test_deep_prompts_as_keys_only_equal_fsgrs_full_sequence(merged):
+    """`prompted_block` gives the class and patch tokens the outputs FSGR's `forward_deep_prompt` gives them: every
+    block run over `[cls; prompts; patches]`, the prompts dropped after each."""
+    model = tiny_model(num_prompt_tokens=3, dropout=0.0).eval()
+    randomise_lora(model)
+    if merged:
+        model.merge_encoder_lora()
+    tower = model.encoder.tower
+    pixel_values, _ = random_batch(model.config)
+    x = tower.frozen_prefix(pixel_values)  # (B, 1 + n, d_v)
+    for i, block in enumerate(tower.blocks):
+        prompt = tower.prompt_proj(tower.prompts[i]).expand(x.shape[0], -1, -1)  # (B, P, d_v)
+        out = block(torch.cat([x[:, :1], prompt, x[:, 1:]], dim=1))  # (B, 1 + P + n, d_v)
+        x = torch.cat([out[:, :1], out[:, 1 + prompt.shape[1] :]], dim=1)
+    tokens, _ = tower.adapted_blocks(tower.frozen_prefix(pixel_values))
+    torch.testing.assert_close(tokens, tower.prompt_norm(x))
 
 
 def test_no_gradient_reaches_codebook_or_prototypes(model_with_memory):

@@ -10,7 +10,7 @@ from huggingface_hub import ModelCard
 from transformers import AutoModel
 
 from scripts import push_to_hub
-from conftest import fill_memory, random_batch, tiny_model
+from conftest import fill_memory, random_batch, randomise_lora, tiny_model
 from modeling_fsgr_pma.processing_fsgr_pma import FsgrPmaProcessor
 from modeling_fsgr_pma.cli.loading import training_data
 from modeling_fsgr_pma.data.tokenization import train_caption_tokenizer
@@ -21,10 +21,7 @@ def trained(tmp_path_factory):
     directory = tmp_path_factory.mktemp("model")
     model = tiny_model(vocab_size=64)
     fill_memory(model)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.05)
+    randomise_lora(model)
     model.save_pretrained(directory)
     tokenizer = train_caption_tokenizer(["a red circle", "two blue squares"] * 5, vocab_size=64)
     FsgrPmaProcessor.for_config(model.config, tokenizer).save_pretrained(directory)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import fill_memory, random_batch, tiny_model
+from conftest import fill_memory, random_batch, randomise_lora, tiny_model
 from modeling_fsgr_pma.processing_fsgr_pma import FsgrPmaProcessor
 from modeling_fsgr_pma.data.tokenization import train_caption_tokenizer
 
@@ -37,10 +37,7 @@ def saved_model(tmp_path_factory) -> tuple[Path, dict]:
     directory = tmp_path_factory.mktemp("saved")
     model = tiny_model(seed=3, vocab_size=64)
     fill_memory(model)
-    with torch.no_grad():  # a non-trivial LoRA state must survive the round trip
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.05)
+    randomise_lora(model)  # a non-trivial LoRA state must survive the round trip
     tokenizer = train_caption_tokenizer(["a red circle", "two blue squares above a star"] * 5, vocab_size=64)
     model.save_pretrained(directory)
     FsgrPmaProcessor.for_config(model.config, tokenizer).save_pretrained(directory)

@@ -12,7 +12,7 @@ from transformers.testing_utils import CaptureLogger
 from transformers.utils.loading_report import update_key_name
 from transformers.utils import logging as transformers_logging
 
-from conftest import fill_memory, random_batch, tiny_model
+from conftest import fill_memory, random_batch, randomise_lora, tiny_model
 from modeling_fsgr_pma import FsgrPmaForConditionalGeneration, FsgrPmaModel
 
 MEMORY = pytest.mark.parametrize("memory", ["empty", "filled"])
@@ -142,10 +142,7 @@ def test_get_encoder_by_modality():
 def test_torch_export_of_the_forward_pass(memory):
     """The unmerged LoRA tower included: exporting it must neither fail nor leave fake tensors in the model."""
     model = _model(memory)
-    with torch.no_grad():  # a trained adapter, not LoRA's zero start
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.05)
+    randomise_lora(model)  # a trained adapter, not LoRA's zero start
     pixel_values, ids, mask = _padded_batch(model.config)
     inputs = dict(pixel_values=pixel_values, input_ids=ids, attention_mask=mask, use_cache=False)
     with torch.no_grad():
@@ -252,10 +249,7 @@ def _load_without(tmp_path, model, dropped: str, monkeypatch):
 )
 def test_a_checkpoint_without_some_tensors_loads_them_initialised_and_names_them(tmp_path, monkeypatch, dropped):
     model = _model("filled", memory_prior=True)
-    with torch.no_grad():  # a trained adapter, not LoRA's zero start
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.05)
+    randomise_lora(model)  # a trained adapter, not LoRA's zero start
     weights, missing, loaded, info, warning = _load_without(tmp_path, model, dropped, monkeypatch)
     assert set(info["missing_keys"]) == missing
     assert all(name in warning for name in update_key_name(missing))  # transformers' report names each one

@@ -1,15 +1,16 @@
-"""What each decoding-speed mechanism of `modeling_fsgr_pma.py` buys at the size users run (issue 23, item 3).
+"""What each speed mechanism of `modeling_fsgr_pma.py` buys at the size users run (issue 23, item 3).
 
 Usage:
 
     python tools/benchmark_mechanisms.py --output docs/results/mechanisms_b16.json
 
-The model is `configuration/model/vit-b16.json` (ViT-B/16 tower, LoRA merged as released, 3 decoder layers of width
-512, 256 prototypes, random weights, prototypes set). For each mechanism, captioning runs with it (A, the code as
-it is) and without it (B, the mechanism patched out in this process: the simplest equivalent code), alternated
-A B A B, median of `--repeats`, at batch 1 and 32, greedy and beam 5, 20 new tokens. The encoder's output is
-computed once per batch and passed to `generate` (no mechanism touches the encoder), and its median time is added
-to both sides: `gain` = (B - A) / (A + encoder), the share of a whole captioning call that the mechanism saves.
+The model is `configuration/model/vit-b16.json` (ViT-B/16 tower with FSGR's deep prompts, LoRA merged as released, 3
+decoder layers of width 512, 256 prototypes, random weights, prototypes set). For each mechanism, the part of a
+captioning call it belongs to (the encoder from pixels, or `generate` from the encoder's output) runs with it (A, the
+code as it is) and without it (B, the mechanism patched out in this process: the simplest equivalent code),
+alternated A B A B, median of `--repeats`, at batch 1 and 32, greedy and beam 5, 20 new tokens. The median time of
+the other part is added to both sides: `gain` = (B - A) / (A + rest), the share of a whole captioning call that the
+mechanism saves.
 Writes JSON and a markdown table beside it (`.md`).
 """
 
@@ -35,15 +36,26 @@ ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = [(1, 1), (1, 5), (32, 1), (32, 5)]  # (batch, beams)
 
 
-# name → (what it is, a context manager that patches it out). The mechanisms measured below 3% were removed after
-# the run in docs/benchmarks-mechanisms.md; their entries are in this file at commit 57b9789.
+# name → (what it is, the part of a call it speeds up, a context manager that patches it out). The mechanisms
+# measured below 3% were removed after the run in docs/benchmarks-mechanisms.md; their entries are in this file at
+# commit 57b9789.
 MECHANISMS = {
     "shared_cross_attention_rows": (
         "one cross-attention key/value row per image shared by its beams (`FsgrPmaCache.rows_per_image`, set by "
         "the `_expand_inputs_for_generation` override; B: one row per sequence, reordered at every beam step)",
+        "decoder",
         lambda: mock.patch.object(
             fsgr.FsgrPmaForConditionalGeneration, "_expand_inputs_for_generation",
             GenerationMixin._expand_inputs_for_generation,
+        ),
+    ),
+    "prompts_as_keys_only": (
+        "deep prompts enter each block as keys and values only (`prompted_block`; B: the block runs over "
+        "`[cls; patches; prompts]` and the prompts' outputs are dropped, as FSGR's code does)",
+        "encoder",
+        lambda: mock.patch.object(
+            fsgr, "prompted_block",
+            lambda block, x, prompt: block(torch.cat([x, prompt], dim=1))[:, : x.shape[1]],
         ),
     ),
 }
@@ -70,14 +82,18 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     config = preset(args.model_config)
     model = released(model_with_prototypes(config))
-    results = {"model_config": str(args.model_config.resolve().relative_to(ROOT)), "repeats": args.repeats, "rows": []}
+    model_config = args.model_config.resolve()
+    model_config = model_config.relative_to(ROOT) if model_config.is_relative_to(ROOT) else model_config
+    results = {"model_config": str(model_config), "repeats": args.repeats, "rows": []}
     with torch.inference_mode():
         for batch, beams in SETTINGS:
             pixel_values = torch.randn(batch, 3, config.image_size, config.image_size)
             encoder = model.get_encoder()
-            encoder(pixel_values=pixel_values)  # warm-up
-            encoder_s = statistics.median(timed(lambda: encoder(pixel_values=pixel_values)) for _ in range(2))
-            encoder_outputs = encoder(pixel_values=pixel_values)
+
+            def encode():
+                return encoder(pixel_values=pixel_values)
+
+            encoder_outputs = encode()  # also the warm-up
 
             def caption():
                 model.generate(
@@ -85,17 +101,22 @@ def main(argv: list[str] | None = None) -> dict:
                     max_new_tokens=args.max_new_tokens, min_new_tokens=args.max_new_tokens,
                 )
 
+            caption()  # warm-up
+            part_s = {"encoder": statistics.median(timed(encode) for _ in range(2)),
+                      "decoder": statistics.median(timed(caption) for _ in range(2))}
             for name in args.mechanisms:
-                without = MECHANISMS[name][1]
-                runs = {"A": caption, "B": lambda: _patched(without, caption)}
+                _, part, without = MECHANISMS[name]
+                run = encode if part == "encoder" else caption
+                runs = {"A": run, "B": lambda: _patched(without, run)}
                 runs["A"](), runs["B"]()  # warm-up
                 times = {"A": [], "B": []}
                 for _ in range(args.repeats):
                     for side in ("A", "B"):
                         times[side].append(timed(runs[side]))
                 a, b = statistics.median(times["A"]), statistics.median(times["B"])
-                row = {"mechanism": name, "batch": batch, "beams": beams, "encoder_s": encoder_s, "with_s": a,
-                       "without_s": b, "gain": (b - a) / (a + encoder_s)}
+                rest_s = part_s["decoder" if part == "encoder" else "encoder"]  # the part the mechanism leaves alone
+                row = {"mechanism": name, "part": part, "batch": batch, "beams": beams, "rest_s": rest_s,
+                       "with_s": a, "without_s": b, "gain": (b - a) / (a + rest_s)}
                 results["rows"].append(row)
                 print(json.dumps(row), flush=True)
     results["machine"] = {"platform": platform.platform(), "threads": torch.get_num_threads(),
@@ -112,10 +133,10 @@ def _patched(patch: contextlib.AbstractContextManager, run) -> None:
 
 
 def write_table(path: Path, results: dict) -> None:
-    lines = ["| mechanism | batch | beams | encoder s | with s | without s | gain (share of a call) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| mechanism | part | batch | beams | rest of the call s | with s | without s | gain (share of a call) |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in results["rows"]:
-        lines.append(f"| {row['mechanism']} | {row['batch']} | {row['beams']} | {row['encoder_s']:.3f} | "
+        lines.append(f"| {row['mechanism']} | {row['part']} | {row['batch']} | {row['beams']} | {row['rest_s']:.3f} | "
                      f"{row['with_s']:.3f} | {row['without_s']:.3f} | {100 * row['gain']:+.1f}% |")
     machine = results["machine"]
     lines.append("")
