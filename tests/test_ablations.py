@@ -94,14 +94,14 @@ def test_every_variant_is_a_train_py_command_line_that_changes_what_it_names(var
     from scripts import train
 
     model_config = tmp_path / "model.json"
-    tiny_config(memory_prior=True, memory_ramp_steps=5).to_json_file(model_config)
+    tiny_config(memory_prior=False, memory_ramp_steps=0).to_json_file(model_config)
     base = ["--data", "d", "--output-dir", "o", "--model-config", str(model_config)]
     args = train.parse_args([*base, *ablations.ABLATIONS[variant]])  # argparse exits on a flag it does not know
     config = train.build_config(args, vocab_size=64, concept_names=None)
     changed = {
-        "full": (config.use_memory, config.use_fsgr, config.memory_prior) == (True, True, True),
+        "full": (config.use_memory, config.use_fsgr, config.memory_prior) == (True, True, False),
         "no memory": not config.use_memory,
-        "paper memory": (config.memory_prior, config.memory_ramp_steps) == (False, 0),
+        "log-prior memory": (config.memory_prior, config.memory_ramp_steps) == (True, 100),
         "no FSGR": not config.use_fsgr,
         "no SupCon": config.supcon_weight == 0.0,
         "XE only": args.scst_steps == 0,

@@ -26,3 +26,11 @@ def test_gains_are_paired_over_seeds():
     assert sample["mean"] == pytest.approx(0.115) and sample["low"] < 0.115 < sample["high"]
     assert summary["XE only"]["sd"] > 1  # the unpaired spread over seeds is far wider than the paired gains
     assert "gain_over_xe" not in summary["XE only"] and "gain_over_off_policy" not in summary["off-policy sample"]
+
+
+def test_config_overrides_reach_every_run():
+    args = scst_experiment.parse_args(["--seeds", "0", "1", "--config-overrides", "memory_prior=true"])
+    command = scst_experiment._common(args, 0, args.work_dir / "x")
+    assert command[command.index("--config-overrides") + 1] == "memory_prior=true"
+    assert "--config-overrides" not in scst_experiment._common(scst_experiment.parse_args(["--seeds", "0", "1"]), 0,
+                                                               args.work_dir / "x")

@@ -6,8 +6,8 @@ Usage (after `scripts/demo.py`, whose world, CLIP, codebook, feature cache and t
     python tools/ablations.py --demo-dir outputs/demo --seeds 0 1 2 --variants full \
         --sweep num_prototypes=4,8,16,32 --output outputs/sweep_prototypes.json
 
-Variants: `full` (the training config as it is), `no memory`, `paper memory` (PMA-Net's attention exactly: no
-learned log-prior, no ramp-in), `no FSGR` (the decoder reads projected CLIP patches: the interaction layers stay, the
+Variants: `full` (the training config as it is), `no memory`, `log-prior memory` (our extension of PMA-Net's attention:
+a learned log-prior on the prototype logits, the prototypes faded in over 100 steps), `no FSGR` (the decoder reads projected CLIP patches: the interaction layers stay, the
 language map goes), `no SupCon`, `XE only` (no SCST steps), and one per value of each `--sweep FIELD=V1,V2`
 (a model config field, set with `train.py --config-overrides`, such as `memory_warmup_steps`, or one of train.py's
 own arguments such as `xe-steps`). Every variant trains once per seed; for a seed, all variants share the world, the CLIP,
@@ -50,7 +50,7 @@ ABLATIONS = {
     "no memory": ["--config-overrides", "use_memory=false"],
     "no FSGR": ["--config-overrides", "use_fsgr=false"],
     "no SupCon": ["--config-overrides", "supcon_weight=0.0"],
-    "paper memory": ["--config-overrides", "memory_prior=false,memory_ramp_steps=0"],
+    "log-prior memory": ["--config-overrides", "memory_prior=true,memory_ramp_steps=100"],
     "XE only": ["--scst-steps", "0"],
 }
 SCENE_METRICS = {  # (split, key in evaluate_captions.py's output, better when)

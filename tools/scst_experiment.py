@@ -77,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--xe-steps", type=int, default=None, help="XE steps (default: the recipe's)")
     parser.add_argument("--scst-steps", type=int, default=None, help="SCST steps (default: the recipe's)")
     parser.add_argument("--eval-max-images", type=int, default=400)
+    parser.add_argument("--config-overrides", default=None,
+                        help="model config fields for every run, as train.py takes them, e.g. 'memory_prior=true'")
     args = parser.parse_args(argv)
     recipe = yaml.safe_load(args.train_config.read_text())
     args.xe_steps = args.xe_steps if args.xe_steps is not None else recipe["xe_steps"]
@@ -95,6 +97,7 @@ def _common(args: argparse.Namespace, seed: int, output: Path) -> list[str]:
         "--feature-cache", str(demo / "features"), "--tokenizer", str(demo / "train" / "tokenizer"),
         "--output-dir", str(output), "--seed", str(seed), "--report-to", "none", "--xe-steps", str(args.xe_steps),
         "--eval-max-images", str(args.eval_max_images),
+        *(["--config-overrides", args.config_overrides] if args.config_overrides else []),
     ]
 
 
