@@ -408,6 +408,17 @@ def value_path(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
+def attention_projections(attn: nn.Module) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What an open_clip block's `nn.MultiheadAttention` attends with: its heads, the `(3 d_v, d_v)` input projection
+    and its bias, the `(d_v, d_v)` output projection and its bias; a LoRA-wrapped one's W + ΔW, as its forward uses
+    (`lora_attention_weights`)."""
+    if isinstance(attn, LoraMultiheadAttention):
+        in_weight, out_weight = lora_attention_weights(attn)
+        base = attn.get_base_layer()
+        return base.num_heads, in_weight, base.in_proj_bias, out_weight, base.out_proj.get_base_layer().bias
+    return attn.num_heads, attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight, attn.out_proj.bias
+
+
 def correlative_attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """SCLIP's correlative self-attention (CSA) with the weights of an open_clip block's attention,
     `(B, L, d_v)` → `(B, L, d_v)` (after `out_proj`).
@@ -418,13 +429,8 @@ def correlative_attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     Source: https://github.com/wangf3014/SCLIP/blob/main/clip/model.py (`VisionTransformer.custom_attn`, csa=True),
     as in FSGR's code (github.com/wxdaxx/FSGR11.15, `FSGR/models/fsgr/sclip_model_dpt.py`, `custom_attn`).
     """
-    if isinstance(attn, LoraMultiheadAttention):
-        in_weight, out_weight = lora_attention_weights(attn)
-        attn = attn.get_base_layer()
-        out_bias = attn.out_proj.get_base_layer().bias
-    else:
-        in_weight, out_weight, out_bias = attn.in_proj_weight, attn.out_proj.weight, attn.out_proj.bias
-    qkv = F.linear(x, in_weight, attn.in_proj_bias).unflatten(-1, (3, attn.num_heads, -1))  # (B, L, 3, h, d_h)
+    heads, in_weight, in_bias, out_weight, out_bias = attention_projections(attn)
+    qkv = F.linear(x, in_weight, in_bias).unflatten(-1, (3, heads, -1))  # (B, L, 3, h, d_h)
     q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, h, L, d_h)
     scale = q.shape[-1] ** -0.5  # weights below: (B, h, L, L)
     weights = (q @ q.transpose(-2, -1) * scale).softmax(-1) + (k @ k.transpose(-2, -1) * scale).softmax(-1)
@@ -439,10 +445,19 @@ def prompted_block(block: nn.Module, x: torch.Tensor, prompt: torch.Tensor) -> t
     VPT-deep discards every block's prompt outputs (the next block brings a new set), so the prompts need keys and
     values but no queries, attention rows or MLP: the same result as running the block over FSGR's sequence
     `[cls; prompts; patches]` and dropping the prompts (keys are unordered without a mask), at about 1.1× the
-    unprompted block's multiply-adds instead of 1.5× (ViT-B/16, 100 prompts, 196 patches).
+    unprompted block's multiply-adds instead of 1.5× (ViT-B/16, 100 prompts, 196 patches). The attention runs as
+    one fused SDPA call on the block's projections (with LoRA's W + ΔW in training), as `nn.MultiheadAttention`
+    would for self-attention.
     """
+    heads, in_weight, in_bias, out_weight, out_bias = attention_projections(block.attn)
+    width = x.shape[-1]
     h = block.ln_1(torch.cat([x, prompt], dim=1))  # (B, 1 + n + P, d_v)
-    x = x + block.ls_1(block.attn(h[:, : x.shape[1]], h, h, need_weights=False)[0])  # (B, 1 + n, d_v)
+    q = F.linear(h[:, : x.shape[1]], in_weight[:width], in_bias[:width])  # (B, 1 + n, d_v)
+    kv = F.linear(h, in_weight[width:], in_bias[width:])  # (B, 1 + n + P, 2 d_v)
+    q = q.unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, h, 1 + n, d_h)
+    k, v = kv.unflatten(-1, (2, heads, -1)).permute(2, 0, 3, 1, 4)  # each (B, h, 1 + n + P, d_h)
+    out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)  # (B, 1 + n, d_v)
+    x = x + block.ls_1(F.linear(out, out_weight, out_bias))
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
