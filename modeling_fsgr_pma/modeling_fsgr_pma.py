@@ -522,12 +522,10 @@ class FsgrPmaVisionTower(nn.Module):
         last_input = x
         for i, block in enumerate(self.blocks[self.first_adapted_block :]):
             last_input = x
+            run, args = block, (x,)
             if prompted:
                 prompt = self.prompt_dropout(self.prompt_proj(self.prompts[i].to(x.dtype)))  # (P, d_v)
-                args = (block, x, prompt.expand(x.shape[0], -1, -1))
-                run = prompted_block
-            else:
-                args, run = (x,), block
+                run, args = prompted_block, (block, x, prompt.expand(x.shape[0], -1, -1))
             if self.gradient_checkpointing and torch.is_grad_enabled():  # the trained blocks dominate the memory
                 x = self._gradient_checkpointing_func(run, *args)
             else:
