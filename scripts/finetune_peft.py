@@ -146,9 +146,10 @@ def main(argv: list[str] | None = None) -> dict:
     if len(train_loader) == 0:
         raise ValueError(f"The training split has {len(train_data)} images: fewer than one batch of {args.batch_size}")
 
-    # Optimisation: the adapter's parameters only
+    # Optimisation: the adapter's parameters only, fused AdamW as train.py's
     optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.weight_decay
+        [p for p in model.parameters() if p.requires_grad], lr=args.learning_rate, weight_decay=args.weight_decay,
+        fused=True,
     )
     scheduler = get_scheduler(
         "cosine", optimizer, num_warmup_steps=args.warmup_steps * accelerator.num_processes,

@@ -78,7 +78,7 @@ def probe_cache_train(cache_dir: str, model_config: str, eager: str) -> dict:
     torch.manual_seed(0)
     config = FsgrPmaConfig.from_json_file(model_config)
     model = FsgrPmaForConditionalGeneration(config).train()
-    optimizer = torch.optim.AdamW(model.param_groups(0.0, 1e-4))
+    optimizer = torch.optim.AdamW(model.param_groups(0.0, 1e-4), fused=True)
     cache = load_feature_cache(cache_dir, "train")
     columns = cache.aligned(cache.image_ids)
     if eager == "yes":  # every shard in memory, as train.py held the cache before it was memory-mapped
