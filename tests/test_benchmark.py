@@ -126,5 +126,6 @@ def test_mechanisms_benchmark_times_each_mechanism_in_its_part_of_a_call(tmp_pat
     assert json.loads(output.read_text()) == results
     parts = {(row["mechanism"], row["part"]) for row in results["rows"]}
     assert parts == {(name, part) for name, (_, part, _) in benchmark_mechanisms.MECHANISMS.items()}
-    assert len(results["rows"]) == 4 * len(parts) and all(row["with_s"] > 0 < row["without_s"] for row in results["rows"])
+    assert len(results["rows"]) == 4 * len(parts)
+    assert all(row["with_s"] > 0 < row["without_s"] for row in results["rows"])
     assert "prompts_as_keys_only | encoder" in output.with_suffix(".md").read_text()

@@ -6,11 +6,11 @@ Usage (after `scripts/demo.py`, whose world, CLIP, codebook, feature cache and t
     python tools/ablations.py --demo-dir outputs/demo --seeds 0 1 2 --variants full \
         --sweep num_prototypes=4,8,16,32 --output outputs/sweep_prototypes.json
 
-Variants: `full` (the training config as it is), `no memory`, `log-prior memory` (our extension of PMA-Net's attention:
-a learned log-prior on the prototype logits, the prototypes faded in over 100 steps), `no FSGR` (the decoder reads projected CLIP patches: the interaction layers stay, the
-language map goes), `no SupCon`, `XE only` (no SCST steps), and one per value of each `--sweep FIELD=V1,V2`
-(a model config field, set with `train.py --config-overrides`, such as `memory_warmup_steps`, or one of train.py's
-own arguments such as `xe-steps`). Every variant trains once per seed; for a seed, all variants share the world, the CLIP,
+Variants: `full` (the training config as it is), `no memory`, `log-prior memory` (our extension of PMA-Net's
+attention: a learned log-prior on the prototype logits, the prototypes faded in over 100 steps), `no FSGR` (the
+decoder reads projected CLIP patches: the interaction layers stay, the language map goes), `no SupCon`, `XE only` (no
+SCST steps), and one per value of each `--sweep FIELD=V1,V2` (a model config field, set with `train.py
+--config-overrides`, such as `memory_warmup_steps`, or one of train.py's own arguments such as `xe-steps`). Every variant trains once per seed; for a seed, all variants share the world, the CLIP,
 the codebook and the tokenizer, and differ only in what they ablate, so each seed gives one paired difference.
 
 Evaluation runs on a world made once next to the demo's (`DEMO_DIR/ablation-data`): the demo world's own training
