@@ -17,8 +17,8 @@ References:
 Speed. Two mechanisms beyond transformers' and FSGR's usual code remain, because each earned at least 3% of a whole
 captioning call at the size users run (`configuration/model/vit-b16.json`, `tools/benchmark_mechanisms.py`, see
 docs/benchmarks-mechanisms.md). In the encoder, FSGR's deep prompts enter every ViT block as keys and values only
-(`prompted_block`): their outputs are dropped after each block, so their queries and MLP are not computed (15-17%
-of a call at batch 1, 35-43% at batch 32). In decoding, the r rows of an image in `generate` (beams, returned
+(`prompted_block`): their outputs are dropped after each block, so their queries and MLP are not computed (14-18%
+of a call at batch 1, 43% at batch 32). In decoding, the r rows of an image in `generate` (beams, returned
 sequences) share one copy of its cross-attention keys/values (`FsgrPmaCache.rows_per_image`, set by
 `_expand_inputs_for_generation`), which also spares beam search reordering them at every step: 7.7% of a call at
 batch 32 with 5 beams. Memory attention
