@@ -10,8 +10,9 @@ Variants: `full` (the training config as it is), `no memory`, `log-prior memory`
 attention: a learned log-prior on the prototype logits, the prototypes faded in over 100 steps), `no FSGR` (the
 decoder reads projected CLIP patches: the interaction layers stay, the language map goes), `no SupCon`, `XE only` (no
 SCST steps), and one per value of each `--sweep FIELD=V1,V2` (a model config field, set with `train.py
---config-overrides`, such as `memory_warmup_steps`, or one of train.py's own arguments such as `xe-steps`). Every variant trains once per seed; for a seed, all variants share the world, the CLIP,
-the codebook and the tokenizer, and differ only in what they ablate, so each seed gives one paired difference.
+--config-overrides`, such as `memory_warmup_steps`, or one of train.py's own arguments such as `xe-steps`). Every
+variant trains once per seed; for a seed, all variants share the world, the CLIP, the codebook and the tokenizer, and
+differ only in what they ablate, so each seed gives one paired difference.
 
 Evaluation runs on a world made once next to the demo's (`DEMO_DIR/ablation-data`): the demo world's own training
 images (the same seed and count, so the feature cache serves), and `--test-images` images in each test split. Per
