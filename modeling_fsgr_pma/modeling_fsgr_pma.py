@@ -440,22 +440,23 @@ def correlative_attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def prompted_block(block: nn.Module, x: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
-    """An open_clip residual block over the tokens `x` `(B, 1 + n, d_v)` and a deep-prompt set `(B, P, d_v)` that
-    returns the outputs of `x` only, `(B, 1 + n, d_v)`.
+    """An open_clip residual block over the tokens `x` `(B, 1 + n, d_v)` and a deep-prompt set `(P, d_v)` shared by
+    the batch that returns the outputs of `x` only, `(B, 1 + n, d_v)`.
 
     VPT-deep discards every block's prompt outputs (the next block brings a new set), so the prompts need keys and
     values but no queries, attention rows or MLP: the same result as running the block over FSGR's sequence
     `[cls; prompts; patches]` and dropping the prompts (keys are unordered without a mask), at about 1.1× the
-    unprompted block's multiply-adds instead of 1.5× (ViT-B/16, 100 prompts, 196 patches). The attention runs as
-    one fused SDPA call on the block's projections (with LoRA's W + ΔW in training), as `nn.MultiheadAttention`
-    would for self-attention.
+    unprompted block's multiply-adds instead of 1.5× (ViT-B/16, 100 prompts, 196 patches). The prompts' keys and
+    values are the same for every image, so they are computed once per batch. The attention runs as one fused SDPA
+    call on the block's projections (with LoRA's W + ΔW in training), as `nn.MultiheadAttention` would for
+    self-attention.
     """
     heads, in_weight, in_bias, out_weight, out_bias = attention_projections(block.attn)
-    width = x.shape[-1]
-    h = block.ln_1(torch.cat([x, prompt], dim=1))  # (B, 1 + n + P, d_v)
-    q = F.linear(h[:, : x.shape[1]], in_weight[:width], in_bias[:width])  # (B, 1 + n, d_v)
-    kv = F.linear(h, in_weight[width:], in_bias[width:])  # (B, 1 + n + P, 2 d_v)
-    q = q.unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, h, 1 + n, d_h)
+    batch, _, width = x.shape
+    qkv = F.linear(block.ln_1(x), in_weight, in_bias)  # (B, 1 + n, 3 d_v)
+    prompt_kv = F.linear(block.ln_1(prompt), in_weight[width:], in_bias[width:])  # (P, 2 d_v), once per batch
+    kv = torch.cat([qkv[..., width:], prompt_kv.expand(batch, -1, -1)], dim=1)  # (B, 1 + n + P, 2 d_v)
+    q = qkv[..., :width].unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, h, 1 + n, d_h)
     k, v = kv.unflatten(-1, (2, heads, -1)).permute(2, 0, 3, 1, 4)  # each (B, h, 1 + n + P, d_h)
     out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)  # (B, 1 + n, d_v)
     x = x + block.ls_1(F.linear(out, out_weight, out_bias))
@@ -526,7 +527,7 @@ class FsgrPmaVisionTower(nn.Module):
             run, args = block, (x,)
             if prompted:
                 prompt = self.prompt_dropout(self.prompt_proj(self.prompts[i].to(x.dtype)))  # (P, d_v)
-                run, args = prompted_block, (block, x, prompt.expand(x.shape[0], -1, -1))
+                run, args = prompted_block, (block, x, prompt)
             if self.gradient_checkpointing and torch.is_grad_enabled():  # the trained blocks dominate the memory
                 x = self._gradient_checkpointing_func(run, *args)
             else:

@@ -64,7 +64,7 @@ MECHANISMS = {
         "encoder",
         lambda: mock.patch.object(
             fsgr, "prompted_block",
-            lambda block, x, prompt: block(torch.cat([x, prompt], dim=1))[:, : x.shape[1]],
+            lambda block, x, prompt: block(torch.cat([x, prompt.expand(len(x), -1, -1)], dim=1))[:, : x.shape[1]],
         ),
     ),
 }
