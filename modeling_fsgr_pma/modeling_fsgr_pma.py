@@ -968,22 +968,12 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
     def memory_active(self) -> bool:
         return self.memory_enabled and self._is_ready()
 
-    def memory_heads(self, dtype: torch.dtype, cache: Cache | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Per-head prototype keys `M_K + s_mem - s_seq` and values `M_V`, `(h, m, hd)` each; None while there are none.
-
-        An [`FsgrPmaCache`] keeps them from a generation's first step to its last (the prototypes do not change
-        within a `generate` call), instead of converting and adding them again at every step.
-        """
-        kept = getattr(cache, "prototype_heads", None)  # {layer_idx: heads}, FsgrPmaCache's
-        if kept is not None and self.layer_idx in kept:
-            return kept[self.layer_idx]
-        heads = None
-        if self.memory_active:
-            keys = self.prototype_keys + (self.segment_memory - self.segment_sequence)  # (m, d)
-            heads = self._split_heads(keys.to(dtype)), self._split_heads(self.prototype_values.to(dtype))
-        if kept is not None:
-            kept[self.layer_idx] = heads
-        return heads  # (h, m, hd) each
+    def memory_heads(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per-head prototype keys `M_K + s_mem - s_seq` and values `M_V`, `(h, m, hd)` each; None while there are none."""
+        if not self.memory_active:
+            return None
+        keys = self._split_heads((self.prototype_keys + (self.segment_memory - self.segment_sequence)).to(dtype))
+        return keys, self._split_heads(self.prototype_values.to(dtype))  # (h, m, hd) each
 
     def idle_parameters(self) -> list[nn.Parameter]:
         """The trainable parameters that only the prototypes use (segment embeddings, log-prior): all of them while the
@@ -1019,7 +1009,7 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
             self._pending = self.sample_for_bank(qkv[..., width:], token_mask)  # committed after the forward
         heads = qkv.view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, h, T, hd)
         query, key, value = heads.unbind(0)  # (B, h, T, hd) each, views of qkv
-        memory = self.memory_heads(key.dtype, past_key_values)  # (h, m, hd) keys and values, or None
+        memory = self.memory_heads(key.dtype)  # (h, m, hd) keys and values, or None
         if past_key_values is not None:
             key, value = past_key_values.self_attention_cache.update(key, value, self.layer_idx)  # (B, h, S, hd)
         dropout = self.dropout if self.training else 0.0
@@ -1230,15 +1220,10 @@ class FsgrPmaCache(EncoderDecoderCache):
     cross-attention keys/values are identical: the cache keeps them once, `(B / r, h, S, hd)`, which also makes beam
     reordering (what `EncoderDecoderCache` does at every beam-search step) a no-op there. Batch selection and
     repetition first restore one row per sequence, and so does `generate` before it returns the cache. Prototypes
-    never enter it: memory attention reads them beside the cached sequence (`attend_with_prototypes`), and the cache
-    keeps each layer's per-head prototypes for the generation (`prototype_heads`, none for a layer without memory).
+    never enter it: memory attention reads them beside the cached sequence (`attend_with_prototypes`).
     """
 
     rows_per_image = 1  # set by `generate` (`_expand_inputs_for_generation`): the cross-attention part's sharing
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.prototype_heads: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.self_attention_cache.reorder_cache(beam_idx)

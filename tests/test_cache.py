@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from unittest import mock
-
 import pytest
 import torch
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
@@ -44,19 +42,6 @@ def test_generate_with_our_cache_equals_the_plain_cache(num_beams, num_prototype
     assert torch.equal(ours.sequences, plain.sequences)
     for got, want in zip(ours.scores, plain.scores):
         torch.testing.assert_close(got, want)
-
-
-def test_a_generation_makes_each_layers_per_head_prototypes_once():
-    model = _model()
-    pixel_values, _ = random_batch(model.config, batch=2)
-    memory_attention = type(model.memory_layers()[0])
-    with mock.patch.object(memory_attention, "_split_heads", autospec=True,
-                           side_effect=memory_attention._split_heads) as split_heads:
-        out = model.generate(pixel_values=pixel_values, min_new_tokens=6, max_new_tokens=6, num_beams=3,
-                             return_dict_in_generate=True)
-    layers = model.memory_layers()
-    assert split_heads.call_count == 2 * len(layers)  # keys and values, once per layer for the 6 steps
-    assert set(out.past_key_values.prototype_heads) == {layer.layer_idx for layer in layers}
 
 
 def test_cached_attention_weights_put_the_prototype_columns_last():

@@ -49,15 +49,6 @@ MECHANISMS = {
             GenerationMixin._expand_inputs_for_generation,
         ),
     ),
-    "prototype_heads_per_generate": (
-        "each memory layer's per-head prototypes made once per `generate` call and kept in the cache "
-        "(`FsgrPmaCache.prototype_heads`; B: converted, shifted and split at every decoding step)",
-        "decoder",
-        lambda: mock.patch.object(
-            fsgr.FsgrPmaPrototypeMemoryAttention, "memory_heads",
-            lambda self, dtype, cache=None, _made=fsgr.FsgrPmaPrototypeMemoryAttention.memory_heads: _made(self, dtype),
-        ),
-    ),
     "prompts_as_keys_only": (
         "deep prompts enter each block as keys and values only (`prompted_block`; B: the block runs over "
         "`[cls; patches; prompts]` and the prompts' outputs are dropped, as FSGR's code does)",
