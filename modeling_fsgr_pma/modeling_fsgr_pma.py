@@ -16,16 +16,16 @@ References:
 
 Speed. Two mechanisms beyond transformers' and FSGR's usual code remain, because each earned at least 3% of a whole
 captioning call at the size users run (`configuration/model/vit-b16.json`, `tools/benchmark_mechanisms.py`, see
-docs/benchmarks-mechanisms.md). In the encoder, FSGR's deep prompts enter every ViT block as keys and values only
-(`prompted_block`): their outputs are dropped after each block, so their queries and MLP are not computed (14-18%
-of a call at batch 1, 43% at batch 32). In decoding, the r rows of an image in `generate` (beams, returned
-sequences) share one copy of its cross-attention keys/values (`FsgrPmaCache.rows_per_image`, set by
-`_expand_inputs_for_generation`), which also spares beam search reordering them at every step: 7.7% of a call at
-batch 32 with 5 beams. Memory attention
-scores the prototypes with one matmul per head for the whole batch (`attend_with_prototypes`); they never enter
-the cache. Measured below 3% and removed: a private SDPA function beside `ALL_ATTENTION_FUNCTIONS`, reusing the
-per-head prototypes while the tensors' `id`/`_version` were unchanged, prototypes as a fixed prefix of the
-self-attention cache (used only up to 64 prototypes, slower than the shared matmul at 256), and an override of
+docs/benchmarks-mechanisms.md). In the encoder, FSGR's deep prompts enter every ViT block as keys and values only,
+computed once per batch (`prompted_block`): their outputs are dropped after each block, so their queries and MLP
+are not computed (10-16% of a call at batch 1, 51-59% at batch 32). In decoding, the r rows of an image in
+`generate` (beams, returned sequences) share one copy of its cross-attention keys/values
+(`FsgrPmaCache.rows_per_image`, set by `_expand_inputs_for_generation`), which also spares beam search reordering
+them at every step: 7.7% of a call at batch 32 with 5 beams. Memory attention scores the prototypes with one matmul
+per head for the whole batch (`attend_with_prototypes`); they never enter the cache. Measured below 3% and removed:
+a private SDPA function beside `ALL_ATTENTION_FUNCTIONS`, reusing the per-head prototypes (while the tensors'
+`id`/`_version` were unchanged, or for one `generate` call), prototypes as a fixed prefix of the self-attention
+cache (used only up to 64 prototypes, slower than the shared matmul at 256), and an override of
 `prepare_inputs_for_generation`. `_is_ready` keeps the memory flag as a Python bool for `torch.compile`/`export`.
 
 This file is remote code: it imports only public packages and `configuration_fsgr_pma`.
