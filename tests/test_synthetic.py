@@ -423,12 +423,19 @@ def test_oracle_captions_follow_the_grammar_and_the_truth(sampled_scenes):
         scenes.oracle_captions(records, candidates=0)
 
 
-def test_clip_pretraining_set_holds_the_out_domain_categories():
-    seen = set()
+def test_clip_pretraining_set_holds_the_out_domain_categories_and_the_held_out_combinations():
+    seen, colour_pairs, scene_pairs = set(), set(), set()
     for index in range(300):
         record, _ = scenes.sample_example("train", index, seed=5, pretraining=True)
         seen |= {o["category"] for o in record["objects"]}
+        colour_pairs |= {(o["colour"], o["category"]) for o in record["objects"]}
+        scene_pairs |= {(o["category"], record["scene"]["type"]) for o in record["objects"]}
     assert set(scenes.OUT_DOMAIN) <= seen
+    assert set(scenes.HELD_OUT_COLOURS) <= colour_pairs and set(scenes.HELD_OUT_SCENES) <= scene_pairs
+    for index in range(100):  # the captioning world's train split holds neither
+        record, _ = scenes.sample_example("train", index, seed=5)
+        assert not {(o["colour"], o["category"]) for o in record["objects"]} & set(scenes.HELD_OUT_COLOURS)
+        assert not {o["category"] for o in record["objects"]} & set(scenes.OUT_DOMAIN)
     with pytest.raises(SystemExit):
         make_synthetic.parse_args(["--output-dir", "x", "--domain", "synthetic", "--clip-pretraining"])
 

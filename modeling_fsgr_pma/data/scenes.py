@@ -19,7 +19,8 @@ from the true scene of any generated image.
 Splits: `train`, `validation`, `test` (in-distribution); `test_novel` (every image holds one colour–category or
 category–scene combination that never occurs in the other splits: nocaps' near-domain); `test_out_domain` (every image
 holds one of six categories that never occur in the other splits, but are in the concept vocabulary: nocaps'
-out-domain). `pretraining=True` lets the out-domain categories into `train`, for the tiny CLIP's pre-training set.
+out-domain). `pretraining=True` lets the out-domain categories and the held-out combinations into `train`, for the
+tiny CLIP's pre-training set (OpenAI's CLIP has seen nocaps' classes, and green cars).
 The second world, `scenes-b` (`DOMAIN_B`, splits `train`, `validation`, `test`), is a new domain for fine-tuning: every
 image holds one of the out-domain categories among in-domain context, as `test_out_domain` does.
 Everything is deterministic for a seed.
@@ -457,31 +458,33 @@ def sample_scene(rng: np.random.Generator, split: str, index: int, pretraining: 
     Args:
         rng: the image's own generator.
         split: `test_novel` forces one held-out combination, `test_out_domain` one out-domain category; the other
-            splits hold neither (with `pretraining`, `train` may hold out-domain categories).
+            splits hold neither (with `pretraining`, `train` holds both: see `pretraining`).
         index: the image's index in its split (chooses the forced combination or category in turn).
-        pretraining: let out-domain categories into `train`.
+        pretraining: let the out-domain categories and the held-out combinations into `train` (every fourth
+            image forces a held-out combination, as `test_novel` does), for the tiny CLIP's pre-training set.
 
     Returns:
         `{"scene": {"type"}, "objects": [...], "relations": [...]}`; see `generate_split` for the fields.
     """
     forced_colour, forced = None, None
-    if split == "test_novel":
-        if index % 2 == 0:
-            forced_colour, forced = HELD_OUT_COLOURS[(index // 2) % len(HELD_OUT_COLOURS)]
+    pretraining = pretraining and split == "train"
+    if split == "test_novel" or (pretraining and index % 4 == 0):  # pre-training: every 4th image a held-out pair
+        turn = index if split == "test_novel" else index // 4
+        if turn % 2 == 0:
+            forced_colour, forced = HELD_OUT_COLOURS[(turn // 2) % len(HELD_OUT_COLOURS)]
             allowed = [s for s in CATEGORIES[forced].scenes if (forced, s) not in HELD_OUT_SCENES]
             scene_type = allowed[int(rng.integers(len(allowed)))]
         else:
-            forced, scene_type = HELD_OUT_SCENES[(index // 2) % len(HELD_OUT_SCENES)]
+            forced, scene_type = HELD_OUT_SCENES[(turn // 2) % len(HELD_OUT_SCENES)]
     elif split == "test_out_domain":
         forced = OUT_DOMAIN[index % len(OUT_DOMAIN)]
         scene_type = CATEGORIES[forced].scenes[int(rng.integers(len(CATEGORIES[forced].scenes)))]
     else:
         scene_type = _weighted_choice(rng, list(SCENE_TYPES), [s.weight for s in SCENE_TYPES.values()])
-    exclude_out = not (pretraining and split == "train")
     candidates = [
         c for c in CATEGORIES.values()
-        if scene_type in c.scenes and (c.name, scene_type) not in HELD_OUT_SCENES
-        and not (exclude_out and c.name in OUT_DOMAIN) and c.name != forced
+        if scene_type in c.scenes and (pretraining or (c.name, scene_type) not in HELD_OUT_SCENES)
+        and (pretraining or c.name not in OUT_DOMAIN) and c.name != forced
     ]  # fmt: skip
     num_groups = int(rng.choice(5, p=[0.08, 0.27, 0.32, 0.21, 0.12])) + 1
     chosen = [CATEGORIES[forced]] if forced else []
@@ -491,7 +494,7 @@ def sample_scene(rng: np.random.Generator, split: str, index: int, pretraining: 
         chosen.append(category)
     groups = []
     for position, category in enumerate(chosen):
-        colours = [c for c in category.colours if split in ("test_novel", "test_out_domain") or
+        colours = [c for c in category.colours if pretraining or split in ("test_novel", "test_out_domain") or
                    (c, category.name) not in HELD_OUT_COLOURS] or list(category.colours)  # fmt: skip
         colour = forced_colour if (position == 0 and forced_colour) else colours[
             int(rng.choice(len(colours), p=_decaying(len(colours))))]
@@ -1076,7 +1079,8 @@ def generate_world(
         seed: the same seed (and arguments) gives the same files.
         image_size: side of the square images in pixels.
         split_fractions: see `split_sizes`.
-        pretraining: let the out-domain categories into `train` (the tiny CLIP's pre-training set only).
+        pretraining: let the out-domain categories and the held-out combinations into `train` (the tiny CLIP's
+            pre-training set only).
         domain: `DOMAIN`, or `DOMAIN_B` (splits `train`, `validation`, `test`; every image an out-domain category).
 
     Returns:
