@@ -10,9 +10,10 @@ Usage (from the repository root):
 49 object categories as composite icons in seven scene types, a long tail, counts, attributes and relations, five
 captions per image from a grammar; splits `train`, `validation`, `test`, `test_novel` (held-out colour–category and
 category–scene combinations) and `test_out_domain` (six categories never in the other splits); columns `image_id`,
-`image`, `captions`, `objects`, `relations`, `scene`. `--clip-pretraining` lets the out-domain categories into
-`train` (the tiny CLIP's pre-training set, never a captioning set). `--domain scenes-b` is its second domain, for
-PEFT fine-tuning: every image holds one of those six categories (splits `train`, `validation`, `test`).
+`image`, `captions`, `objects`, `relations`, `scene`. `--clip-pretraining` lets the out-domain categories and the
+held-out combinations into `train` (the tiny CLIP's pre-training set, never a captioning set). `--domain scenes-b`
+is its second domain, for PEFT fine-tuning: every image holds one of those six categories (splits `train`,
+`validation`, `test`).
 `--domain synthetic` is the first world (7 shapes × 8 colours, with a tiny CLIP of its own), and
 `--domain synthetic-b` its second domain (other shapes, colours and backgrounds) for PEFT fine-tuning; their splits are
 `train`, `validation`, `test`, `test_novel` with columns `image_id`, `image`, `captions`, `objects`, `background`.
@@ -56,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--domain", choices=[scenes.DOMAIN, scenes.DOMAIN_B, *sorted(DOMAINS)], default=scenes.DOMAIN)
     parser.add_argument(
         "--clip-pretraining", action="store_true",
-        help="scenes, parquet: out-domain categories in train too (the tiny CLIP's pre-training set only)",
+        help="scenes, parquet: out-domain categories and held-out combinations in train too (CLIP pre-training only)",
     )  # fmt: skip
     parser.add_argument("--num-workers", type=int, default=None, help="coco-karpathy: rendering processes")
     args = parser.parse_args(argv)

@@ -31,9 +31,10 @@ phrase; phrases are the world's concept names: the scene world's categories, col
 
 Terms 2 and 3 stand in for what 400M web pairs give OpenAI's CLIP: an image embedding that ranks the concepts in
 the image, and dense embeddings that name what each patch shows. The pre-training world holds the scene world's
-out-domain categories (`--clip-pretraining`), as OpenAI's CLIP has seen nocaps' out-domain classes; the held-out
-combinations of `test_novel` never occur in it. The log ends with validation image→caption retrieval and the share
-of object patches whose dense argmax names the object's category (shape) and colour.
+out-domain categories and the held-out combinations of `test_novel` (`--clip-pretraining`), as OpenAI's CLIP has
+seen nocaps' out-domain classes and green cars; no captioning image or caption holds either. The log ends with
+validation image→caption retrieval and the share of object patches whose dense argmax names the object's category
+(shape) and colour.
 """
 
 from __future__ import annotations
