@@ -14,12 +14,13 @@ References:
 - MaskCLIP: Zhou et al., "Extract Free Dense Labels from CLIP", ECCV 2022 (the alternative dense embeddings).
 - SupCon: Khosla et al., "Supervised Contrastive Learning", NeurIPS 2020.
 
-Speed. Two mechanisms beyond transformers' and FSGR's usual code remain, because each earned at least 3% of a whole
-captioning call at the size users run (`configuration/model/vit-b16.json`, `tools/benchmark_mechanisms.py`, see
-docs/benchmarks-mechanisms.md). In the encoder, FSGR's deep prompts enter every ViT block as keys and values only,
-computed once per batch (`prompted_block`): their outputs are dropped after each block, so their queries and MLP
-are not computed (10-16% of a call at batch 1, 51-59% at batch 32). In decoding, the r rows of an image in
-`generate` (beams, returned sequences) share one copy of its cross-attention keys/values
+Speed. Three mechanisms beyond transformers' and FSGR's usual code remain, because each earned at least 3% of a
+whole captioning call at the size users run (`configuration/model/vit-b16.json`, `tools/benchmark_mechanisms.py`, see
+docs/benchmarks-mechanisms.md). In the encoder, FSGR's deep prompts enter every ViT block as keys and values only
+(`prompted_block`): their outputs are dropped after each block, so their queries and MLP are not computed (16-18% of
+a call at batch 1, 41-51% at batch 32); and inference reuses those keys and values while their weights are unchanged
+(`prompt_keys_values`: 4-8% of a call at batch 1, where they would be made per image). In decoding, the r rows of
+an image in `generate` (beams, returned sequences) share one copy of its cross-attention keys/values
 (`FsgrPmaCache.rows_per_image`, set by `_expand_inputs_for_generation`), which also spares beam search reordering
 them at every step: 7.7% of a call at batch 32 with 5 beams. Memory attention scores the prototypes with one matmul
 per head for the whole batch (`attend_with_prototypes`); they never enter the cache. Measured below 3% and removed:
@@ -439,22 +440,20 @@ def correlative_attention(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.linear(out, out_weight, out_bias)
 
 
-def prompted_block(block: nn.Module, x: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
-    """An open_clip residual block over the tokens `x` `(B, 1 + n, d_v)` and a deep-prompt set `(P, d_v)` shared by
-    the batch that returns the outputs of `x` only, `(B, 1 + n, d_v)`.
+def prompted_block(block: nn.Module, x: torch.Tensor, prompt_kv: torch.Tensor) -> torch.Tensor:
+    """An open_clip residual block over the tokens `x` `(B, 1 + n, d_v)` and the keys and values of a deep-prompt set
+    `(P, 2 d_v)` shared by the batch (`prompt_keys_values`) that returns the outputs of `x` only, `(B, 1 + n, d_v)`.
 
     VPT-deep discards every block's prompt outputs (the next block brings a new set), so the prompts need keys and
     values but no queries, attention rows or MLP: the same result as running the block over FSGR's sequence
     `[cls; prompts; patches]` and dropping the prompts (keys are unordered without a mask), at about 1.1× the
-    unprompted block's multiply-adds instead of 1.5× (ViT-B/16, 100 prompts, 196 patches). The prompts' keys and
-    values are the same for every image, so they are computed once per batch. The attention runs as one fused SDPA
-    call on the block's projections (with LoRA's W + ΔW in training), as `nn.MultiheadAttention` would for
-    self-attention.
+    unprompted block's multiply-adds instead of 1.5× (ViT-B/16, 100 prompts, 196 patches). The attention runs as one
+    fused SDPA call on the block's projections (with LoRA's W + ΔW in training), as `nn.MultiheadAttention` would
+    for self-attention.
     """
     heads, in_weight, in_bias, out_weight, out_bias = attention_projections(block.attn)
     batch, _, width = x.shape
     qkv = F.linear(block.ln_1(x), in_weight, in_bias)  # (B, 1 + n, 3 d_v)
-    prompt_kv = F.linear(block.ln_1(prompt), in_weight[width:], in_bias[width:])  # (P, 2 d_v), once per batch
     kv = torch.cat([qkv[..., width:], prompt_kv.expand(batch, -1, -1)], dim=1)  # (B, 1 + n + P, 2 d_v)
     q = qkv[..., :width].unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, h, 1 + n, d_h)
     k, v = kv.unflatten(-1, (2, heads, -1)).permute(2, 0, 3, 1, 4)  # each (B, h, 1 + n + P, d_h)
@@ -489,6 +488,7 @@ class FsgrPmaVisionTower(nn.Module):
             self.prompt_proj = nn.Linear(width, width)
             self.prompt_dropout = nn.Dropout(config.dropout)
             self.prompt_norm = nn.LayerNorm(width, eps=1e-6)
+        self._prompt_kv = None  # (weights' identity, keys and values) reused in inference: `prompt_keys_values`
         self.gradient_checkpointing = False  # set by `activation_checkpointing_enable()` (with its function)
 
     @property
@@ -521,18 +521,44 @@ class FsgrPmaVisionTower(nn.Module):
         only (`prompted_block`).
         """
         prompted = with_prompts and self.prompts is not None
+        prompt_kv = self.prompt_keys_values(x.dtype) if prompted else None
         last_input = x
         for i, block in enumerate(self.blocks[self.first_adapted_block :]):
             last_input = x
-            run, args = block, (x,)
-            if prompted:
-                prompt = self.prompt_dropout(self.prompt_proj(self.prompts[i].to(x.dtype)))  # (P, d_v)
-                run, args = prompted_block, (block, x, prompt)
+            run, args = (prompted_block, (block, x, prompt_kv[i])) if prompted else (block, (x,))
             if self.gradient_checkpointing and torch.is_grad_enabled():  # the trained blocks dominate the memory
                 x = self._gradient_checkpointing_func(run, *args)
             else:
                 x = run(*args)
         return (self.prompt_norm(x) if prompted else x), last_input
+
+    def prompt_keys_values(self, dtype: torch.dtype) -> list[torch.Tensor]:
+        """Each adapted block's deep prompts as that block's attention keys and values, `(P, 2 d_v)` per block.
+
+        They depend on the weights only, not on the image: inference (eval mode, no grad) reuses them while the
+        weights they are made from are the same tensors, unchanged (`data_ptr`, `_version`), which saves 5% of a
+        vit-b16 captioning call at batch 1 (docs/benchmarks-mechanisms.md). Training, and LoRA-wrapped attention
+        (whose adapters can be switched off), makes them on every call, once per batch.
+        """
+        blocks = self.blocks[self.first_adapted_block :]
+        reusable = not (self.training or torch.is_grad_enabled()) and all(
+            type(block.attn) is nn.MultiheadAttention for block in blocks
+        )
+        if reusable:
+            weights = [self.prompts, *self.prompt_proj.parameters()]
+            weights += [w for block in blocks for w in (*block.ln_1.parameters(), block.attn.in_proj_weight,
+                                                        block.attn.in_proj_bias)]
+            identity = (dtype, *((w.data_ptr(), w._version) for w in weights))
+            if self._prompt_kv is not None and self._prompt_kv[0] == identity:
+                return self._prompt_kv[1]
+        keys_values = []
+        for prompts, block in zip(self.prompts, blocks):
+            prompt = self.prompt_dropout(self.prompt_proj(prompts.to(dtype)))  # (P, d_v)
+            _, in_weight, in_bias, _, _ = attention_projections(block.attn)
+            width = prompt.shape[-1]
+            keys_values.append(F.linear(block.ln_1(prompt), in_weight[width:], in_bias[width:]))  # (P, 2 d_v)
+        self._prompt_kv = (identity, keys_values) if reusable else None
+        return keys_values
 
     def dense_embeddings(self, last_input: torch.Tensor, n_patches: int, with_prompts: bool = True) -> torch.Tensor:
         """Dense CLIP-space patch embeddings, `(B, n, d_clip)`: the last block rerun on the patches of its input

@@ -7,9 +7,10 @@ import json
 import math
 
 import pytest
+import torch
 
 from tools import benchmark, benchmark_data, benchmark_mechanisms
-from conftest import tiny_config
+from conftest import random_batch, tiny_config
 
 TINY_KEYS = {
     "memory_macs_ratio_tiny", "train_step_memory_ratio_tiny", "generate_memory_ratio_greedy_tiny",
@@ -129,3 +130,18 @@ def test_mechanisms_benchmark_times_each_mechanism_in_its_part_of_a_call(tmp_pat
     assert len(results["rows"]) == 4 * len(parts)
     assert all(row["with_s"] > 0 < row["without_s"] for row in results["rows"])
     assert "prompts_as_keys_only | encoder" in output.with_suffix(".md").read_text()
+
+
+@pytest.mark.parametrize("name", list(benchmark_mechanisms.MECHANISMS))
+def test_each_mechanism_patched_out_captions_the_same(name):
+    """The benchmark's B side (the mechanism patched out) is the same computation: the same tokens, the same scores."""
+    config = tiny_config(vocab_size=64, max_position_embeddings=24, memory_window=4, num_prompt_tokens=2, dropout=0.0)
+    model = benchmark.released(benchmark.model_with_prototypes(config))
+    pixel_values, _ = random_batch(config)
+    kwargs = {"num_beams": 3, "max_new_tokens": 4, "output_scores": True, "return_dict_in_generate": True}
+    with torch.inference_mode():
+        with_it = model.generate(pixel_values=pixel_values, **kwargs)
+        with benchmark_mechanisms.MECHANISMS[name][2]():
+            without = model.generate(pixel_values=pixel_values, **kwargs)
+    torch.testing.assert_close(without.sequences, with_it.sequences)
+    torch.testing.assert_close(without.sequences_scores, with_it.sequences_scores)

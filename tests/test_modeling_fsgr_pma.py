@@ -92,6 +92,35 @@ def test_deep_prompts_as_keys_only_equal_fsgrs_full_sequence(merged):
     torch.testing.assert_close(tokens, tower.prompt_norm(x))
 
 
+def test_prompt_keys_values_are_reused_in_inference_until_a_weight_changes():
+    """Inference reuses the deep prompts' keys and values; changing any weight they are made from (in place, or by
+    loading a state dict) makes them anew, so the encoder never runs on stale ones. Training never reuses them."""
+    model = tiny_model(num_prompt_tokens=3, dropout=0.0).eval()
+    randomise_lora(model)
+    tower = model.encoder.tower
+    pixel_values, _ = random_batch(model.config)
+    with torch.no_grad():
+        assert tower.prompt_keys_values(torch.float32) is not tower.prompt_keys_values(torch.float32)  # LoRA wrapped
+        model.merge_encoder_lora()
+        first = tower.prompt_keys_values(torch.float32)
+        assert tower.prompt_keys_values(torch.float32) is first
+        state = {name: tensor.clone() for name, tensor in tower.state_dict().items()}
+        for weight in (tower.prompts, tower.prompt_proj.bias, tower.blocks[-1].ln_1.weight,
+                       tower.blocks[0].attn.in_proj_weight):
+            tower.prompt_keys_values(torch.float32)  # held for reuse
+            weight.add_(0.5)
+            reused = tower.adapted_blocks(tower.frozen_prefix(pixel_values))[0]
+            with torch.enable_grad():
+                fresh = tower.adapted_blocks(tower.frozen_prefix(pixel_values))[0]
+            torch.testing.assert_close(reused, fresh)
+        changed = tower.prompt_keys_values(torch.float32)
+        tower.load_state_dict(state)
+        torch.testing.assert_close(tower.prompt_keys_values(torch.float32), first)
+        assert tower.prompt_keys_values(torch.float32) is not changed
+        model.train()
+        assert tower.prompt_keys_values(torch.float32) is not tower.prompt_keys_values(torch.float32)
+
+
 def test_no_gradient_reaches_codebook_or_prototypes(model_with_memory):
     buffers = dict(model_with_memory.named_buffers())
     for name in ("model.encoder.codebook.embeddings", "model.decoder.layers.0.self_attn.prototype_keys"):

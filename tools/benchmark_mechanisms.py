@@ -36,6 +36,24 @@ ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = [(1, 1), (1, 5), (32, 1), (32, 5)]  # (batch, beams)
 
 
+def full_sequence_blocks(tower, x: torch.Tensor, with_prompts: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """FSGR's `forward_deep_prompt`: every block over `[cls; patches; prompts]`, the prompts' outputs dropped."""
+    last_input = x
+    for prompts, block in zip(tower.prompts, tower.blocks[tower.first_adapted_block :]):
+        last_input = x
+        prompt = tower.prompt_proj(prompts.to(x.dtype)).expand(len(x), -1, -1)  # (B, P, d_v)
+        x = block(torch.cat([x, prompt], dim=1))[:, : x.shape[1]]
+    return tower.prompt_norm(x), last_input
+
+
+def prompt_keys_values_every_call(tower, dtype: torch.dtype) -> list[torch.Tensor]:
+    tower._prompt_kv = None  # nothing to reuse
+    return PROMPT_KEYS_VALUES(tower, dtype)
+
+
+PROMPT_KEYS_VALUES = fsgr.FsgrPmaVisionTower.prompt_keys_values
+
+
 # name → (what it is, the part of a call it speeds up, a context manager that patches it out). The mechanisms
 # measured below 3% were removed after the run in docs/benchmarks-mechanisms.md; their entries are in this file at
 # commit 57b9789.
@@ -53,10 +71,13 @@ MECHANISMS = {
         "deep prompts enter each block as keys and values only (`prompted_block`; B: the block runs over "
         "`[cls; patches; prompts]` and the prompts' outputs are dropped, as FSGR's code does)",
         "encoder",
-        lambda: mock.patch.object(
-            fsgr, "prompted_block",
-            lambda block, x, prompt: block(torch.cat([x, prompt.expand(len(x), -1, -1)], dim=1))[:, : x.shape[1]],
-        ),
+        lambda: mock.patch.object(fsgr.FsgrPmaVisionTower, "adapted_blocks", full_sequence_blocks),
+    ),
+    "prompt_kv_reuse": (
+        "inference reuses the deep prompts' keys and values while their weights are unchanged "
+        "(`prompt_keys_values`; B: made on every call, once per batch)",
+        "encoder",
+        lambda: mock.patch.object(fsgr.FsgrPmaVisionTower, "prompt_keys_values", prompt_keys_values_every_call),
     ),
 }
 
