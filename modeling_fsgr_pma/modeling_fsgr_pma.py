@@ -536,8 +536,8 @@ class FsgrPmaVisionTower(nn.Module):
         """Each adapted block's deep prompts as that block's attention keys and values, `(P, 2 d_v)` per block.
 
         They depend on the weights only, not on the image: inference (eval mode, no grad) reuses them while the
-        weights they are made from are the same tensors, unchanged (`data_ptr`, `_version`), which saves 5% of a
-        vit-b16 captioning call at batch 1 (docs/benchmarks-mechanisms.md). Training, and LoRA-wrapped attention
+        weights they are made from are the same tensors, unchanged (`data_ptr`, `_version`), which saves 4-8% of
+        a vit-b16 captioning call at batch 1 (docs/benchmarks-mechanisms.md). Training, and LoRA-wrapped attention
         (whose adapters can be switched off), makes them on every call, once per batch.
         """
         blocks = self.blocks[self.first_adapted_block :]

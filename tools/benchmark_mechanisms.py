@@ -46,12 +46,12 @@ def full_sequence_blocks(tower, x: torch.Tensor, with_prompts: bool = True) -> t
     return tower.prompt_norm(x), last_input
 
 
+PROMPT_KEYS_VALUES = fsgr.FsgrPmaVisionTower.prompt_keys_values  # the method as the model has it
+
+
 def prompt_keys_values_every_call(tower, dtype: torch.dtype) -> list[torch.Tensor]:
     tower._prompt_kv = None  # nothing to reuse
     return PROMPT_KEYS_VALUES(tower, dtype)
-
-
-PROMPT_KEYS_VALUES = fsgr.FsgrPmaVisionTower.prompt_keys_values
 
 
 # name → (what it is, the part of a call it speeds up, a context manager that patches it out). The mechanisms
