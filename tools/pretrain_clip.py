@@ -3,7 +3,7 @@
 Usage (the commands that made the shipped checkpoints; the worlds' seeds are used by no demo):
 
     # the scene world's, weights/clip-tiny-scenes.safetensors (out-domain categories included, with their names)
-    python scripts/make_synthetic.py --clip-pretraining --output-dir outputs/clip-scenes --num-images 12000 --seed 1000
+    python scripts/make_synthetic.py --clip-pretraining --output-dir outputs/clip-scenes --num-images 24000 --seed 1000
     python tools/pretrain_clip.py --data outputs/clip-scenes --model-config configuration/model/tiny-scenes.json \
         --epochs 20 --batch-size 64 --output weights/clip-tiny-scenes.safetensors
 
