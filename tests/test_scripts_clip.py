@@ -17,9 +17,9 @@ from modeling_fsgr_pma.training.clip_backbone import build_clip, load_codebook, 
 from modeling_fsgr_pma.data.captions import load_caption_split, to_rgb
 from modeling_fsgr_pma.data.feature_cache import check_cache_matches, load_feature_cache
 from modeling_fsgr_pma.processing_fsgr_pma import clip_image_processor
-from modeling_fsgr_pma.data.synthetic import generate_world
+from modeling_fsgr_pma.data.synthetic import generate_world, patch_objects
 from scripts import build_codebook, extract_features, train
-from tools import pretrain_clip
+from tools import pretrain_clip, probe_vision
 
 VOCABULARY = Path(__file__).resolve().parents[1] / "configuration" / "concepts" / "synthetic.txt"
 
@@ -123,6 +123,39 @@ def test_scene_world_targets_name_categories_colours_and_scene(tmp_path):
     assert all(torch.isfinite(value) for value in losses.values())
     report = pretrain_clip.validation_report(model, tokenizer, pixels, [c[0] for c in split["captions"]], targets)
     assert set(report) == {"retrieval_top1", "object_patch_category", "object_patch_colour"}
+
+
+def test_probe_pools_each_object_over_its_own_patches():
+    """An object's probe features pool the patches it owns (as pre-training assigns them); an object that owns none
+    (hidden behind a later one) falls back to its centre patch."""
+    config = FsgrPmaConfig()  # the default tiny tower: 32 px
+    big = {"shape": "square", "colour": "red", "size": "large", "x": 0.5, "y": 0.5}
+    hidden = {**big, "size": "small", "colour": "blue"}  # drawn first, then covered by the large square
+    masks = probe_vision.object_patches([hidden, big], config, scene_world=False)
+    owners = patch_objects([hidden, big], config.image_size, config.grid_size)
+    assert (owners == 0).sum() == 0 and (owners == 1).sum() > 1
+    assert masks[1].tolist() == (owners == 1).tolist()
+    centre = probe_vision.centre_patches([hidden], config.grid_size)[0]
+    assert masks[0].nonzero().flatten().tolist() == [centre]
+
+
+def test_probe_vision_reports_every_point_on_every_object(workspace, tmp_path):
+    """The CLIP alone (no captioner): probes at the frozen blocks, the tower and the encoder output, fitted on every
+    train object and scored on every test object, and the concept-path facts, each a share in [0, 1]."""
+    report = probe_vision.main(
+        ["--clip-pretrained", str(workspace["clip"]), "--model-config", str(workspace["model_config"]),
+         "--codebook", str(workspace["codebook"]), "--data", str(workspace["data"]), "--splits", "test",
+         "--output", str(tmp_path / "probe.json")]
+    )  # fmt: skip
+    assert json.loads((tmp_path / "probe.json").read_text()) == report
+    objects = {split: sum(map(len, load_caption_split(workspace["data"], split)["objects"])) for split in ("train", "test")}
+    assert report["fit"] == {"split": "train", "objects": objects["train"]}
+    test = report["splits"]["test"]
+    assert test["objects"] == objects["test"]
+    assert set(test["probes"]) == {"frozen_blocks", "pretrained_tower", "encoder_output"}
+    shares = [v for point in test["probes"].values() for v in point.values()]
+    shares += list(test["concepts"]["pretrained"].values())
+    assert len(shares) == 9 and all(0.0 <= share <= 1.0 for share in shares)
 
 
 def test_codebook_shape_unit_rows_and_names(workspace):

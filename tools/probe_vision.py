@@ -5,10 +5,12 @@ Usage (after `scripts/demo.py`; without `--model`, the CLIP alone, its LoRA untr
     python tools/probe_vision.py --model outputs/demo/model --clip-pretrained outputs/demo/clip.safetensors \
         --data outputs/demo/data --output outputs/demo/probe_vision.json
 
-Linear probes: for every object of a synthetic-world image, the features of the 3×3 patches around the patch that
-holds its centre are concatenated, and a multinomial logistic regression (standardised features, L2 penalty,
-L-BFGS) fitted on the objects of `--fit-split` predicts its category (the scene world's category, the shape world's
-shape) and its colour on the objects of each `--splits` entry. Probed points, from the input upwards:
+Linear probes: for every object of a synthetic-world image, the features of the patches that show it are averaged
+(mask pooling over the object's own patches, by the ownership rule CLIP pre-training uses: `patch_objects`; the
+patch holding its centre when an occluded or small object owns none), and a multinomial logistic regression
+(standardised features, L2 penalty, L-BFGS) fitted on the objects of `--fit-split` predicts its category (the scene
+world's category, the shape world's shape) and its colour on the objects of each `--splits` entry. Probed points,
+from the input upwards:
 
 - `frozen_blocks`: the output of the blocks below `lora_first_block` (what the feature cache stores);
 - `pretrained_tower`: the tower's patch tokens (after `ln_post`) with the pre-trained CLIP weights;
@@ -41,7 +43,7 @@ from tqdm.auto import tqdm
 
 from modeling_fsgr_pma import FsgrPmaConfig, FsgrPmaForConditionalGeneration
 from modeling_fsgr_pma.training.clip_backbone import load_codebook, load_pretrained_clip
-from modeling_fsgr_pma.data import scenes
+from modeling_fsgr_pma.data import scenes, synthetic
 from modeling_fsgr_pma.data.captions import load_caption_split, to_rgb
 from modeling_fsgr_pma.cli.loading import load_pretrained
 from modeling_fsgr_pma.processing_fsgr_pma import clip_image_processor
@@ -59,7 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--codebook", type=Path, default=None, help="without --model: build_codebook.py's output")
     parser.add_argument("--data", required=True, help="a synthetic world (scripts/make_synthetic.py)")
     parser.add_argument("--fit-split", default="train")
-    parser.add_argument("--fit-images", type=int, default=2000, help="images of --fit-split the probes are fitted on")
+    parser.add_argument("--fit-images", type=int, default=None,
+                        help="images of --fit-split the probes are fitted on (default: all)")
     parser.add_argument("--splits", nargs="+", default=["test", "test_novel"])
     parser.add_argument("--max-images", type=int, default=1000, help="images per evaluated split")
     parser.add_argument("--output", type=Path, required=True)
@@ -96,12 +99,16 @@ def centre_patches(objects: list[dict], grid: int) -> list[int]:
     return [min(int(o["y"] * grid), grid - 1) * grid + min(int(o["x"] * grid), grid - 1) for o in objects]
 
 
-def neighbourhood(features: torch.Tensor, centre: int, grid: int) -> torch.Tensor:
-    """The `(n, d)` patch features of the 3×3 patches around `centre` (clamped at the border), concatenated `(9d,)`."""
-    row, column = divmod(centre, grid)
-    rows = [min(max(row + dy, 0), grid - 1) for dy in (-1, 0, 1)]
-    columns = [min(max(column + dx, 0), grid - 1) for dx in (-1, 0, 1)]
-    return features[[r * grid + c for r in rows for c in columns]].flatten()
+def object_patches(objects: list[dict], config: FsgrPmaConfig, scene_world: bool) -> list[torch.Tensor]:
+    """Per object, a boolean `(n,)` mask of the patches that show it; its centre patch when it owns none."""
+    owners = (scenes if scene_world else synthetic).patch_objects(objects, config.image_size, config.grid_size)
+    masks = []
+    for index, centre in enumerate(centre_patches(objects, config.grid_size)):
+        mask = torch.from_numpy(owners == index)
+        if not mask.any():
+            mask[centre] = True
+        masks.append(mask)
+    return masks
 
 
 def object_category(obj: dict) -> str:
@@ -117,7 +124,7 @@ def names_category(concept: str, category: str, scene_world: bool) -> bool:
 
 @torch.no_grad()
 def describe_split(models: dict, data, processor, scene_world: bool, batch_size: int = 100) -> dict:
-    """Per object: its category, colour, neighbourhood features at every probed point, and its concept-path facts."""
+    """Per object: its category, colour, mask-pooled features at every probed point, and its concept-path facts."""
     config = models["pretrained"].config
     grid, n = config.grid_size, config.num_patches
     names = config.concept_names
@@ -141,12 +148,13 @@ def describe_split(models: dict, data, processor, scene_world: bool, batch_size:
                 facts["trained"] = (selected, encoder.pseudo_labels(prefix), patch_concepts)
             points["encoder_output"] = memory  # the trained model's, when there is one (it comes last)
         for image, objects in enumerate(batch["objects"]):
-            for obj, centre in zip(objects, centre_patches(objects, grid)):
+            masks = object_patches(objects, config, scene_world)
+            for obj, centre, mask in zip(objects, centre_patches(objects, grid), masks):
                 category = object_category(obj)
                 rows["category"].append(category)
                 rows["colour"].append(obj["colour"])
                 for point, features in points.items():
-                    rows["features"].setdefault(point, []).append(neighbourhood(features[image], centre, grid))
+                    rows["features"].setdefault(point, []).append(features[image][mask].mean(0))  # (d,)
                 for which, (selected, labels, assigned) in facts.items():
                     top = [names[int(i)] for i in selected[image]]
                     dense, quantised = names[int(labels[image, centre])], names[int(assigned[image, centre])]
@@ -194,8 +202,9 @@ def main(argv: list[str] | None = None) -> dict:
     models = build_models(args)
     processor = clip_image_processor(models["pretrained"].config)
 
-    def load(split: str, limit: int):
+    def load(split: str, limit: int | None):
         data = load_caption_split(args.data, split)
+        limit = len(data) if limit is None else limit
         if "objects" not in data.column_names or "x" not in data.features["objects"].feature:
             raise ValueError(f"{args.data} has no object centres: regenerate it with scripts/make_synthetic.py")
         return data.select(range(min(limit, len(data))))
