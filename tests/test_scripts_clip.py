@@ -148,7 +148,8 @@ def test_probe_vision_reports_every_point_on_every_object(workspace, tmp_path):
          "--output", str(tmp_path / "probe.json")]
     )  # fmt: skip
     assert json.loads((tmp_path / "probe.json").read_text()) == report
-    objects = {split: sum(map(len, load_caption_split(workspace["data"], split)["objects"])) for split in ("train", "test")}
+    splits = {split: load_caption_split(workspace["data"], split) for split in ("train", "test")}
+    objects = {split: sum(map(len, data["objects"])) for split, data in splits.items()}
     assert report["fit"] == {"split": "train", "objects": objects["train"]}
     test = report["splits"]["test"]
     assert test["objects"] == objects["test"]
