@@ -127,21 +127,22 @@ def test_scene_world_targets_name_categories_colours_and_scene(tmp_path):
 
 def test_probe_pools_each_object_over_its_own_patches():
     """An object's probe features pool the patches it owns (as pre-training assigns them); an object that owns none
-    (hidden behind a later one) falls back to its centre patch."""
+    (hidden behind a later one) falls back to its centre patch and is marked as not shown."""
     config = FsgrPmaConfig()  # the default tiny tower: 32 px
     big = {"shape": "square", "colour": "red", "size": "large", "x": 0.5, "y": 0.5}
     hidden = {**big, "size": "small", "colour": "blue"}  # drawn first, then covered by the large square
-    masks = probe_vision.object_patches([hidden, big], config, scene_world=False)
+    (hidden_mask, hidden_visible), (big_mask, big_visible) = probe_vision.object_patches([hidden, big], config, False)
     owners = patch_objects([hidden, big], config.image_size, config.grid_size)
     assert (owners == 0).sum() == 0 and (owners == 1).sum() > 1
-    assert masks[1].tolist() == (owners == 1).tolist()
+    assert big_mask.tolist() == (owners == 1).tolist() and big_visible
     centre = probe_vision.centre_patches([hidden], config.grid_size)[0]
-    assert masks[0].nonzero().flatten().tolist() == [centre]
+    assert hidden_mask.nonzero().flatten().tolist() == [centre] and not hidden_visible
 
 
 def test_probe_vision_reports_every_point_on_every_object(workspace, tmp_path):
     """The CLIP alone (no captioner): probes at the frozen blocks, the tower and the encoder output, fitted on every
-    train object and scored on every test object, and the concept-path facts, each a share in [0, 1]."""
+    train object and scored on the shown test objects and on all of them, and the concept-path facts, each a share
+    in [0, 1]."""
     report = probe_vision.main(
         ["--clip-pretrained", str(workspace["clip"]), "--model-config", str(workspace["model_config"]),
          "--codebook", str(workspace["codebook"]), "--data", str(workspace["data"]), "--splits", "test",
@@ -152,11 +153,13 @@ def test_probe_vision_reports_every_point_on_every_object(workspace, tmp_path):
     objects = {split: sum(map(len, data["objects"])) for split, data in splits.items()}
     assert report["fit"] == {"split": "train", "objects": objects["train"]}
     test = report["splits"]["test"]
-    assert test["objects"] == objects["test"]
-    assert set(test["probes"]) == {"frozen_blocks", "pretrained_tower", "encoder_output"}
-    shares = [v for point in test["probes"].values() for v in point.values()]
+    assert test["objects"] == objects["test"] and 0 < test["visible_objects"] <= test["objects"]
+    points = {"frozen_blocks", "pretrained_tower", "encoder_output"}
+    assert set(test["probes"]) == set(test["probes_all_objects"]) == points
+    probes = [*test["probes"].values(), *test["probes_all_objects"].values()]
+    shares = [share for point in probes for share in point.values()]
     shares += list(test["concepts"]["pretrained"].values())
-    assert len(shares) == 9 and all(0.0 <= share <= 1.0 for share in shares)
+    assert len(shares) == 15 and all(0.0 <= share <= 1.0 for share in shares)
 
 
 def test_codebook_shape_unit_rows_and_names(workspace):

@@ -7,10 +7,12 @@ Usage (after `scripts/demo.py`; without `--model`, the CLIP alone, its LoRA untr
 
 Linear probes: for every object of a synthetic-world image, the features of the patches that show it are averaged
 (mask pooling over the object's own patches, by the ownership rule CLIP pre-training uses: `patch_objects`; the
-patch holding its centre when an occluded or small object owns none), and a multinomial logistic regression
-(standardised features, L2 penalty, L-BFGS) fitted on the objects of `--fit-split` predicts its category (the scene
-world's category, the shape world's shape) and its colour on the objects of each `--splits` entry. Probed points,
-from the input upwards:
+patch holding its centre when an object owns none, hidden behind others or too small to cover a quarter of a
+patch), and a multinomial logistic regression (standardised features, L2 penalty, L-BFGS) fitted on the objects of
+`--fit-split` predicts its category (the scene world's category, the shape world's shape) and its colour on the
+objects of each `--splits` entry. `probes` scores the objects the patches show (those that own a patch, the
+objects of CLIP pre-training's patch targets), `probes_all_objects` every object. Probed points, from the input
+upwards:
 
 - `frozen_blocks`: the output of the blocks below `lora_first_block` (what the feature cache stores);
 - `pretrained_tower`: the tower's patch tokens (after `ln_post`) with the pre-trained CLIP weights;
@@ -27,7 +29,8 @@ FSGR concept path, per object (a concept names a category, a colour, a pattern o
   tower with `--model`) names its category.
 
 Writes one JSON with every figure per split, the objects counted, and the goals: category ≥ 0.90 and colour ≥ 0.95
-for the probes of the tower; top-k category ≥ 0.90; dense argmax category ≥ 0.70.
+for the probes of the tower on the objects the patches show; top-k category ≥ 0.90; dense argmax category ≥ 0.70
+(both over every object).
 """
 
 from __future__ import annotations
@@ -99,15 +102,17 @@ def centre_patches(objects: list[dict], grid: int) -> list[int]:
     return [min(int(o["y"] * grid), grid - 1) * grid + min(int(o["x"] * grid), grid - 1) for o in objects]
 
 
-def object_patches(objects: list[dict], config: FsgrPmaConfig, scene_world: bool) -> list[torch.Tensor]:
-    """Per object, a boolean `(n,)` mask of the patches that show it; its centre patch when it owns none."""
+def object_patches(objects: list[dict], config: FsgrPmaConfig, scene_world: bool) -> list[tuple[torch.Tensor, bool]]:
+    """Per object, a boolean `(n,)` mask of the patches that show it and whether there are any; an object that owns
+    none (hidden behind others, or too small to cover a quarter of a patch) gets its centre patch."""
     owners = (scenes if scene_world else synthetic).patch_objects(objects, config.image_size, config.grid_size)
     masks = []
     for index, centre in enumerate(centre_patches(objects, config.grid_size)):
         mask = torch.from_numpy(owners == index)
-        if not mask.any():
+        visible = bool(mask.any())
+        if not visible:
             mask[centre] = True
-        masks.append(mask)
+        masks.append((mask, visible))
     return masks
 
 
@@ -128,7 +133,7 @@ def describe_split(models: dict, data, processor, scene_world: bool, batch_size:
     config = models["pretrained"].config
     grid, n = config.grid_size, config.num_patches
     names = config.concept_names
-    rows = {"category": [], "colour": [], "features": {}, "concepts": {}}
+    rows = {"category": [], "colour": [], "visible": [], "features": {}, "concepts": {}}
     for start in tqdm(range(0, len(data), batch_size), desc="probing", leave=False):
         batch = data[start : start + batch_size]
         pixels = processor([to_rgb(image) for image in batch["image"]], return_tensors="pt")["pixel_values"]
@@ -149,10 +154,11 @@ def describe_split(models: dict, data, processor, scene_world: bool, batch_size:
             points["encoder_output"] = memory  # the trained model's, when there is one (it comes last)
         for image, objects in enumerate(batch["objects"]):
             masks = object_patches(objects, config, scene_world)
-            for obj, centre, mask in zip(objects, centre_patches(objects, grid), masks):
+            for obj, centre, (mask, visible) in zip(objects, centre_patches(objects, grid), masks):
                 category = object_category(obj)
                 rows["category"].append(category)
                 rows["colour"].append(obj["colour"])
+                rows["visible"].append(visible)
                 for point, features in points.items():
                     rows["features"].setdefault(point, []).append(features[image][mask].mean(0))  # (d,)
                 for which, (selected, labels, assigned) in facts.items():
@@ -189,10 +195,14 @@ def fit_probe(features: torch.Tensor, labels: list[str], weight_decay: float = 1
 
 
 @torch.no_grad()
-def probe_accuracy(probe: tuple, features: torch.Tensor, labels: list[str]) -> float:
+def probe_hits(probe: tuple, features: torch.Tensor, labels: list[str]) -> list[bool]:
     linear, mean, std, classes = probe
     predicted = linear((features - mean) / std).argmax(1).tolist()
-    return sum(classes[p] == label for p, label in zip(predicted, labels)) / len(labels)
+    return [classes[p] == label for p, label in zip(predicted, labels)]
+
+
+def share(hits: list[bool]) -> float:
+    return round(sum(hits) / len(hits), 4)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -219,12 +229,15 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"fit": {"split": args.fit_split, "objects": len(fitted["category"])}, "goals": GOALS, "splits": {}}
     for split in args.splits:
         rows = describe_split(models, load(split, args.max_images), processor, scene_world)
-        result = {"objects": len(rows["category"]), "probes": {}, "concepts": {}}
+        visible = rows["visible"]
+        result = {"objects": len(visible), "visible_objects": sum(visible), "probes": {}, "probes_all_objects": {},
+                  "concepts": {}}
         for (point, attribute), probe in probes.items():
-            accuracy = probe_accuracy(probe, rows["features"][point], rows[attribute])
-            result["probes"].setdefault(point, {})[attribute] = round(accuracy, 4)
+            hits = probe_hits(probe, rows["features"][point], rows[attribute])
+            result["probes"].setdefault(point, {})[attribute] = share([h for h, v in zip(hits, visible) if v])
+            result["probes_all_objects"].setdefault(point, {})[attribute] = share(hits)
         for which, checks in rows["concepts"].items():
-            result["concepts"][which] = {key: round(sum(hits) / len(hits), 4) for key, hits in checks.items()}
+            result["concepts"][which] = {key: share(hits) for key, hits in checks.items()}
         report["splits"][split] = result
         logger.info("%s: %s", split, json.dumps(result))
     args.output.parent.mkdir(parents=True, exist_ok=True)
