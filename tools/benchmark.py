@@ -191,9 +191,9 @@ def encoder_given_inputs(config: FsgrPmaConfig, batch: int, length: int) -> dict
 
 # ----------------------------------------------------------------------------------------------------------------
 # Benchmarks
-def bench_train_step(config: FsgrPmaConfig, batch: int, length: int, repeats: int, steps: int) -> tuple[float, float]:
-    """Seconds of `steps` decoder training steps with memory on and off (paired medians)."""
-    on, off = memory_on_and_off(config)
+def bench_train_step(models: tuple, config: FsgrPmaConfig, batch: int, length: int, repeats: int, steps: int):
+    """Seconds of `steps` decoder training steps with memory on and off (`memory_on_and_off`; paired medians)."""
+    on, off = models
     inputs = encoder_given_inputs(config, batch, length)
     return paired_medians(train_step_fn(on, inputs, steps), train_step_fn(off, inputs, steps), repeats)
 
@@ -286,10 +286,10 @@ def bench_refresh(config: FsgrPmaConfig, repeats: int) -> dict:
     return result
 
 
-def generate_memory_times(config: FsgrPmaConfig, repeats: int, beams: int, batch: int = 8) -> tuple[float, float]:
+def generate_memory_times(models: tuple, config: FsgrPmaConfig, repeats: int, beams: int, batch: int = 8):
     """Seconds of `generate` from a given encoder output (`batch` images, `beams` beams, 20 new tokens) with memory
-    on and off, on the released models (paired medians)."""
-    on, off = (released(model) for model in memory_on_and_off(config))
+    on and off (`memory_on_and_off`, released), paired medians."""
+    on, off = models
     encoded = encoder_output(config, batch)
     kwargs = {"num_beams": beams, "max_new_tokens": 20, "min_new_tokens": 20, "pad_token_id": config.pad_token_id}
 
@@ -511,9 +511,12 @@ def bench_tiny(config: FsgrPmaConfig, args: argparse.Namespace) -> dict:
     """The tiny preset's regression guards and diagnostics (see the module docstring)."""
     repeats = args.repeats
     results = {"memory_macs_ratio_tiny": memory_macs_ratio(config)}
-    results["train_step_memory_ratio_tiny"] = median_of_ratios(lambda: bench_train_step(config, 32, 20, repeats, 10))
+    models = memory_on_and_off(config)
+    results["train_step_memory_ratio_tiny"] = median_of_ratios(partial(bench_train_step, models, config, 32, 20,
+                                                                       repeats, 10))
+    models = tuple(released(model) for model in models)
     for name, beams in (("greedy", 1), ("beam5", 5)):
-        measure = partial(generate_memory_times, config, repeats, beams)
+        measure = partial(generate_memory_times, models, config, repeats, beams)
         results[f"generate_memory_ratio_{name}_tiny"] = median_of_ratios(measure)
     results.update(bench_refresh(config, repeats))
     results.update(bench_vs_ved(config, repeats))
@@ -527,9 +530,12 @@ def bench_b16(config: FsgrPmaConfig, args: argparse.Namespace) -> dict:
     repeats = args.repeats
     results = {"memory_macs_ratio_b16": memory_macs_ratio(config)}
     # The rows whose goals sit within a few per cent of their measurement: the median of 3 paired measurements.
-    results["train_step_memory_ratio_b16"] = median_of_ratios(lambda: bench_train_step(config, 50, 20, repeats, 1))
+    models = memory_on_and_off(config)
+    results["train_step_memory_ratio_b16"] = median_of_ratios(partial(bench_train_step, models, config, 50, 20,
+                                                                      repeats, 1))
+    models = tuple(released(model) for model in models)
     for name, beams in (("greedy", 1), ("beam5", 5)):
-        measure = partial(generate_memory_times, config, repeats, beams)
+        measure = partial(generate_memory_times, models, config, repeats, beams)
         results[f"generate_memory_ratio_{name}_b16"] = median_of_ratios(measure)
     ours, theirs = released(model_with_prototypes(config)), ved_baseline(config)
     # captions/s ours ÷ theirs; batch 1 warms both models up for batch 32, whose calls take seconds each: 3 pairs
