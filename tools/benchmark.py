@@ -2,7 +2,7 @@
 
 Usage:
 
-    python tools/benchmark.py --preset vit-b16 --output outputs/benchmark_b16.json   # the goals, about 4 min
+    python tools/benchmark.py --preset vit-b16 --output outputs/benchmark_b16.json   # the goals, about 5.5 min
     python tools/benchmark.py --output outputs/benchmark.json                         # tiny guards, about 4 min
 
 Each timing is the median of `--repeats` runs after a warm-up, and the two sides of a ratio alternate (A B A B)
