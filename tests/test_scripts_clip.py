@@ -131,12 +131,13 @@ def test_probe_pools_each_object_over_its_own_patches():
     config = FsgrPmaConfig()  # the default tiny tower: 32 px
     big = {"shape": "square", "colour": "red", "size": "large", "x": 0.5, "y": 0.5}
     hidden = {**big, "size": "small", "colour": "blue"}  # drawn first, then covered by the large square
-    (hidden_mask, hidden_visible), (big_mask, big_visible) = probe_vision.object_patches([hidden, big], config, False)
+    centres = probe_vision.centre_patches([hidden, big], config.grid_size)
+    masks = probe_vision.object_patches([hidden, big], centres, config, scene_world=False)
+    (hidden_mask, hidden_visible), (big_mask, big_visible) = masks
     owners = patch_objects([hidden, big], config.image_size, config.grid_size)
     assert (owners == 0).sum() == 0 and (owners == 1).sum() > 1
     assert big_mask.tolist() == (owners == 1).tolist() and big_visible
-    centre = probe_vision.centre_patches([hidden], config.grid_size)[0]
-    assert hidden_mask.nonzero().flatten().tolist() == [centre] and not hidden_visible
+    assert hidden_mask.nonzero().flatten().tolist() == [centres[0]] and not hidden_visible
 
 
 def test_probe_vision_reports_every_point_on_every_object(workspace, tmp_path):

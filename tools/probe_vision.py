@@ -102,12 +102,15 @@ def centre_patches(objects: list[dict], grid: int) -> list[int]:
     return [min(int(o["y"] * grid), grid - 1) * grid + min(int(o["x"] * grid), grid - 1) for o in objects]
 
 
-def object_patches(objects: list[dict], config: FsgrPmaConfig, scene_world: bool) -> list[tuple[torch.Tensor, bool]]:
+def object_patches(
+    objects: list[dict], centres: list[int], config: FsgrPmaConfig, scene_world: bool
+) -> list[tuple[torch.Tensor, bool]]:
     """Per object, a boolean `(n,)` mask of the patches that show it and whether there are any; an object that owns
-    none (hidden behind others, or too small to cover a quarter of a patch) gets its centre patch."""
+    none (hidden behind others, or too small to cover a quarter of a patch) gets its centre patch (`centres`, from
+    `centre_patches`)."""
     owners = (scenes if scene_world else synthetic).patch_objects(objects, config.image_size, config.grid_size)
     masks = []
-    for index, centre in enumerate(centre_patches(objects, config.grid_size)):
+    for index, centre in enumerate(centres):
         mask = torch.from_numpy(owners == index)
         visible = bool(mask.any())
         if not visible:
@@ -153,8 +156,9 @@ def describe_split(models: dict, data, processor, scene_world: bool, batch_size:
                 facts["trained"] = (selected, encoder.pseudo_labels(prefix), patch_concepts)
             points["encoder_output"] = memory  # the trained model's, when there is one (it comes last)
         for image, objects in enumerate(batch["objects"]):
-            masks = object_patches(objects, config, scene_world)
-            for obj, centre, (mask, visible) in zip(objects, centre_patches(objects, grid), masks):
+            centres = centre_patches(objects, grid)
+            masks = object_patches(objects, centres, config, scene_world)
+            for obj, centre, (mask, visible) in zip(objects, centres, masks):
                 category = object_category(obj)
                 rows["category"].append(category)
                 rows["colour"].append(obj["colour"])
@@ -214,10 +218,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     def load(split: str, limit: int | None):
         data = load_caption_split(args.data, split)
-        limit = len(data) if limit is None else limit
         if "objects" not in data.column_names or "x" not in data.features["objects"].feature:
             raise ValueError(f"{args.data} has no object centres: regenerate it with scripts/make_synthetic.py")
-        return data.select(range(min(limit, len(data))))
+        return data if limit is None else data.select(range(min(limit, len(data))))
 
     scene_world = json.loads((Path(args.data) / "world.json").read_text())["domain"] == scenes.DOMAIN
     fitted = describe_split(models, load(args.fit_split, args.fit_images), processor, scene_world)
