@@ -105,7 +105,7 @@ class FsgrPmaConfig(PretrainedConfig):
             *Our extension of PMA-Net.* A learned per-head log-prior b_h added to every prototype logit, initialised
             at -log(num_prototypes), so that m prototypes start with the attention share of one extra token and the
             model learns how much of its attention the memory deserves. `False` is the paper's attention.
-        prototype_dtype (`str`, *optional*, defaults to `"float32"`): storage dtype of banks and prototypes.
+        prototype_dtype (`str`, *optional*, defaults to `"float32"`): storage dtype of the memory banks.
         use_cache (`bool`, *optional*, defaults to `True`): keep a KV cache during generation.
     """
 

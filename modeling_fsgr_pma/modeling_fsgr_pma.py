@@ -245,16 +245,18 @@ def attend_with_prototypes(
     mask: torch.Tensor | None,
     memory_keys: torch.Tensor,
     memory_values: torch.Tensor,
+    memory_offset: torch.Tensor,
     memory_bias: torch.Tensor | None,
     dropout: float,
     output_attentions: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`attend` over `[key ; memory_keys]` and `[value ; memory_values]`, without copying the memory per sequence.
+    """`attend` over `[key ; memory_keys + memory_offset]` and `[value ; memory_values]`, without copying the memory.
 
     `(B, h, T, hd)` queries, `(B, h, S, hd)` keys/values with a boolean `(B, 1, T, S)` mask (or None), and
-    `(h, m, hd)` memory keys/values shared by the batch, which every query sees; `memory_bias` `(h,)` (or None) is
-    added to every memory score. The memory is scored and read by one matmul per head for all B * T queries; one
-    softmax runs over the S + m scores of each query.
+    `(h, m, hd)` memory keys/values shared by the batch, which every query sees. `memory_offset` `(h, hd, 1)` is
+    added to every memory key, as one logit per query and head; `memory_bias` `(h, 1, 1)` (or None) to every memory
+    logit. The memory is scored and read by one matmul per head for all B * T queries; one softmax runs over the
+    S + m scores of each query.
     """
     batch, heads, length, head_dim = query.shape
     query = query * head_dim**-0.5
@@ -262,10 +264,9 @@ def attend_with_prototypes(
     if mask is not None:
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     rows = query.transpose(0, 1).reshape(heads, batch * length, head_dim)  # (h, B * T, hd)
-    memory_scores = rows @ memory_keys.transpose(-1, -2)  # (h, B * T, m)
+    shift = rows @ memory_offset if memory_bias is None else rows @ memory_offset + memory_bias  # (h, B * T, 1)
+    memory_scores = torch.baddbmm(shift, rows, memory_keys.transpose(-1, -2))  # (h, B * T, m)
     memory_scores = memory_scores.view(heads, batch, length, -1).transpose(0, 1)  # (B, h, T, m)
-    if memory_bias is not None:
-        memory_scores = memory_scores + memory_bias.view(1, heads, 1, 1)
     weights = torch.cat([scores, memory_scores], dim=-1).softmax(-1)  # (B, h, T, S + m)
     kept = F.dropout(weights, p=dropout) if dropout else weights
     sequence_weights, memory_weights = kept.split([key.shape[2], memory_keys.shape[1]], dim=-1)
@@ -936,13 +937,14 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
     after a refresh instead of switching it on at once.
 
     A query q scores the keys q·k + q·s_seq and q·m + q·s_mem; the softmax ignores the shift q·s_seq common to all
-    of them, so the layer scores `[K ; M_K + s_mem - s_seq]` instead: the same weights, outputs and gradients
-    (a softmax's score gradients sum to zero), without adding s_seq to every key of every step.
+    of them, so the layer scores the keys q·k and the prototypes q·m + q·(s_mem - s_seq): the same weights, outputs
+    and gradients (a softmax's score gradients sum to zero), with the segments costing one logit per query and head
+    rather than an addition to every key or prototype at every step.
 
     In training mode, a random subsample of every step's non-padding keys/values goes into a ring-buffer bank
     (`memory_window * memory_tokens_per_step` entries, `prototype_dtype`, no gradient). `refresh_prototypes`
     clusters the bank: M_K = K-Means(B_K), and M_V[j] = mean of the values whose keys are the k nearest bank
-    keys of centroid j.
+    keys of centroid j. The prototypes, which every decoding step reads, are kept in the model's dtype.
     Source: https://github.com/aimagelab/PMA-Net (paper description; the official code was not released).
     """
 
@@ -959,11 +961,10 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
         self.out_proj = nn.Linear(d, d)
         self.memory_enabled = config.use_memory
         if config.use_memory:
-            dtype = getattr(torch, config.prototype_dtype)
             self.segment_sequence = nn.Parameter(torch.zeros(d))
             self.segment_memory = nn.Parameter(torch.zeros(d))
-            self.register_buffer("prototype_keys", torch.zeros(config.num_prototypes, d, dtype=dtype))
-            self.register_buffer("prototype_values", torch.zeros(config.num_prototypes, d, dtype=dtype))
+            self.register_buffer("prototype_keys", torch.zeros(config.num_prototypes, d))
+            self.register_buffer("prototype_values", torch.zeros(config.num_prototypes, d))
             self.register_buffer("prototype_ready", torch.zeros(1, dtype=torch.bool))
             if config.memory_prior:
                 self.prototype_log_prior = nn.Parameter(torch.full((self.num_heads,), -math.log(config.num_prototypes)))
@@ -994,12 +995,15 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
     def memory_active(self) -> bool:
         return self.memory_enabled and self._is_ready()
 
-    def memory_heads(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Per-head prototype keys `M_K + s_mem - s_seq` and values `M_V`, `(h, m, hd)` each; None while there are none."""
+    def memory_heads(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Per-head prototype keys M_K and values M_V, `(h, m, hd)` views of the buffers, and the segments' offset
+        s_mem - s_seq of the keys, `(h, hd, 1)`; None while there are no prototypes."""
         if not self.memory_active:
             return None
-        keys = self._split_heads((self.prototype_keys + (self.segment_memory - self.segment_sequence)).to(dtype))
-        return keys, self._split_heads(self.prototype_values.to(dtype))  # (h, m, hd) each
+        keys = self._split_heads(self.prototype_keys.to(dtype))  # (h, m, hd)
+        values = self._split_heads(self.prototype_values.to(dtype))  # (h, m, hd)
+        offset = (self.segment_memory - self.segment_sequence).to(dtype).view(self.num_heads, self.head_dim, 1)
+        return keys, values, offset
 
     def idle_parameters(self) -> list[nn.Parameter]:
         """The trainable parameters that only the prototypes use (segment embeddings, log-prior): all of them while the
@@ -1010,12 +1014,13 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
         return [param for param in idle if param is not None and param.requires_grad]
 
     def memory_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """`(h,)` addend of every prototype logit: the log-prior plus log `memory_ramp`; None when both are off."""
+        """`(h, 1, 1)` addend of every prototype logit: the log-prior plus log `memory_ramp`; None when both are off."""
         prior = getattr(self, "prototype_log_prior", None)
         if prior is None and self.memory_ramp == 1.0:
             return None
         ramp = math.log(self.memory_ramp)
-        return (prior.to(dtype) + ramp) if prior is not None else torch.full((self.num_heads,), ramp, dtype=dtype)
+        bias = (prior.to(dtype) + ramp) if prior is not None else torch.full((self.num_heads,), ramp, dtype=dtype)
+        return bias.view(self.num_heads, 1, 1)
 
     def forward(
         self,
@@ -1035,7 +1040,7 @@ class FsgrPmaPrototypeMemoryAttention(nn.Module):
             self._pending = self.sample_for_bank(qkv[..., width:], token_mask)  # committed after the forward
         heads = qkv.view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, h, T, hd)
         query, key, value = heads.unbind(0)  # (B, h, T, hd) each, views of qkv
-        memory = self.memory_heads(key.dtype)  # (h, m, hd) keys and values, or None
+        memory = self.memory_heads(key.dtype)  # (h, m, hd) keys and values, (h, hd, 1) offset; or None
         if past_key_values is not None:
             key, value = past_key_values.self_attention_cache.update(key, value, self.layer_idx)  # (B, h, S, hd)
         dropout = self.dropout if self.training else 0.0
