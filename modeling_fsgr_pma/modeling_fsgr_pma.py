@@ -1293,8 +1293,9 @@ class FsgrPmaPreTrainedModel(PreTrainedModel):
 
         Runs at construction (`post_init`), for `init_weights()` after building on the meta device and `to_empty()`,
         and for tensors that loading did not write (missing from the checkpoint, or ignored mismatched shapes).
-        transformers' guarded init functions never overwrite a loaded tensor. Besides transformers' defaults: open_clip's init of the ViT's own parameters,
-        LoRA's (A as `nn.Linear`, B zero), and the buffers' initial values (placeholder codebook, empty memory).
+        transformers' guarded init functions never overwrite a loaded tensor. Besides transformers' defaults:
+        open_clip's init of the ViT's own parameters, LoRA's (A as `nn.Linear`, B zero), and the buffers' initial
+        values (placeholder codebook, empty memory).
         """
         super()._init_weights(module)  # Linear, Conv2d, Embedding, norms, and nn.MultiheadAttention's own init
         config = self.config
@@ -1584,7 +1585,8 @@ class FsgrPmaForConditionalGeneration(FsgrPmaPreTrainedModel, GenerationMixin):
     @torch.no_grad()
     def load_clip_vision_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Copy an open_clip `model.visual.state_dict()` into the tower (LoRA wrappers add `base_layer` to names)."""
-        own = {name.replace(".base_layer", ""): tensor for name, tensor in self.encoder.tower.visual.state_dict(keep_vars=True).items()}
+        visual = self.encoder.tower.visual.state_dict(keep_vars=True)
+        own = {name.replace(".base_layer", ""): tensor for name, tensor in visual.items()}
         own = {name: tensor for name, tensor in own.items() if "lora_" not in name}
         if set(own) != set(state_dict):
             missing, unexpected = sorted(set(own) - set(state_dict)), sorted(set(state_dict) - set(own))
