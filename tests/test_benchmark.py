@@ -1,15 +1,18 @@
 """tools/benchmark.py's two modes run on a tiny config and write every figure with its goal (pass/fail); the parts of
-tools/benchmark_data.py run on a tiny corpus."""
+tools/benchmark_data.py run on a tiny corpus; tools/memory_floor.py's floor is the model without memory plus the
+prototype matmuls."""
 
 from __future__ import annotations
 
 import json
 import math
+from unittest import mock
 
 import pytest
 import torch
 
-from tools import benchmark, benchmark_data, benchmark_mechanisms
+from modeling_fsgr_pma import modeling_fsgr_pma as fsgr
+from tools import benchmark, benchmark_data, benchmark_mechanisms, memory_floor
 from conftest import random_batch, tiny_config
 
 TINY_KEYS = {
@@ -145,3 +148,39 @@ def test_each_mechanism_patched_out_captions_the_same(name):
             without = model.generate(pixel_values=pixel_values, **kwargs)
     torch.testing.assert_close(without.sequences, with_it.sequences)
     torch.testing.assert_close(without.sequences_scores, with_it.sequences_scores)
+
+
+def test_memory_floor_times_the_memory_its_floor_and_no_memory_in_each_setting(tmp_path):
+    config = tiny_config(vocab_size=64, max_position_embeddings=24, memory_window=4)
+    config.to_json_file(tmp_path / "model.json")
+    output = tmp_path / "floor.json"
+    argv = ["--rounds", "2", "--model-config", str(tmp_path / "model.json"), "--output", str(output)]
+    results = memory_floor.main(argv)
+    assert json.loads(output.read_text())["settings"] == results
+    assert set(results) == {f"batch{batch}_beams{beams}" for batch, beams in memory_floor.SETTINGS}
+    for row in results.values():
+        for ratio in (row["memory_ratio"], row["floor_ratio"], row["memory_over_floor"]):
+            assert 0 < ratio["ci95"][0] <= ratio["median"] <= ratio["ci95"][1]
+        assert row["no_memory_ms"] > 0
+    assert len(output.with_suffix(".md").read_text().splitlines()) == 4 + len(memory_floor.SETTINGS)
+
+
+def test_memory_floor_attention_leaves_the_model_without_memory():
+    """Apart from the two prototype matmuls, whose results it drops, the floor computes what the model without
+    memory does: the same logits from the same weights, where the memory itself changes them."""
+    config = tiny_config(vocab_size=64, max_position_embeddings=24, memory_window=4, dropout=0.0)
+    on, off = (model.eval() for model in benchmark.memory_on_and_off(config))
+    pixel_values, input_ids = random_batch(config)
+    with torch.inference_mode():
+        without = off(pixel_values=pixel_values, input_ids=input_ids).logits
+        with_memory = on(pixel_values=pixel_values, input_ids=input_ids).logits
+        with mock.patch.object(fsgr, "attend_with_prototypes", memory_floor.floor_attention):
+            floor = on(pixel_values=pixel_values, input_ids=input_ids).logits
+    torch.testing.assert_close(floor, without)
+    assert not torch.allclose(with_memory, without, atol=1e-3)
+
+
+def test_memory_floor_confidence_interval_is_the_sign_test_order_statistics():
+    values = [float(v) for v in range(1, 41)]  # 40 rounds: k = floor((40 - 1.96 * sqrt(40)) / 2) = 13
+    assert memory_floor.median_with_ci(values) == {"median": 20.5, "ci95": [14.0, 27.0]}
+    assert memory_floor.median_with_ci([3.0, 1.0, 2.0]) == {"median": 2.0, "ci95": [1.0, 3.0]}
