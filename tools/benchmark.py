@@ -2,7 +2,7 @@
 
 Usage:
 
-    python tools/benchmark.py --preset vit-b16 --output outputs/benchmark_b16.json   # the goals, about 5.5 min
+    python tools/benchmark.py --preset vit-b16 --output outputs/benchmark_b16.json   # the goals, about 5 min
     python tools/benchmark.py --output outputs/benchmark.json                         # tiny guards, about 4 min
 
 Each timing is the median of `--repeats` runs after a warm-up, and the two sides of a ratio alternate (A B A B)
@@ -286,17 +286,24 @@ def bench_refresh(config: FsgrPmaConfig, repeats: int) -> dict:
     return result
 
 
-def generate_memory_times(models: tuple, config: FsgrPmaConfig, repeats: int, beams: int, batch: int = 8):
-    """Seconds of `generate` from a given encoder output (`batch` images, `beams` beams, 20 new tokens) with memory
-    on and off (`memory_on_and_off`, released), paired medians."""
-    on, off = models
-    encoded = encoder_output(config, batch)
+def captioning_from_encoder_output(config: FsgrPmaConfig, batch: int, beams: int):
+    """A callable running `generate` on a model from a given encoder output (`batch` images, `beams` beams, 20 new
+    tokens): the decoder's share of captioning."""
+    encoded = encoder_output(config, batch).last_hidden_state
     kwargs = {"num_beams": beams, "max_new_tokens": 20, "min_new_tokens": 20, "pad_token_id": config.pad_token_id}
 
     def run(model):
         with torch.inference_mode():
-            model.generate(encoder_outputs=FsgrPmaEncoderOutput(last_hidden_state=encoded.last_hidden_state), **kwargs)
+            model.generate(encoder_outputs=FsgrPmaEncoderOutput(last_hidden_state=encoded), **kwargs)
 
+    return run
+
+
+def generate_memory_times(models: tuple, config: FsgrPmaConfig, repeats: int, beams: int, batch: int = 8):
+    """Seconds of `captioning_from_encoder_output` with memory on and off (`memory_on_and_off`, released), paired
+    medians."""
+    on, off = models
+    run = captioning_from_encoder_output(config, batch, beams)
     return paired_medians(partial(run, on), partial(run, off), repeats)
 
 

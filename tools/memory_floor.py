@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from modeling_fsgr_pma import modeling_fsgr_pma as fsgr
-from tools.benchmark import encoder_output, memory_on_and_off, preset, released
+from tools.benchmark import captioning_from_encoder_output, memory_on_and_off, preset, released
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = [(8, 1), (8, 5), (64, 1)]  # (batch, beams): the goal rows' batch, and evaluate_captions.py's default
@@ -69,12 +69,7 @@ def median_with_ci(values: list[float]) -> dict:
 
 def measure(on, off, config, batch: int, beams: int, rounds: int) -> dict:
     """The three runs of one setting, `rounds` times in alternating order after one warm-up each."""
-    encoded = encoder_output(config, batch).last_hidden_state
-    kwargs = {"num_beams": beams, "max_new_tokens": 20, "min_new_tokens": 20, "pad_token_id": config.pad_token_id}
-
-    def caption(model):
-        with torch.inference_mode():
-            model.generate(encoder_outputs=fsgr.FsgrPmaEncoderOutput(last_hidden_state=encoded), **kwargs)
+    caption = captioning_from_encoder_output(config, batch, beams)
 
     def floor():
         with mock.patch.object(fsgr, "attend_with_prototypes", floor_attention):
